@@ -78,6 +78,16 @@ def _shape_str(shape):
     return "x".join(str(int(s)) for s in shape)
 
 
+def _raw_voxel_sizes(path, header_class):
+    # nib.load quietly turns zero voxel sizes into 1 and negative ones into
+    # their absolute value; the check must see what the file says.
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as fh:
+        raw = header_class.from_fileobj(fh, check=False)
+    return tuple(float(z) for z in raw["pixdim"][1:4])
+
+
 def _header_problem(path, min_shape=None):
     """Checks one NIfTI file from its header only.
 
@@ -93,7 +103,7 @@ def _header_problem(path, min_shape=None):
         img = nib.load(path)
         header = img.header
         shape = tuple(int(s) for s in img.shape)
-        zooms = tuple(float(z) for z in header.get_zooms())
+        zooms = _raw_voxel_sizes(path, type(header))
     except Exception as e:  # noqa: BLE001 - any reader failure is a data problem
         return f"cannot read the NIfTI header ({type(e).__name__}: {e})", None
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
@@ -102,8 +112,8 @@ def _header_problem(path, min_shape=None):
     spatial = shape[:3]
     if min(spatial) <= 0:
         return f"empty volume, shape {_shape_str(spatial)}", None
-    if len(zooms) < 3 or not all(np.isfinite(z) and z > 0 for z in zooms[:3]):
-        return f"voxel sizes must be positive, got {zooms[:3]}", None
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        return f"voxel sizes must be positive, got {zooms}", None
     if min_shape is not None and any(s < m for s, m in zip(spatial, min_shape)):
         return (f"volume {_shape_str(spatial)} is smaller than the minimum "
                 f"{_shape_str(min_shape)}"), spatial
@@ -111,7 +121,9 @@ def _header_problem(path, min_shape=None):
     # free; a truncated .nii.gz only shows when its data are read.
     if not path.endswith(".gz"):
         try:
-            needed = int(header.get_data_offset()) + int(np.prod(shape)) * \
+            # dataobj.offset, not the header's vox_offset, which may be 0 in a
+            # valid single file (the data then start right after the header).
+            needed = int(img.dataobj.offset) + int(np.prod(shape)) * \
                 np.dtype(header.get_data_dtype()).itemsize
         except Exception:  # noqa: BLE001
             needed = 0

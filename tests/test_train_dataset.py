@@ -1,0 +1,538 @@
+"""Tests of the NIfTI data pipeline (train_dataset.py): CPU, tiny shapes, seconds."""
+
+import gzip
+import os
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import train_dataset as td
+import utils
+
+# Tiny training geometry used throughout: 40x40x24 canonical, 16x16x8 patches.
+VOL = (40, 40, 24)
+PATCH = (16, 16, 8)
+MARGIN = 2
+
+
+class Log:
+    """Collects log messages."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, msg):
+        self.lines.append(str(msg))
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def _write(path, data, affine=None, dtype=np.float32):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.eye(4) if affine is None else affine)
+    nib.save(img, path)
+    return path
+
+
+def _subject(root, name, data, mask=None, dtype=np.float32):
+    folder = os.path.join(root, name)
+    _write(os.path.join(folder, td.IMAGE_NAME), data, dtype=dtype)
+    if mask is not None:
+        _write(os.path.join(folder, td.MASK_NAME), mask, dtype=np.uint8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    td.make_demo_data(root, subjects=5, shape=(36, 38, 22), seed=3)
+    return str(root)
+
+
+def _batches(ds):
+    return [(lr.numpy(), hr.numpy()) for lr, hr in ds]
+
+
+# --------------------------------------------------------------------------- #
+# Patch geometry
+# --------------------------------------------------------------------------- #
+
+
+def test_default_geometry_matches_original():
+    starts = td.patch_starts(td.VOLUME_SHAPE, td.PATCH_SHAPE, td.MARGIN)
+    expected = [(x, y, z) for x in (0, 96) for y in (0, 96) for z in (0, 60)]
+    assert starts == expected  # x outermost, z innermost
+    assert td.patches_per_volume() == 8
+    rng = np.random.default_rng(0)
+    v = rng.random(td.VOLUME_SHAPE, dtype=np.float32)
+    patches = td.extract_patches(v)
+    assert patches.shape == (8, 128, 128, 92, 1) and patches.dtype == np.float32
+    for p, (x, y, z) in zip(patches, expected):
+        np.testing.assert_array_equal(p[..., 0], v[x:x + 128, y:y + 128, z:z + 92])
+    np.testing.assert_array_equal(td.stitch_patches(patches, td.VOLUME_SHAPE), v)
+
+
+@pytest.mark.parametrize("volume_shape, patch_shape, margin", [
+    ((100, 90, 70), (64, 48, 32), 8),
+    ((17, 16, 9), (16, 5, 3), 1),  # single position, step 1 and repositioned last patch
+    ((40, 40, 24), (16, 16, 8), 0),
+])
+def test_stitch_inverts_extract_for_odd_geometries(volume_shape, patch_shape, margin):
+    v = np.random.default_rng(1).normal(size=volume_shape).astype(np.float32)
+    patches = td.extract_patches(v[..., None], patch_shape, margin)
+    starts = td.patch_starts(volume_shape, patch_shape, margin)
+    assert len(patches) == len(starts) == td.patches_per_volume(volume_shape, patch_shape, margin)
+    for axis in range(3):  # the last patch ends at the border
+        assert max(s[axis] for s in starts) + patch_shape[axis] == volume_shape[axis]
+    np.testing.assert_array_equal(td.stitch_patches(patches, volume_shape, margin), v)
+
+
+def test_stitch_keeps_the_half_of_each_overlap_nearest_the_centre():
+    volume_shape, patch_shape, margin = (100, 90, 70), (64, 48, 32), 8
+    n = td.patches_per_volume(volume_shape, patch_shape, margin)
+    ids = np.arange(n, dtype=np.float32)[:, None, None, None, None] * np.ones((1, *patch_shape, 1), np.float32)
+    owner = td.stitch_patches(ids, volume_shape, margin)
+    starts = td.patch_starts(volume_shape, patch_shape, margin)
+    # Step 48 gives x = 0 only; the last position is moved back to 100 - 64 = 36.
+    xs = sorted({s[0] for s in starts})
+    assert xs == [0, 36]
+    # Overlap of x patches is [36, 64): patch 0 keeps up to 50, patch at 36 from 50.
+    first = [i for i, s in enumerate(starts) if s == (0, 0, 0)][0]
+    second = [i for i, s in enumerate(starts) if s == (36, 0, 0)][0]
+    assert owner[49, 0, 0] == first and owner[50, 0, 0] == second
+
+
+def test_volume_smaller_than_patch_or_no_step_is_value_error():
+    with pytest.raises(ValueError, match=r"\(100, 90, 70\).*\(128, 128, 92\)"):
+        td.patch_starts((100, 90, 70), (128, 128, 92), 16)
+    with pytest.raises(ValueError, match="smaller than patch_shape"):
+        td.extract_patches(np.zeros((10, 10, 10)), (16, 8, 8), 2)
+    with pytest.raises(ValueError, match=r"margin 4 .*\(16, 8, 8\)"):
+        td.patch_starts((32, 32, 32), (16, 8, 8), 4)
+    with pytest.raises(ValueError, match="margin"):
+        td.patch_starts((32, 32, 32), (16, 8, 8), -1)
+    with pytest.raises(ValueError, match="smaller than patch_shape"):
+        td.make_train_dataset([], 2, volume_shape=(8, 8, 8), patch_shape=(16, 16, 16), margin=2)
+    with pytest.raises(ValueError, match="8 patches given"):
+        td.stitch_patches(np.zeros((8, 16, 16, 8, 1)), (16, 16, 8), 2)
+
+
+# --------------------------------------------------------------------------- #
+# Canonical volume
+# --------------------------------------------------------------------------- #
+
+
+def _original_rule(v):
+    """The original's pad/crop, written independently: central crop of axes
+    above 256x256x184 (odd extra dropped at the start), zero pad to 256x256x184
+    with the extra voxel at the start, crop [16:240, 16:240, 16:168]."""
+    target = (256, 256, 184)
+    for axis, t in enumerate(target):
+        s = v.shape[axis]
+        if s > t:
+            start = (s - t) // 2
+            v = np.take(v, np.arange(start, start + t), axis=axis)
+    pad = [(t - s) for s, t in zip(v.shape, target)]
+    v = np.pad(v, [((p + 1) // 2, p // 2) for p in pad])
+    return v[16:240, 16:240, 16:168]
+
+
+@pytest.mark.parametrize("shape", [(197, 233, 189), (256, 256, 170), (224, 224, 152),
+                                   (255, 201, 184), (160, 191, 133), (300, 261, 190)])
+def test_canonical_equals_original_rule_and_goes_back(shape):
+    rng = np.random.default_rng(2)
+    v = rng.integers(1, 1000, size=shape).astype(np.float32)
+    canonical, grid = td.to_canonical(v)
+    assert canonical.shape == td.VOLUME_SHAPE and canonical.dtype == v.dtype
+    np.testing.assert_array_equal(canonical, _original_rule(v))
+
+    # Back on the source grid: every voxel the canonical volume covers is where it came from.
+    back = td.from_canonical(canonical, grid, fill=-1.0)
+    assert back.shape == shape
+    covered = back != -1
+    np.testing.assert_array_equal(back[covered], v[covered])
+    expected_cover = np.minimum(shape, td.VOLUME_SHAPE)
+    assert covered.sum() == np.prod(expected_cover)
+
+    # Canonical voxel i and source voxel i + offset are the same world point.
+    affine = np.array([[0.9, 0.1, 0, -90], [-0.05, 1.1, 0.02, -120], [0, 0.03, 1.2, -60], [0, 0, 0, 1]])
+    can_affine = td.canonical_affine(affine, grid)
+    offset = grid.offset()
+    for i in ([0, 0, 0], [5, 17, 33], [223, 223, 151]):
+        i = np.array(i)
+        np.testing.assert_allclose(can_affine @ np.r_[i, 1], affine @ np.r_[i + offset, 1])
+        if np.all((i + offset >= 0) & (i + offset < shape)):
+            assert canonical[tuple(i)] == v[tuple(i + offset)]
+
+
+def test_mask_goes_through_canonical_like_the_image():
+    v = np.zeros((30, 20, 10), np.float32)
+    v[3:25, 2:18, 1:9] = 5
+    m = v > 0
+    (cv, gv), (cm, gm) = td.to_canonical(v, (24, 24, 12)), td.to_canonical(m, (24, 24, 12))
+    assert gv == gm and cm.dtype == bool
+    np.testing.assert_array_equal(cm, cv > 0)
+
+
+# --------------------------------------------------------------------------- #
+# Degradation
+# --------------------------------------------------------------------------- #
+
+
+def test_degrade_shapes_and_matches_scipy():
+    ndi = pytest.importorskip("scipy.ndimage")
+    x = np.random.default_rng(3).random((2, 128, 128, 92, 1), dtype=np.float32)
+    lr = td.degrade(x, 4).numpy()
+    assert lr.shape == (2, 32, 32, 23, 1) and lr.dtype == np.float32
+    for b in range(2):
+        ref = ndi.gaussian_filter(x[b, ..., 0].astype(np.float64), 1.0)[::4, ::4, ::4]
+        np.testing.assert_allclose(lr[b, ..., 0], ref, atol=1e-5)
+    odd = np.random.default_rng(4).random((13, 7, 3), dtype=np.float32)  # axes shorter than the kernel
+    for f in (1, 2, 3):
+        out = td.degrade(odd, f, sigma=1.5).numpy()
+        ref = ndi.gaussian_filter(odd.astype(np.float64), 1.5)[::f, ::f, ::f]
+        assert out.shape == tuple(-(-s // f) for s in odd.shape)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_array_equal(td.degrade(odd, 2, sigma=0).numpy(), odd[::2, ::2, ::2])
+
+
+def test_degrade_never_mixes_batch_items_or_channels():
+    rng = np.random.default_rng(5)
+    x = rng.random((2, 16, 16, 12, 1), dtype=np.float32)
+    x[0] = 0
+    both = td.degrade(x, 2).numpy()
+    alone = td.degrade(x[1:], 2).numpy()
+    np.testing.assert_array_equal(both[0], 0)
+    np.testing.assert_allclose(both[1], alone[0], atol=1e-7)
+    two = rng.random((1, 16, 16, 12, 2), dtype=np.float32)
+    out = td.degrade(two, 2).numpy()
+    for c in range(2):
+        np.testing.assert_allclose(out[0, ..., c], td.degrade(two[0, ..., c], 2).numpy(), atol=1e-7)
+
+
+def test_degrade_patch_equals_cut_of_degraded_volume_away_from_borders():
+    f, radius = 4, 4
+    v = np.random.default_rng(6).random((48, 40, 36), dtype=np.float32)
+    lr_volume = td.degrade(v, f).numpy()
+    start, p = (8, 12, 4), (24, 20, 28)  # starts are multiples of f
+    patch = v[start[0]:start[0] + p[0], start[1]:start[1] + p[1], start[2]:start[2] + p[2]]
+    lr_patch = td.degrade(patch, f).numpy()
+    # LR voxel j of the patch sits at HR position f*j; away from borders its whole kernel is inside.
+    j = [slice(-(-radius // f), (pi - radius - 1) // f + 1) for pi in p]
+    cut = lr_volume[tuple(slice(s // f + sl.start, s // f + sl.stop) for s, sl in zip(start, j))]
+    assert cut.size > 0
+    np.testing.assert_allclose(lr_patch[tuple(j)], cut, atol=1e-6)
+
+
+def test_degrade_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="upsampling_factor 0"):
+        td.degrade(np.zeros((4, 4, 4)), 0)
+    with pytest.raises(ValueError, match="sigma -1"):
+        td.degrade(np.zeros((4, 4, 4)), 2, sigma=-1)
+    with pytest.raises(ValueError, match="shape"):
+        td.degrade(np.zeros((1, 4, 4, 4)), 2)
+
+
+# --------------------------------------------------------------------------- #
+# Subjects, split and bad data
+# --------------------------------------------------------------------------- #
+
+
+def test_find_subjects_layouts_and_sorting(tmp_path):
+    root = str(tmp_path)
+    vol = np.ones((8, 8, 8), np.float32)
+    for name in ("s10", "s02", "s1"):
+        _subject(root, name, vol, mask=vol)
+    with open(os.path.join(root, "ADNI_clinical.csv"), "w") as fh:
+        fh.write("subject,age\ns1,70\n")
+    with open(os.path.join(root, "notes.txt"), "w") as fh:
+        fh.write("stray")
+    log = Log()
+    subjects, problems = td.find_subjects(root, log=log)
+    assert [s.name for s in subjects] == ["s02", "s1", "s10"]
+    assert problems == [] and log.lines == []
+    assert all(s.mask_path and s.mask_path.endswith(td.MASK_NAME) for s in subjects)
+
+    flat = tmp_path / "flat"
+    _write(str(flat / "b.nii.gz"), vol)
+    _write(str(flat / "a.nii"), vol)
+    subjects, problems = td.find_subjects(str(flat), log=log)
+    assert [s.name for s in subjects] == ["a", "b"] and all(s.mask_path is None for s in subjects)
+
+    custom = tmp_path / "custom"
+    _write(str(custom / "x" / "img.nii.gz"), vol)
+    _write(str(custom / "x" / "brainmask.nii.gz"), vol)
+    subjects, _ = td.find_subjects(str(custom), image_name="img.nii.gz", mask_name="brainmask.nii.gz", log=log)
+    assert subjects[0].mask_path.endswith("brainmask.nii.gz")
+
+
+def test_bad_subjects_are_reported_once_and_skipped(tmp_path):
+    root = str(tmp_path)
+    good = np.ones((8, 8, 8), np.float32)
+    _subject(root, "a_good", good, mask=good)
+    _subject(root, "b_nomask", good)
+    _subject(root, "c_4d_many", np.ones((8, 8, 8, 3), np.float32))
+    _subject(root, "c_4d_one", np.ones((8, 8, 8, 1), np.float32), mask=good)
+    os.makedirs(os.path.join(root, "d_empty_folder"))
+    _subject(root, "e_small", np.ones((4, 8, 8), np.float32), mask=np.ones((4, 8, 8)))
+    _subject(root, "f_mask_shape", good, mask=np.ones((8, 8, 7)))
+    for name, size in (("g_zero_voxel", 0.0), ("g_negative_voxel", -1.0), ("g_nan_voxel", float("nan"))):
+        # nibabel repairs zero/negative voxel sizes when saving, so patch the header bytes.
+        path = os.path.join(_subject(root, name, good), td.IMAGE_NAME)
+        raw = bytearray(gzip.decompress(open(path, "rb").read()))
+        raw[84:88] = struct.pack("<f", size)  # pixdim[2] of the NIfTI-1 header
+        open(path, "wb").write(gzip.compress(bytes(raw)))
+    with open(os.path.join(root, "h_garbage.nii.gz"), "wb") as fh:
+        fh.write(b"not a nifti at all")
+    _write(os.path.join(root, "i_wrong_name", td.IMAGE_NAME.replace(".gz", "")), good)
+    _write(os.path.join(root, "j_empty", td.IMAGE_NAME), np.ones((8, 0, 8), np.float32))
+    with open(os.path.join(root, "clinical.csv"), "w") as fh:
+        fh.write("a,b\n")
+
+    log = Log()
+    subjects, problems = td.find_subjects(root, image_name=td.IMAGE_NAME, min_shape=(6, 6, 6), log=log)
+    assert [s.name for s in subjects] == ["a_good", "b_nomask", "c_4d_one"]
+    assert subjects[1].mask_path is None
+    reasons = {
+        "c_4d_many": "8x8x8x3", "d_empty_folder": "no image", "e_small": "smaller than the minimum 6x6x6",
+        "f_mask_shape": "mask shape 8x8x7", "g_zero_voxel": "voxel sizes must be positive", "g_negative_voxel": "got (1.0, -1.0, 1.0)",
+        "g_nan_voxel": "voxel sizes must be positive",
+        "h_garbage": "cannot read", "i_wrong_name": "no image", "j_empty": "empty volume",
+    }
+    assert len(problems) == len(reasons)
+    for name, reason in reasons.items():
+        line = [p for p in problems if name in p]
+        assert len(line) == 1 and reason in line[0], (name, problems)
+        assert line[0].startswith(root)
+    summaries = [m for m in log.lines if "bad subject" in m]
+    assert len(summaries) == 1 and all(p in summaries[0] for p in problems)
+    no_mask = [m for m in log.lines if "image > 0" in m]
+    assert len(no_mask) == 1 and no_mask[0].startswith("1 of 3")
+
+    # The uncompressed file shorter than its header says is caught from its size.
+    flat = tmp_path / "flat"
+    short = _write(str(flat / "s.nii"), good)
+    os.truncate(short, os.path.getsize(short) - 100)
+    _write(str(flat / "t.nii"), good)
+    subjects, problems = td.find_subjects(str(flat), log=Log())
+    assert [s.name for s in subjects] == ["t"] and "truncated" in problems[0]
+
+
+def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(td.DataError, match="nope.*does not exist"):
+        td.find_subjects(missing, log=Log())
+    a_file = tmp_path / "file.csv"
+    a_file.write_text("x")
+    with pytest.raises(td.DataError, match="not a folder"):
+        td.find_subjects(str(a_file), log=Log())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(td.DataError, match="no usable subject in .*empty"):
+        td.find_subjects(str(empty), log=Log())
+    (empty / "clinical.csv").write_text("a,b\n")
+    os.makedirs(empty / "sub01")
+    with pytest.raises(td.DataError, match="sub01.*no image"):
+        td.find_subjects(str(empty), log=Log())
+    assert issubclass(td.DataError, ValueError)
+
+
+def test_split_is_deterministic_and_never_leaves_a_list_empty():
+    subjects = [td.Subject(f"s{i:03d}", f"/x/{i}", None) for i in range(589)]
+    train, test = td.split_subjects(subjects[::-1])
+    assert (len(train), len(test)) == (471, 118)
+    assert [s.name for s in train + test] == sorted(s.name for s in subjects)
+    assert td.split_subjects(subjects) == (train, test)
+    assert [len(x) for x in td.split_subjects(subjects[:2], 0.99)] == [1, 1]
+    assert [len(x) for x in td.split_subjects(subjects[:2], 0.01)] == [1, 1]
+    assert [len(x) for x in td.split_subjects(subjects[:5], 1.0)] == [5, 0]
+    assert [len(x) for x in td.split_subjects(subjects[:1], 0.8)] == [1, 0]
+    assert [len(x) for x in td.split_subjects(subjects[:10])] == [8, 2]
+    for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
+        with pytest.raises(ValueError, match="train_fraction"):
+            td.split_subjects(subjects, bad)
+
+
+def test_load_volume_nan_4d_and_truncated_gzip(tmp_path):
+    data = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    data[1, 2, 3] = np.nan
+    data[0, 0, 0] = np.inf
+    affine = np.diag([1.0, 1.1, 1.2, 1.0])
+    path = _write(str(tmp_path / "nan.nii.gz"), data, affine)
+    log = Log()
+    out, aff, hdr = td.load_volume(path, log=log)
+    assert out.dtype == np.float32 and out.shape == (6, 5, 4)
+    assert out[1, 2, 3] == 0 and out[0, 0, 0] == 0 and out[5, 4, 3] == data[5, 4, 3]
+    np.testing.assert_allclose(aff, affine)
+    assert len(log.lines) == 1 and path in log.text and "2 NaN/inf" in log.text
+
+    one = _write(str(tmp_path / "one.nii.gz"), data[..., None])
+    assert td.load_volume(one, log=Log())[0].shape == (6, 5, 4)
+    many = _write(str(tmp_path / "many.nii.gz"), np.stack([data] * 2, -1))
+    with pytest.raises(td.DataError, match="many.nii.gz.*6x5x4x2"):
+        td.load_volume(many)
+
+    big = np.random.default_rng(7).integers(0, 30000, (40, 40, 40)).astype(np.int16)
+    path = _write(str(tmp_path / "trunc.nii.gz"), big, dtype=np.int16)
+    raw = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(raw[: len(raw) // 2])
+    assert nib.load(path).shape == (40, 40, 40)  # the header still reads ...
+    with pytest.raises(td.DataError, match="trunc.nii.gz.*cannot read the NIfTI data"):
+        td.load_volume(path)  # ... the data do not
+    with pytest.raises(td.DataError, match="missing.nii.gz"):
+        td.load_volume(str(tmp_path / "missing.nii.gz"))
+
+
+def test_load_mask_from_file_or_image(tmp_path):
+    img = np.zeros((6, 6, 6), np.float32)
+    img[1:4, 1:4, 1:4] = 3
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[0:5, 0:5, 0:5] = 1
+    root = str(tmp_path)
+    with_mask = td.Subject("a", _write(f"{root}/a/i.nii.gz", img), _write(f"{root}/a/m.nii.gz", mask, dtype=np.uint8))
+    no_mask = td.Subject("b", _write(f"{root}/b/i.nii.gz", img), None)
+    m = td.load_mask(with_mask, img)
+    assert m.dtype == bool and m.sum() == 125
+    np.testing.assert_array_equal(td.load_mask(no_mask), img > 0)
+    with pytest.raises(td.DataError, match="m.nii.gz.*6x6x6.*7x6x6"):
+        td.load_mask(with_mask, np.zeros((7, 6, 6)))
+
+
+# --------------------------------------------------------------------------- #
+# Training stream
+# --------------------------------------------------------------------------- #
+
+
+def test_dataset_shapes_ranges_and_count(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    ds = td.make_train_dataset(subjects, 2, batch_size=3, volume_shape=VOL, patch_shape=PATCH,
+                               margin=MARGIN, log=Log())
+    batches = _batches(ds)
+    n = len(subjects) * td.patches_per_volume(VOL, PATCH, MARGIN)  # 5 * 45
+    assert len(batches) == td.batches_per_epoch(len(subjects), 3, VOL, PATCH, MARGIN) == -(-n // 3)
+    assert sum(len(hr) for _, hr in batches) == n
+    for lr, hr in batches:
+        assert hr.dtype == lr.dtype == np.float32
+        assert hr.shape[1:] == (*PATCH, 1) and lr.shape[1:] == (8, 8, 4, 1)
+        assert hr.min() >= -1 and hr.max() <= 1
+        np.testing.assert_allclose(lr, td.degrade(hr, 2).numpy(), atol=1e-6)
+    # Patches are the x-major patches of the first subject of the epoch, each normalised.
+    first = td.epoch_order(len(subjects), 0, 0)[0]
+    vol, _, _ = td.load_volume(subjects[first].image_path)
+    expected = td.extract_patches(td.to_canonical(vol, VOL)[0], PATCH, MARGIN)
+    got = np.concatenate([hr for _, hr in batches])[: len(expected)]
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, utils.normalize(e)[0], atol=1e-6)
+    assert ds.element_spec[1].shape.as_list() == [None, *PATCH, 1]
+
+
+def test_default_batching_keeps_a_volume_in_four_batches(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    geometry = dict(volume_shape=(40, 40, 24), patch_shape=(24, 24, 16), margin=2)
+    assert td.patches_per_volume(**geometry) == 8
+    batches = _batches(td.make_train_dataset(subjects[:2], 4, log=Log(), **geometry))
+    assert len(batches) == 8 and all(hr.shape == (2, 24, 24, 16, 1) for _, hr in batches)
+    assert all(lr.shape == (2, 6, 6, 4, 1) for lr, _ in batches)
+
+
+def test_dataset_order_depends_on_seed_and_epoch_only(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    kwargs = dict(batch_size=td.patches_per_volume(VOL, PATCH, MARGIN), volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log())
+
+    def firsts(**kw):  # one batch per volume: its first patch identifies the subject
+        return [hr[0] for _, hr in _batches(td.make_train_dataset(subjects, 2, **kwargs, **kw))]
+
+    def order(patches):
+        refs = firsts(seed=0, epoch=0)
+        return [int(np.argmin([np.abs(p - r).max() for r in refs])) for p in patches]
+
+    a, b = firsts(seed=0, epoch=1), firsts(seed=0, epoch=1)
+    assert order(a) == order(b)
+    orders = {tuple(order(firsts(seed=0, epoch=e))) for e in range(4)}
+    assert len(orders) > 1
+    for o in orders:
+        assert sorted(o) == list(range(len(subjects)))
+    assert not np.array_equal(td.epoch_order(50, 1, 0), td.epoch_order(50, 0, 0))
+    np.testing.assert_array_equal(td.epoch_order(50, 7, 3), td.epoch_order(50, 7, 3))
+
+
+def test_dataset_skips_a_truncated_gzip_without_stopping(demo, tmp_path):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    broken = tmp_path / "broken" / td.IMAGE_NAME
+    broken.parent.mkdir()
+    raw = open(subjects[0].image_path, "rb").read()
+    broken.write_bytes(raw[: len(raw) // 2])
+    nan_path = str(tmp_path / "nan" / td.IMAGE_NAME)
+    vol = td.load_volume(subjects[1].image_path)[0]
+    vol[5:9, 5:9, 5:9] = np.nan
+    _write(nan_path, vol)
+    # The header check passes (only the data are cut), so the subject reaches training.
+    found, problems = td.find_subjects(str(tmp_path), log=Log())
+    assert {s.name for s in found} == {"broken", "nan"} and problems == []
+    mixed = subjects[1:3] + [td.Subject("broken", str(broken), None), td.Subject("nan", nan_path, None)]
+    log = Log()
+    batches = _batches(td.make_train_dataset(mixed, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH,
+                                             margin=MARGIN, log=log))
+    per_volume = td.patches_per_volume(VOL, PATCH, MARGIN)
+    assert sum(len(hr) for _, hr in batches) == 3 * per_volume
+    assert all(np.isfinite(hr).all() and np.isfinite(lr).all() for lr, hr in batches)
+    skipped = [m for m in log.lines if "Skipping" in m]
+    assert len(skipped) == 1 and str(broken) in skipped[0] and "cannot read" in skipped[0]
+    assert any(nan_path in m and "64 NaN/inf" in m for m in log.lines)
+
+
+def test_dataset_argument_checks(demo):
+    with pytest.raises(ValueError, match="upsampling_factor 3 must divide"):
+        td.make_train_dataset([], 3, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN)
+    with pytest.raises(ValueError, match="batch_size 0"):
+        td.make_train_dataset([], 2, batch_size=0, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN)
+    assert _batches(td.make_train_dataset([], 2, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN)) == []
+
+
+# --------------------------------------------------------------------------- #
+# Demo phantoms
+# --------------------------------------------------------------------------- #
+
+
+def test_demo_data_layout_types_and_determinism(tmp_path):
+    a = td.make_demo_data(tmp_path / "a", subjects=2, shape=(32, 30, 20), seed=5)
+    b = td.make_demo_data(tmp_path / "b", subjects=2, shape=(32, 30, 20), seed=5)
+    c = td.make_demo_data(tmp_path / "c", subjects=1, shape=(32, 30, 20), seed=6)
+    assert [os.path.basename(p) for p in a] == ["demo_000", "demo_001"]
+    img = nib.load(os.path.join(a[0], td.IMAGE_NAME))
+    mask = nib.load(os.path.join(a[0], td.MASK_NAME))
+    assert img.get_data_dtype() == np.int16 and mask.get_data_dtype() == np.uint8
+    assert img.shape == mask.shape == (32, 30, 20)
+    assert not np.allclose(img.affine, np.eye(4))
+    np.testing.assert_allclose(img.header.get_zooms(), (1.0, 1.1, 1.2), rtol=1e-6)
+    np.testing.assert_allclose(img.affine, mask.affine)
+    data, m = np.asarray(img.dataobj), np.asarray(mask.dataobj)
+    assert set(np.unique(m)) == {0, 1}
+    assert (data[m == 0] == 0).all() and (data[m == 1] > 0).all()  # skull-stripped
+    assert 0.2 < m.mean() < 0.7
+    # Three tissue classes: CSF darkest, then grey, then white matter.
+    brain = data[m == 1]
+    assert np.percentile(brain, 90) > 1.5 * np.percentile(brain, 10)
+    for pa, pb in zip(a, b):
+        for name in (td.IMAGE_NAME, td.MASK_NAME):
+            np.testing.assert_array_equal(np.asarray(nib.load(os.path.join(pa, name)).dataobj),
+                                          np.asarray(nib.load(os.path.join(pb, name)).dataobj))
+    assert not np.array_equal(data, np.asarray(nib.load(os.path.join(c[0], td.IMAGE_NAME)).dataobj))
+    assert not np.array_equal(data, np.asarray(nib.load(os.path.join(a[1], td.IMAGE_NAME)).dataobj))
+    subjects, problems = td.find_subjects(tmp_path / "a", log=Log())
+    assert len(subjects) == 2 and problems == []
+    with pytest.raises(ValueError, match="subjects 0"):
+        td.make_demo_data(tmp_path / "d", subjects=0)
+    # No temporary files are left behind by the atomic writes.
+    assert sorted(os.listdir(a[0])) == sorted([td.IMAGE_NAME, td.MASK_NAME])
+
+
+def test_gzip_files_are_real_gzip(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    with gzip.open(subjects[0].image_path) as fh:
+        assert len(fh.read(348)) == 348
