@@ -758,17 +758,19 @@ def batches_per_epoch(n_subjects, batch_size=2, volume_shape=VOLUME_SHAPE, patch
 
 
 def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHAPE, margin=MARGIN,
-                          log=print):
+                          log=print, with_norm_factor=False):
     """Reads one subject and returns its normalised HR patches.
 
     Args:
         path: the subject's image file.
         volume_shape, patch_shape, margin: the patch geometry.
         log: callable taking one message string.
+        with_norm_factor: bool, also return the factors.
 
     Returns:
         float32 (n, px, py, pz, 1), each patch mapped to [-1, 1] on its own
-        (``utils.normalize``, SPEC section 1), x-major order.
+        (``utils.normalize``, SPEC section 1), x-major order; with
+        ``with_norm_factor``, a tuple of it and float32 (n,) factors ``nf``.
 
     Raises:
         DataError: if the file cannot be read.
@@ -777,13 +779,15 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
     canonical, _ = to_canonical(volume, volume_shape)
     del volume
     patches = extract_patches(canonical, patch_shape, margin)
+    factors = np.zeros(len(patches), np.float32)
     for i in range(len(patches)):
-        patches[i], _ = utils.normalize(patches[i])
-    return patches
+        patches[i], factors[i] = utils.normalize(patches[i])
+    return (patches, factors) if with_norm_factor else patches
 
 
 def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shape=VOLUME_SHAPE,
-                       patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0, log=print):
+                       patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0,
+                       with_norm_factor=False, log=print):
     """One epoch of ``(lr, hr)`` training batches, streamed from the NIfTI files.
 
     Subjects come in the order :func:`epoch_order` draws from ``(seed, epoch)``;
@@ -806,12 +810,15 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
         seed: int >= 0, the run's seed.
         epoch: int >= 0, the epoch this dataset is for.
         sigma: float >= 0, blur of the degradation in voxels.
+        with_norm_factor: bool, also yield each patch's normalisation factor
+            ``nf`` (float32 (b,)) so that outputs can be de-normalised.
         log: callable taking one message string; called from tf.data threads.
 
     Returns:
         ``tf.data.Dataset`` of ``(lr, hr)``: hr float32 (b, px, py, pz, 1) in
         [-1, 1] (normalised per patch), lr = :func:`degrade` (hr) float32
         (b, px/f, py/f, pz/f, 1); b = ``batch_size`` except possibly the last.
+        ``(lr, hr, nf)`` with ``with_norm_factor``.
 
     Raises:
         ValueError: for an invalid geometry (volume smaller than a patch, no
@@ -836,12 +843,13 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     subjects = list(subjects)
     order = epoch_order(len(subjects), seed, epoch)
     paths = [os.fspath(subjects[i].image_path) for i in order]
-    empty = np.zeros((0, *patch_shape, 1), np.float32)
+    empty = (np.zeros((0, *patch_shape, 1), np.float32), np.zeros(0, np.float32))
 
     def load(path):
         path = path.decode() if isinstance(path, bytes) else str(path)
         try:
-            return load_training_patches(path, volume_shape, patch_shape, margin, log=log)
+            return load_training_patches(path, volume_shape, patch_shape, margin, log=log,
+                                         with_norm_factor=True)
         except DataError as e:
             log(f"Skipping subject this epoch: {e}")
         except Exception as e:  # noqa: BLE001 - one bad file must not end the epoch
@@ -849,12 +857,14 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
         return empty
 
     def load_tf(path):
-        patches = tf.numpy_function(load, [path], tf.float32, stateful=False)
+        patches, factors = tf.numpy_function(load, [path], (tf.float32, tf.float32), stateful=False)
         patches.set_shape((None, *patch_shape, 1))
-        return patches
+        factors.set_shape((None,))
+        return patches, factors
 
-    def add_lr(hr):
-        return degrade(hr, f, sigma), hr
+    def add_lr(hr, nf):
+        lr = degrade(hr, f, sigma)
+        return (lr, hr, nf) if with_norm_factor else (lr, hr)
 
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, dtype=tf.string) if paths
                                             else tf.zeros([0], tf.string))

@@ -124,6 +124,123 @@ def denormalize(y, nf):
 
 
 # --------------------------------------------------------------------------- #
+# Evaluation: metrics, interpolation baselines, slice previews
+# --------------------------------------------------------------------------- #
+
+
+def compute_metrics(hr, sr, mask=None):
+    """PSNR and 3-D SSIM of a super-resolved volume, as the original evaluation.
+
+    Both volumes are multiplied by the brain mask; ``data_range`` is
+    ``max(hr, sr) - min(hr, sr)`` over the unmasked volumes (the original's rule),
+    SSIM runs over the 3-D volume (``skimage.metrics``, 7-voxel window).
+
+    Args:
+        hr: float array (x, y, z), the reference in source intensities.
+        sr: float array (x, y, z), the estimate, same shape and intensities.
+        mask: optional bool/0-1 array (x, y, z); None means the whole volume.
+
+    Returns:
+        (psnr in dB, ssim in [-1, 1]) as Python floats; PSNR is ``inf`` for
+        identical volumes.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    hr = np.asarray(hr, dtype=np.float64)
+    sr = np.asarray(sr, dtype=np.float64)
+    if hr.shape != sr.shape:
+        raise ValueError(f"metrics need equal shapes, got hr {hr.shape} and sr {sr.shape}")
+    data_range = max(hr.max(), sr.max()) - min(hr.min(), sr.min())
+    if data_range <= 0:
+        data_range = 1.0
+    if mask is not None:
+        m = np.asarray(mask, dtype=np.float64)
+        hr, sr = hr * m, sr * m
+    if np.array_equal(hr, sr):
+        return float("inf"), 1.0
+    psnr = peak_signal_noise_ratio(hr, sr, data_range=data_range)
+    win = min(7, *[n if n % 2 else n - 1 for n in hr.shape])
+    ssim = structural_similarity(hr, sr, data_range=data_range, win_size=max(win, 3))
+    return float(psnr), float(ssim)
+
+
+def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
+    """Interpolates a low-resolution volume back to the high-resolution grid.
+
+    Uses the geometry of the degradation ``x[::f]``: low-resolution voxel ``i``
+    sits on high-resolution voxel ``f * i``, so high-resolution voxel ``j`` is
+    read at low-resolution coordinate ``j / f`` (edges clamp to the border).
+
+    Args:
+        lr: float array (x, y, z).
+        upsampling_factor: int f.
+        order: 0 nearest, 1 trilinear, 3 tricubic (B-spline).
+        out_shape: (X, Y, Z) of the result, default ``f`` times ``lr.shape``.
+
+    Returns:
+        float32 array ``out_shape``.
+    """
+    from scipy import ndimage
+
+    lr = np.asarray(lr, dtype=np.float32)
+    f = upsampling_factor
+    out_shape = tuple(out_shape) if out_shape is not None else tuple(n * f for n in lr.shape)
+    return ndimage.affine_transform(lr, np.full(3, 1.0 / f), output_shape=out_shape,
+                                    order=order, mode="nearest", prefilter=order > 1)
+
+
+def slices_mosaic(columns, window=None):
+    """Mid-slices of several same-shaped volumes, side by side, as one image.
+
+    Rows are the sagittal, coronal and axial mid-slices (x, y and z planes);
+    columns are the volumes in the order given. One intensity window is shared
+    by all panels so they compare fairly.
+
+    Args:
+        columns: list of float arrays (x, y, z), all the same shape.
+        window: optional (low, high) intensities mapped to black and white;
+            default (0, 99.5th percentile of the last column).
+
+    Returns:
+        uint8 array (height, width), a 2-voxel black gap between panels.
+    """
+    vols = [np.asarray(v, dtype=np.float32) for v in columns]
+    shape = vols[0].shape
+    if any(v.shape != shape for v in vols):
+        raise ValueError(f"slices_mosaic needs equal shapes, got {[v.shape for v in vols]}")
+    lo, hi = window if window is not None else (0.0, float(np.percentile(vols[-1], 99.5)))
+    if hi <= lo:
+        hi = lo + 1.0
+    cx, cy, cz = (n // 2 for n in shape)
+    gap = 2
+    rows = []
+    for take in (lambda v: v[cx, :, :], lambda v: v[:, cy, :], lambda v: v[:, :, cz]):
+        # rot90 puts the second voxel axis upwards, as viewers show radiological slices.
+        cells = [np.rot90(take(v)) for v in vols]
+        h = cells[0].shape[0]
+        sep = np.zeros((h, gap), np.float32) + lo
+        row = [c if i == 0 else np.concatenate([sep, c], axis=1) for i, c in enumerate(cells)]
+        rows.append(np.concatenate(row, axis=1))
+    width = max(r.shape[1] for r in rows)
+    padded = []
+    for i, r in enumerate(rows):
+        r = np.pad(r, ((0 if i == 0 else gap, 0), (0, width - r.shape[1])), constant_values=lo)
+        padded.append(r)
+    img = np.concatenate(padded, axis=0)
+    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_png(path, image):
+    """Writes a uint8 (h, w) or (h, w, 3) image as PNG, atomically."""
+    from skimage import io
+
+    atomic_write(path, lambda tmp: io.imsave(tmp, image, check_contrast=False), suffix=".png")
+
+
+# --------------------------------------------------------------------------- #
 # Atomic file output
 # --------------------------------------------------------------------------- #
 

@@ -1,0 +1,982 @@
+"""3D SRGAN for brain MRI: training, evaluation and super-resolution command line.
+
+    python model.py -demo True                                   # end to end on phantoms
+    python model.py -data_path DATA -checkpoint_dir CKPT         # train
+    python model.py -data_path DATA -checkpoint_dir CKPT -restore CKPT -epochs 20   # resume
+    python model.py -evaluate True -checkpoint_dir_restore CKPT -path_volumes OUT  # test set
+    python model.py -super_resolve scan.nii.gz -checkpoint_dir_restore CKPT        # a real scan
+
+The single-dash flags of the original (Sánchez & Vilaplana, MIDL 2018) keep their
+spelling and defaults; ``--flag`` works too. Argument parsing stays here: the
+functions below take plain arguments and read no global state.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import networks  # noqa: E402
+import train_dataset as td  # noqa: E402
+import utils  # noqa: E402
+
+CONFIG_NAME = "config.json"
+SPLIT_NAME = "split.json"
+# Inverse time decay of the original: lr = 1e-4 / (1 + 0.5 * step / 4920).
+DECAY_STEPS = 4920
+DECAY_RATE = 0.5
+ARCHITECTURE_KEYS = ("upsampling_factor", "residual_blocks", "feature_size", "upsampling_mode",
+                     "volume_shape", "patch_shape", "patch_margin")
+
+DEFAULTS = {
+    "data_path": "data",
+    "checkpoint_dir": "checkpoints",
+    "checkpoint_dir_restore": None,
+    "path_prediction": None,  # <checkpoint_dir>/predictions
+    "path_volumes": None,  # <checkpoint_dir_restore>/volumes
+    "log_dir": None,  # <checkpoint_dir>/logs
+    "restore": None,
+    "residual_blocks": 6,
+    "upsampling_factor": 4,
+    "feature_size": 32,
+    "subpixel_NN": False,
+    "nn": False,
+    "evaluate": False,
+    "epochs": 10,
+    "batch_size": 2,
+    "volume_shape": (224, 224, 152),
+    "patch_shape": (128, 128, 92),
+    "patch_margin": 16,
+    "train_fraction": 0.8,
+    "learning_rate": 1e-4,
+    "seed": 0,
+    "image_name": td.IMAGE_NAME,
+    "mask_name": td.MASK_NAME,
+    "super_resolve": None,
+    "demo": False,
+    "run_eagerly": False,
+}
+
+# The demo's small configuration; explicit flags still win.
+DEMO = {
+    "data_path": os.path.join("demo", "data"),
+    "checkpoint_dir": os.path.join("demo", "checkpoints"),
+    "path_prediction": os.path.join("demo", "predictions"),
+    "path_volumes": os.path.join("demo", "volumes"),
+    "log_dir": os.path.join("demo", "logs"),
+    "volume_shape": (64, 64, 48),
+    "patch_shape": (32, 32, 24),
+    "patch_margin": 4,
+    "upsampling_factor": 2,
+    "residual_blocks": 2,
+    "feature_size": 16,
+    "epochs": 3,
+}
+DEMO_SUBJECTS = 10
+DEMO_SHAPE = (72, 76, 56)
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names; reported without a traceback."""
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+
+def str2bool(value):
+    """Parses True/False, 1/0, yes/no (any case) into a bool.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else (argparse names the flag).
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "t"):
+        return True
+    if text in ("false", "0", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (True/False, 1/0, yes/no), got {value!r}")
+
+
+def parse_shape(value):
+    """Parses ``"224,224,152"`` or ``"224x224x152"`` into a tuple of three positive ints."""
+    parts = str(value).lower().replace("x", ",").replace(" ", "").split(",")
+    try:
+        shape = tuple(int(p) for p in parts if p)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected three positive integers such as 224,224,152, got {value!r}")
+    return shape
+
+
+def _positive(kind):
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+        return number
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _non_negative_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
+def build_parser():
+    """The argparse parser: the original's single-dash flags plus the port's.
+
+    Every default is ``None`` so that :func:`resolve_config` can tell an explicit
+    flag from a default (a checkpoint's saved configuration fills the gaps).
+    """
+    parser = argparse.ArgumentParser(
+        prog="model.py",
+        description="3D SRGAN for brain MRI super-resolution (TensorFlow 2 port of "
+                    "Sanchez & Vilaplana, MIDL 2018). Trains by default; -evaluate True "
+                    "tests a checkpoint, -super_resolve FILE upsamples a scan, -demo True "
+                    "runs everything on synthetic phantoms.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=None)
+
+    def add(name, help, **kwargs):
+        default = DEFAULTS[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(f"-{name}", f"--{name}", dest=name, default=None,
+                            help=f"{help} (default: {shown})", **kwargs)
+
+    def add_bool(name, help):
+        add(name, help, type=str2bool, nargs="?", const=True, metavar="BOOL")
+
+    g = parser.add_argument_group("paths (original flags)")
+    add("path_prediction", "folder for the HR/LR/SR patches written during training; "
+        "None means <checkpoint_dir>/predictions", metavar="DIR")
+    add("path_volumes", "folder for evaluation and -super_resolve outputs; None means "
+        "<checkpoint_dir_restore>/volumes", metavar="DIR")
+    add("checkpoint_dir", "folder for training checkpoints, config.json and split.json", metavar="DIR")
+    add("checkpoint_dir_restore", "checkpoint folder to evaluate or super-resolve with", metavar="DIR")
+    add("restore", "resume training from the latest checkpoint in this folder", metavar="DIR")
+    g = parser.add_argument_group("architecture (original flags)")
+    del g
+    add("residual_blocks", "number of residual blocks", type=_non_negative_int, metavar="N")
+    add("upsampling_factor", "upsampling factor, a power of two (2, 4, 8)", type=_positive(int), metavar="F")
+    add("feature_size", "filters of the residual trunk", type=_positive(int), metavar="N")
+    add_bool("subpixel_NN", "checkerboard-free sub-pixel upsampling (wins over -nn)")
+    add_bool("nn", "resize-convolution upsampling (nearest neighbour + conv)")
+    add_bool("evaluate", "evaluate -checkpoint_dir_restore on the test split")
+    add("data_path", "dataset root: one folder per subject, or NIfTI files directly", metavar="DIR")
+    add("image_name", "image file name inside each subject folder", metavar="NAME")
+    add("mask_name", "brain mask file name inside each subject folder (absent: image > 0)", metavar="NAME")
+    add("epochs", "total epochs to reach (a resumed run continues up to this)", type=_positive(int), metavar="N")
+    add("batch_size", "patches per batch (8 patches per volume: 4 batches)", type=_positive(int), metavar="N")
+    add("volume_shape", "canonical volume every scan is padded/cropped to", type=parse_shape, metavar="X,Y,Z")
+    add("patch_shape", "HR training patch", type=parse_shape, metavar="X,Y,Z")
+    add("patch_margin", "patch margin; patches step by patch - 2*margin", type=_non_negative_int, metavar="N")
+    add("train_fraction", "fraction of the sorted subjects used for training", type=_positive(float), metavar="P")
+    add("learning_rate", "initial Adam learning rate, decayed as lr/(1+0.5*step/4920)",
+        type=_positive(float), metavar="LR")
+    add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
+    add("log_dir", "TensorBoard folder; None means <checkpoint_dir>/logs", metavar="DIR")
+    add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
+    add_bool("demo", "make phantoms in ./demo and run a small train + evaluate end to end")
+    add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
+    return parser
+
+
+def _read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {err}")
+
+
+def _write_json(path, data):
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    utils.atomic_write(path, lambda tmp: open(tmp, "w").write(text), suffix=".json")
+
+
+def _flag(name, value):
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"-{name} {value}"
+
+
+def _mode_flags(mode):
+    return {"subpixel_NN": mode == "subpixel_NN", "nn": mode == "nn"}
+
+
+def resolve_config(args, log=print):
+    """Turns parsed flags into one plain configuration dict, checking it all.
+
+    Precedence: explicit flag > the saved configuration of the checkpoint being
+    restored or evaluated > the demo preset > the built-in default. An explicit
+    architecture flag that contradicts the checkpoint is an error.
+
+    Args:
+        args: ``argparse.Namespace`` from :func:`build_parser` (``None`` = not given).
+        log: callable for notes.
+
+    Returns:
+        dict with every key of ``DEFAULTS`` plus ``upsampling_mode``,
+        ``explicit`` (the flags given) and ``saved_config``.
+
+    Raises:
+        UserError: for contradictory, missing or invalid settings.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    cfg = dict(DEFAULTS)
+    if given.get("demo"):
+        cfg.update(DEMO)
+    action = ("super_resolve" if given.get("super_resolve") else
+              "evaluate" if given.get("evaluate") else "train")
+    if given.get("demo") and action != "train":
+        raise UserError("-demo True runs its own training and evaluation; drop -evaluate/-super_resolve")
+
+    source = None
+    if action in ("evaluate", "super_resolve"):
+        source = given.get("checkpoint_dir_restore")
+        if not source:
+            raise UserError(f"-{'evaluate True' if action == 'evaluate' else 'super_resolve'} needs "
+                            "-checkpoint_dir_restore DIR, the folder of a trained checkpoint")
+    elif given.get("restore"):
+        source = given["restore"]
+    saved = None
+    if source is not None:
+        if not os.path.isdir(source):
+            raise UserError(f"checkpoint folder {source!r} does not exist")
+        if tf.train.latest_checkpoint(source) is None:
+            raise UserError(f"checkpoint folder {source!r} holds no checkpoint "
+                            "(expected the files written by a training run: checkpoint, ckpt-N.index)")
+        saved = _read_json(os.path.join(source, CONFIG_NAME))
+        if saved is None:
+            log(f"note: {source} has no {CONFIG_NAME}; using the architecture flags as given")
+
+    explicit_mode = ("subpixel_NN" in given or "nn" in given)
+    cfg.update(given)
+    cfg["upsampling_mode"] = networks.upsampling_mode(cfg["subpixel_NN"], cfg["nn"])
+    if saved is not None:
+        saved_mode = saved.get("upsampling_mode")
+        mismatched = []
+        for key in ARCHITECTURE_KEYS:
+            if key not in saved:
+                continue
+            value = saved[key]
+            value = tuple(value) if isinstance(value, list) else value
+            is_explicit = (explicit_mode if key == "upsampling_mode" else key in given)
+            if is_explicit and cfg[key] != value:
+                if key == "upsampling_mode":
+                    mismatched.append(
+                        f"upsampling mode {cfg[key]!r} (-subpixel_NN {cfg['subpixel_NN']} -nn "
+                        f"{cfg['nn']}), the checkpoint uses {value!r} "
+                        f"(-subpixel_NN {value == 'subpixel_NN'} -nn {value == 'nn'})")
+                else:
+                    mismatched.append(f"{_flag(key, cfg[key])}, the checkpoint uses {_flag(key, value)}")
+            cfg[key] = value
+        cfg.update(_mode_flags(cfg["upsampling_mode"]))
+        if mismatched:
+            raise UserError(
+                f"the architecture flags do not match the checkpoint in {source!r} "
+                f"(from its {CONFIG_NAME}): " + "; ".join(mismatched) +
+                ". Pass the checkpoint's values or leave these flags out to use them.")
+        for key in ("data_path", "image_name", "mask_name", "train_fraction", "seed",
+                    "batch_size", "learning_rate"):
+            if key in saved and key not in given:
+                value = saved[key]
+                cfg[key] = tuple(value) if isinstance(value, list) else value
+    cfg.update({"action": action, "explicit": sorted(given), "saved_config": saved,
+                "source_checkpoint": source})
+    if action == "train" and given.get("restore") and "checkpoint_dir" not in given:
+        cfg["checkpoint_dir"] = given["restore"]
+    if cfg["path_prediction"] is None:
+        cfg["path_prediction"] = os.path.join(cfg["checkpoint_dir"], "predictions")
+    if cfg["log_dir"] is None:
+        cfg["log_dir"] = os.path.join(cfg["checkpoint_dir"], "logs")
+    if cfg["path_volumes"] is None:
+        cfg["path_volumes"] = os.path.join(source or cfg["checkpoint_dir"], "volumes")
+    if (given.get("subpixel_NN") and given.get("nn")):
+        log("note: both -subpixel_NN and -nn are set; subpixel_NN wins, as in the original")
+    _check_geometry(cfg)
+    if not 0 < cfg["train_fraction"] <= 1:
+        raise UserError(f"-train_fraction {cfg['train_fraction']} must be in (0, 1]")
+    if action == "super_resolve" and not os.path.isfile(cfg["super_resolve"]):
+        raise UserError(f"-super_resolve file {cfg['super_resolve']!r} does not exist")
+    if action == "train" and not cfg["demo"] and not os.path.isdir(cfg["data_path"]):
+        raise UserError(f"-data_path {cfg['data_path']!r} does not exist; pass the folder that holds "
+                        "one sub-folder per subject (or NIfTI files), or try -demo True")
+    return cfg
+
+
+def _check_geometry(cfg):
+    f = cfg["upsampling_factor"]
+    try:
+        networks.upsampling_stages(f)
+    except ValueError as err:
+        raise UserError(f"-upsampling_factor: {err}")
+    volume, patch, margin = cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"]
+    for name, shape in (("volume_shape", volume), ("patch_shape", patch)):
+        if any(n % f for n in shape):
+            raise UserError(f"-{name} {','.join(map(str, shape))} must be divisible by "
+                            f"-upsampling_factor {f} on every axis")
+    if margin % f:
+        raise UserError(f"-patch_margin {margin} must be divisible by -upsampling_factor {f}")
+    if any(p > v for p, v in zip(patch, volume)):
+        raise UserError(f"-patch_shape {patch} is larger than -volume_shape {volume}")
+    if any(p - 2 * margin < 1 for p in patch):
+        raise UserError(f"-patch_margin {margin} leaves no step in -patch_shape {patch} "
+                        "(needs patch - 2*margin >= 1 on every axis)")
+
+
+def _check_writable(folder, flag):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"{flag} {folder!r} is not a writable folder: {err.strerror or err}")
+
+
+# --------------------------------------------------------------------------- #
+# Losses (SPEC section 3)
+# --------------------------------------------------------------------------- #
+
+
+def draw_targets(rng, shape):
+    """Least-squares GAN targets with label smoothing and 10 % label flips.
+
+    Args:
+        rng: ``tf.random.Generator``, drawn from at every step.
+        shape: shape of the discriminator output, (b, 1).
+
+    Returns:
+        (t_real, t_fake, flipped): float32 tensors of ``shape`` drawn from
+        U(0.7, 1.2) and U(0, 0.3), swapped with probability 0.1; ``flipped`` a
+        bool scalar.
+    """
+    t_real = rng.uniform(shape, 0.7, 1.2)
+    t_fake = rng.uniform(shape, 0.0, 0.3)
+    flipped = rng.uniform(()) < 0.1
+    t_real, t_fake = (tf.where(flipped, t_fake, t_real), tf.where(flipped, t_real, t_fake))
+    return t_real, t_fake, flipped
+
+
+def discriminator_loss(d_real, d_fake, t_real, t_fake):
+    """``mean((D(HR) - t_real)^2) + mean((D(G) - t_fake)^2)`` on logits (b, 1)."""
+    return (tf.reduce_mean(tf.square(d_real - t_real))
+            + tf.reduce_mean(tf.square(d_fake - t_fake)))
+
+
+def gradient_difference_loss(hr, sr):
+    """Sum over the three spatial axes of ``sum((|Δ hr| - |Δ sr|)^2)``, Δ the forward difference.
+
+    Args:
+        hr, sr: float32 (b, x, y, z, 1).
+
+    Returns:
+        float32 scalar, summed over batch and voxels.
+    """
+    total = 0.0
+    for axis in (1, 2, 3):
+        n = tf.shape(hr)[axis]
+        d_hr = tf.gather(hr, tf.range(1, n), axis=axis) - tf.gather(hr, tf.range(0, n - 1), axis=axis)
+        d_sr = tf.gather(sr, tf.range(1, n), axis=axis) - tf.gather(sr, tf.range(0, n - 1), axis=axis)
+        total += tf.reduce_sum(tf.square(tf.abs(d_hr) - tf.abs(d_sr)))
+    return total
+
+
+def generator_losses(hr, sr, d_fake, t):
+    """Generator loss of the original: ``sum((G - HR)^2) + gdl + 0.1 * mean((D(G) - t)^2)``.
+
+    Args:
+        hr, sr: float32 (b, x, y, z, 1) in [-1, 1].
+        d_fake: float32 (b, 1), discriminator logits of ``sr``.
+        t: float32 (b, 1), targets drawn from U(0.7, 1.2).
+
+    Returns:
+        dict of float32 scalars: ``g_loss``, ``mse`` (the sum, as the original),
+        ``gdl`` and ``adv`` (already weighted by 0.1).
+    """
+    mse = tf.reduce_sum(tf.square(sr - hr))
+    gdl = gradient_difference_loss(hr, sr)
+    adv = 0.1 * tf.reduce_mean(tf.square(d_fake - t))
+    return {"g_loss": mse + gdl + adv, "mse": mse, "gdl": gdl, "adv": adv}
+
+
+# --------------------------------------------------------------------------- #
+# Trainer
+# --------------------------------------------------------------------------- #
+
+
+class SRGANTrainer:
+    """Owns both networks, both Adam optimisers, loss trackers and the checkpoint.
+
+    Args:
+        generator: ``keras.Model`` from :func:`networks.build_generator`.
+        discriminator: ``keras.Model`` from :func:`networks.build_discriminator`.
+        learning_rate: initial learning rate of both optimisers.
+        seed: int, seeds the label-noise generator and the data order.
+        run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
+    """
+
+    LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
+
+    def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False):
+        self.generator = generator
+        self.discriminator = discriminator
+        self.schedule = keras.optimizers.schedules.InverseTimeDecay(
+            learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=False)
+        adam = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+        self.g_optimizer = keras.optimizers.Adam(self.schedule, **adam)
+        self.d_optimizer = keras.optimizers.Adam(self.schedule, **adam)
+        # Built now so that a restore finds every slot variable to fill.
+        self.g_optimizer.build(generator.trainable_variables)
+        self.d_optimizer.build(discriminator.trainable_variables)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.epoch_batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_batches")
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.data_seed = tf.Variable(seed, dtype=tf.int64, trainable=False, name="data_seed")
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.LOSS_NAMES}
+        self.checkpoint = tf.train.Checkpoint(
+            generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
+            d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
+            step=self.step, data_seed=self.data_seed, rng=self.rng)
+        self.run_eagerly = run_eagerly
+        self._compiled = self._train_step if run_eagerly else tf.function(self._train_step)
+
+    @property
+    def learning_rate(self):
+        """float, the learning rate the next step uses."""
+        return float(self.schedule(self.g_optimizer.iterations))
+
+    def train_step(self, lr, hr):
+        """One discriminator update, then one generator update.
+
+        Args:
+            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches.
+            hr: float32 (b, x, y, z, 1) in [-1, 1], the reference patches.
+
+        Returns:
+            dict of float scalars: d_loss, g_loss, mse, gdl, adv (this step's),
+            flipped (1.0 when the labels were swapped) and learning_rate (used).
+        """
+        used_lr = self.learning_rate
+        out = {k: float(v) for k, v in self._compiled(lr, hr).items()}
+        for name in self.LOSS_NAMES:
+            self.trackers[name].update_state(out[name])
+        self.step.assign_add(1)
+        self.epoch_batches.assign_add(1)
+        out["learning_rate"] = used_lr
+        return out
+
+    def _train_step(self, lr, hr):
+        g, d = self.generator, self.discriminator
+        sr = g(lr, training=True)
+        with tf.GradientTape() as tape:
+            d_real = d(hr, training=True)
+            d_fake = d(sr, training=True)
+            t_real, t_fake, flipped = draw_targets(self.rng, tf.shape(d_real))
+            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake)
+        grads = tape.gradient(d_loss, d.trainable_variables)
+        self.d_optimizer.apply(grads, d.trainable_variables)
+
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            d_fake = d(sr, training=True)
+            t = self.rng.uniform(tf.shape(d_fake), 0.7, 1.2)
+            losses = generator_losses(hr, sr, d_fake, t)
+        grads = tape.gradient(losses["g_loss"], g.trainable_variables)
+        self.g_optimizer.apply(grads, g.trainable_variables)
+        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32)}
+
+    def running_losses(self):
+        """dict of the mean of each loss since :meth:`reset_trackers`."""
+        return {name: float(t.result()) for name, t in self.trackers.items()}
+
+    def reset_trackers(self):
+        for tracker in self.trackers.values():
+            tracker.reset_state()
+
+
+def restore_generator(generator, checkpoint_dir):
+    """Loads only the generator's weights from the latest checkpoint in a folder.
+
+    Raises:
+        UserError: if the folder holds no checkpoint or its generator does not fit.
+    """
+    path = tf.train.latest_checkpoint(checkpoint_dir)
+    if path is None:
+        raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
+    try:
+        status = tf.train.Checkpoint(generator=generator).restore(path)
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as err:
+        raise UserError(f"the generator in {path} does not fit the architecture flags: "
+                        f"{str(err).splitlines()[0]}")
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def _architecture(cfg):
+    return dict(upsampling_factor=cfg["upsampling_factor"], residual_blocks=cfg["residual_blocks"],
+                feature_size=cfg["feature_size"], subpixel_NN=cfg["subpixel_NN"], nn=cfg["nn"])
+
+
+def _saved_config(cfg):
+    keys = ("upsampling_factor", "residual_blocks", "feature_size", "subpixel_NN", "nn",
+            "upsampling_mode", "volume_shape", "patch_shape", "patch_margin", "data_path",
+            "image_name", "mask_name", "train_fraction", "seed", "batch_size", "learning_rate",
+            "epochs")
+    out = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in keys}
+    out["data_path"] = os.path.abspath(cfg["data_path"])
+    out["tensorflow"] = tf.__version__
+    out["keras"] = keras.__version__
+    return out
+
+
+def _prediction_interval(cfg):
+    """Batches between two training previews: every 20 volumes, as the original."""
+    ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
+    return max(1, (20 * ppv) // cfg["batch_size"])
+
+
+def _write_preview(trainer, lr, hr, nf, folder, tag, f, log_scalars):
+    """HR, LR and SR of the first patch of a batch, de-normalised, plus its PSNR/SSIM."""
+    sr = trainer.generator(lr[:1], training=False).numpy()[0, ..., 0]
+    nf = float(nf[0])
+    hr_p = utils.denormalize(hr[0, ..., 0], nf)
+    lr_p = utils.denormalize(lr[0, ..., 0], nf)
+    sr_p = utils.denormalize(sr, nf)
+    eye = np.eye(4)
+    utils.save_nifti(os.path.join(folder, f"{tag}_hr.nii.gz"), hr_p, eye)
+    utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, np.diag([f, f, f, 1.0]))
+    utils.save_nifti(os.path.join(folder, f"{tag}_sr.nii.gz"), sr_p, eye)
+    psnr, ssim = utils.compute_metrics(hr_p, sr_p)
+    log_scalars(psnr, ssim)
+    return psnr, ssim
+
+
+def _display_slices(lr, sr, hr, f):
+    """One TensorBoard image: axial mid-slices of LR (nearest-upsampled), SR, HR."""
+    z = hr.shape[3] // 2
+    lr_up = np.repeat(np.repeat(lr[0, :, :, z // f, 0], f, axis=0), f, axis=1)
+    row = np.concatenate([lr_up, sr[0, :, :, z, 0], hr[0, :, :, z, 0]], axis=1)
+    return np.clip((row[None, ..., None] + 1) / 2, 0, 1)
+
+
+def train(cfg, log=print):
+    """Trains the GAN as the original, checkpointing every epoch.
+
+    Args:
+        cfg: configuration from :func:`resolve_config`.
+        log: callable for messages.
+
+    Returns:
+        dict with the last epoch's running losses and the checkpoint path.
+
+    Raises:
+        UserError: bad data path, non-writable output folders, a checkpoint
+            folder that already holds a run without ``-restore``.
+    """
+    f = cfg["upsampling_factor"]
+    ckpt_dir = cfg["checkpoint_dir"]
+    restoring = bool(cfg.get("restore"))
+    _check_writable(ckpt_dir, "-checkpoint_dir")
+    _check_writable(cfg["path_prediction"], "-path_prediction")
+    _check_writable(cfg["log_dir"], "-log_dir")
+    if not restoring and tf.train.latest_checkpoint(ckpt_dir) is not None:
+        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
+                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
+
+    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
+    train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
+    if not train_subjects:
+        raise UserError(f"no training subject in {cfg['data_path']!r} with -train_fraction "
+                        f"{cfg['train_fraction']}")
+    log(f"{len(subjects)} subjects: {len(train_subjects)} train, {len(test_subjects)} test")
+
+    keras.utils.set_random_seed(cfg["seed"])
+    generator = networks.build_generator(**_architecture(cfg))
+    discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,))
+    trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
+                           run_eagerly=cfg["run_eagerly"])
+    manager = tf.train.CheckpointManager(trainer.checkpoint, ckpt_dir, max_to_keep=3,
+                                         checkpoint_name="ckpt")
+    if restoring:
+        path = tf.train.latest_checkpoint(cfg["restore"])
+        try:
+            trainer.checkpoint.restore(path).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as err:
+            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+        log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
+            f"learning rate {trainer.learning_rate:.3g}")
+        if int(trainer.data_seed) != cfg["seed"]:
+            log(f"note: the data order keeps the checkpoint's seed {int(trainer.data_seed)}")
+
+    _write_json(os.path.join(ckpt_dir, CONFIG_NAME), _saved_config(cfg))
+    _write_json(os.path.join(ckpt_dir, SPLIT_NAME), {
+        "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
+        "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
+
+    ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
+    batches_per_epoch = math.ceil(len(train_subjects) * ppv / cfg["batch_size"])
+    interval = _prediction_interval(cfg)
+    writer = tf.summary.create_file_writer(cfg["log_dir"])
+    image_every = 200
+    seed = int(trainer.data_seed)
+    if int(trainer.epoch) >= cfg["epochs"]:
+        log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
+            "nothing to train")
+        return {"checkpoint": manager.latest_checkpoint, "losses": {}}
+
+    losses = {}
+    try:
+        while int(trainer.epoch) < cfg["epochs"]:
+            epoch = int(trainer.epoch)
+            skip = int(trainer.epoch_batches)
+            dataset = td.make_train_dataset(
+                train_subjects, f, batch_size=cfg["batch_size"], volume_shape=cfg["volume_shape"],
+                patch_shape=cfg["patch_shape"], margin=cfg["patch_margin"], seed=seed, epoch=epoch,
+                with_norm_factor=True, log=log)
+            if skip:
+                dataset = dataset.skip(skip)
+            trainer.reset_trackers()
+            bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       unit="batch", dynamic_ncols=True, file=sys.stderr)
+            start, done = time.time(), 0
+            for batch_index, (lr, hr, nf) in enumerate(dataset, start=skip):
+                out = trainer.train_step(lr, hr)
+                done += 1
+                step = int(trainer.step)
+                with writer.as_default(step=step):
+                    for name in SRGANTrainer.LOSS_NAMES:
+                        tf.summary.scalar(f"loss/{name}", out[name])
+                    tf.summary.scalar("learning_rate", out["learning_rate"])
+                    if step % image_every == 1 or image_every == 1:
+                        sr = trainer.generator(lr[:1], training=False).numpy()
+                        tf.summary.image("lr_sr_hr_axial", _display_slices(
+                            lr.numpy()[:1], sr, hr.numpy()[:1], f))
+                if batch_index % interval == 0:
+                    def log_scalars(psnr, ssim, step=step):
+                        with writer.as_default(step=step):
+                            tf.summary.scalar("preview/psnr", psnr)
+                            tf.summary.scalar("preview/ssim", ssim)
+                    psnr, ssim = _write_preview(trainer, lr.numpy(), hr.numpy(), nf.numpy(),
+                                                cfg["path_prediction"], f"e{epoch + 1}_s{step}", f,
+                                                log_scalars)
+                    bar.write(f"epoch {epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
+                              f"SSIM {ssim:.4f} -> {cfg['path_prediction']}")
+                running = trainer.running_losses()
+                elapsed = max(time.time() - start, 1e-9)
+                bar.set_postfix(d=f"{running['d_loss']:.3g}", g=f"{running['g_loss']:.4g}",
+                                mse=f"{running['mse']:.4g}", gdl=f"{running['gdl']:.4g}",
+                                adv=f"{running['adv']:.3g}",
+                                vol_s=f"{done * cfg['batch_size'] / ppv / elapsed:.2f}")
+                bar.update(1)
+            bar.close()
+            losses = trainer.running_losses()
+            trainer.epoch.assign_add(1)
+            trainer.epoch_batches.assign(0)
+            path = manager.save(checkpoint_number=int(trainer.step))
+            writer.flush()
+            log(f"epoch {epoch + 1}/{cfg['epochs']}: " +
+                " ".join(f"{k} {v:.5g}" for k, v in losses.items()) + f"; saved {path}")
+    except KeyboardInterrupt:
+        path = manager.save(checkpoint_number=int(trainer.step))
+        log(f"\ninterrupted: saved {path} (epoch {int(trainer.epoch) + 1}, "
+            f"{int(trainer.epoch_batches)} batches in); resume with -restore {ckpt_dir}")
+        raise
+    finally:
+        writer.close()
+    return {"checkpoint": manager.latest_checkpoint, "losses": losses}
+
+
+# --------------------------------------------------------------------------- #
+# Inference
+# --------------------------------------------------------------------------- #
+
+
+def make_predictor(generator):
+    """A compiled inference function, traced once for any patch size."""
+    return tf.function(lambda x: generator(x, training=False),
+                       input_signature=[tf.TensorSpec((None, None, None, None, 1), tf.float32)])
+
+
+def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2):
+    """Super-resolves a whole volume patch by patch and stitches the result.
+
+    The low-resolution patches use the training geometry divided by the factor
+    (``patch_shape / f``, ``margin / f``), so the stitched result keeps from each
+    patch the half of every overlap nearest its centre, as the training patches.
+    An axis shorter than a patch is processed whole.
+
+    Args:
+        predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
+        lr: float32 (x, y, z) in [-1, 1].
+        upsampling_factor: int f.
+        patch_shape: HR patch (px, py, pz), divisible by f.
+        margin: HR margin, divisible by f.
+        batch_size: patches per generator call.
+
+    Returns:
+        float32 (f·x, f·y, f·z).
+    """
+    f = upsampling_factor
+    lr = np.asarray(lr, dtype=np.float32)
+    lr_patch = tuple(min(p // f, n) for p, n in zip(patch_shape, lr.shape))
+    lr_margin = min(margin // f, (min(lr_patch) - 1) // 2)
+    patches = td.extract_patches(lr, lr_patch, lr_margin)
+    outputs = [np.asarray(predict(tf.constant(patches[i:i + batch_size])))
+               for i in range(0, len(patches), batch_size)]
+    sr = np.concatenate(outputs, axis=0)
+    return td.stitch_patches(sr, tuple(n * f for n in lr.shape), lr_margin * f)
+
+
+def _overwrite_note(folder, names, log):
+    existing = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    if existing:
+        shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        log(f"note: replacing {len(existing)} existing file(s) in {folder}: {shown}")
+
+
+def _evaluation_subjects(cfg, log):
+    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
+    split = _read_json(os.path.join(cfg["source_checkpoint"], SPLIT_NAME))
+    same_data = split is not None and os.path.abspath(cfg["data_path"]) == split.get("data_path")
+    if not same_data:
+        if split is not None:
+            log(f"note: {cfg['data_path']} is not the training data; evaluating all its subjects")
+        else:
+            _, test = td.split_subjects(subjects, cfg["train_fraction"])
+            log(f"note: no {SPLIT_NAME} next to the checkpoint; using the last "
+                f"{1 - cfg['train_fraction']:.0%} of the sorted subjects")
+            return test
+        return subjects
+    names = set(split["test"])
+    chosen = [s for s in subjects if s.name in names]
+    missing = names - {s.name for s in chosen}
+    if missing:
+        log(f"note: {len(missing)} test subject(s) of {SPLIT_NAME} are not usable now: "
+            + ", ".join(sorted(missing)[:5]))
+    return chosen
+
+
+def _summary_lines(rows):
+    lines = []
+    for key, label in (("psnr", "PSNR"), ("ssim", "SSIM")):
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        lines.append(f"{label}: mean {values.mean():.4f}  variance {values.var():.4f}  "
+                     f"max {values.max():.4f}  min {values.min():.4f}  median {np.median(values):.4f}")
+    for method in ("nearest", "trilinear", "tricubic"):
+        p = np.mean([r[f"psnr_{method}"] for r in rows])
+        s = np.mean([r[f"ssim_{method}"] for r in rows])
+        lines.append(f"baseline {method:<9}: mean PSNR {p:.4f}  mean SSIM {s:.4f}")
+    return lines
+
+
+METRIC_COLUMNS = ("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "psnr_trilinear",
+                  "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
+
+
+def evaluate(cfg, log=print):
+    """Evaluates a checkpoint on the test subjects (SPEC section 4, patch-stitched).
+
+    Writes ``<subject>_sr/_hr/_lr.nii.gz``, ``<subject>_slices.png`` and
+    ``metrics.csv`` to ``cfg["path_volumes"]``.
+
+    Returns:
+        list of per-subject dicts with the ``METRIC_COLUMNS`` keys.
+
+    Raises:
+        UserError: unusable checkpoint, data or output folder.
+    """
+    f = cfg["upsampling_factor"]
+    out_dir = cfg["path_volumes"]
+    _check_writable(out_dir, "-path_volumes")
+    generator = networks.build_generator(**_architecture(cfg))
+    path = restore_generator(generator, cfg["source_checkpoint"])
+    log(f"restored generator from {path}")
+    predict = make_predictor(generator)
+    subjects = _evaluation_subjects(cfg, log)
+    if not subjects:
+        raise UserError(f"no test subject to evaluate in {cfg['data_path']!r}")
+    rows = []
+    _overwrite_note(out_dir, ["metrics.csv"] + [f"{s.name}_sr.nii.gz" for s in subjects], log)
+    for subject in tqdm(subjects, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True):
+        start = time.time()
+        try:
+            image, affine, header = td.load_volume(subject.image_path, log=log)
+            mask = td.load_mask(subject, image, log=log)
+        except td.DataError as err:
+            log(f"skipping {subject.name}: {err}")
+            continue
+        hr, grid = td.to_canonical(image, cfg["volume_shape"])
+        mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
+        hr_n, nf = utils.normalize(hr)
+        lr_n = np.asarray(td.degrade(hr_n, f))
+        sr = utils.denormalize(super_resolve_volume(
+            predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"], cfg["batch_size"]), nf)
+        lr = utils.denormalize(lr_n, nf)
+        row = {"subject": subject.name}
+        row["psnr"], row["ssim"] = utils.compute_metrics(hr, sr, mask_c)
+        baselines = {}
+        for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3)):
+            baselines[method] = utils.upsample_baseline(lr, f, order, hr.shape)
+            row[f"psnr_{method}"], row[f"ssim_{method}"] = utils.compute_metrics(
+                hr, baselines[method], mask_c)
+        rows.append(row)
+
+        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_sr.nii.gz"),
+                         td.from_canonical(sr, grid), affine, header)
+        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_hr.nii.gz"),
+                         td.from_canonical(hr, grid), affine, header)
+        lr_affine = td.canonical_affine(affine, grid) @ np.diag([f, f, f, 1.0])
+        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_lr.nii.gz"), lr, lr_affine,
+                         header, zooms=zooms * f)
+        mosaic = utils.slices_mosaic([baselines["nearest"], baselines["tricubic"], sr, hr])
+        utils.save_png(os.path.join(out_dir, f"{subject.name}_slices.png"), mosaic)
+        tqdm.write(f"{subject.name}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
+                   f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
+                   f"{time.time() - start:.1f} s", file=sys.stderr)
+    if not rows:
+        raise UserError("no test subject could be read; see the messages above")
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    text = buffer.getvalue()
+    utils.atomic_write(os.path.join(out_dir, "metrics.csv"),
+                       lambda tmp: open(tmp, "w", newline="").write(text), suffix=".csv")
+    for line in _summary_lines(rows):
+        log(line)
+    log(f"volumes, slices PNGs and metrics.csv written to {out_dir}")
+    return rows
+
+
+def super_resolve_file(cfg, log=print):
+    """Super-resolves one low-resolution NIfTI scan as it is (no degradation).
+
+    Writes ``<name>_sr.nii.gz`` with shape f × the input's and affine
+    ``input_affine @ diag(1/f, 1/f, 1/f, 1)`` so it overlays the input.
+
+    Returns:
+        path of the written file.
+    """
+    f = cfg["upsampling_factor"]
+    out_dir = cfg["path_volumes"]
+    _check_writable(out_dir, "-path_volumes")
+    generator = networks.build_generator(**_architecture(cfg))
+    path = restore_generator(generator, cfg["source_checkpoint"])
+    log(f"restored generator from {path}")
+    image, affine, header = td.load_volume(cfg["super_resolve"], log=log)
+    lr_n, nf = utils.normalize(image)
+    sr = utils.denormalize(super_resolve_volume(
+        make_predictor(generator), lr_n, f, cfg["patch_shape"], cfg["patch_margin"],
+        cfg["batch_size"]), nf)
+    name = os.path.basename(cfg["super_resolve"])
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    out = os.path.join(out_dir, f"{name}_sr.nii.gz")
+    _overwrite_note(out_dir, [os.path.basename(out)], log)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / f
+    utils.save_nifti(out, sr, affine @ np.diag([1.0 / f, 1.0 / f, 1.0 / f, 1.0]), header, zooms=zooms)
+    log(f"{cfg['super_resolve']} {image.shape} -> {out} {sr.shape}")
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Demo
+# --------------------------------------------------------------------------- #
+
+
+def run_demo(cfg, log=print):
+    """Phantoms (made once), a small training run and its evaluation, end to end."""
+    data = cfg["data_path"]
+    if not (os.path.isdir(data) and os.listdir(data)):
+        log(f"writing {DEMO_SUBJECTS} demo phantoms {DEMO_SHAPE} to {data}")
+        td.make_demo_data(data, subjects=DEMO_SUBJECTS, shape=DEMO_SHAPE, seed=cfg["seed"])
+    ckpt = cfg["checkpoint_dir"]
+    if tf.train.latest_checkpoint(ckpt) is not None and "checkpoint_dir" not in cfg["explicit"]:
+        log(f"note: replacing the previous demo run in {ckpt}")
+        shutil.rmtree(ckpt)
+    started = time.time()
+    result = train(cfg, log=log)
+    eval_cfg = dict(cfg, action="evaluate", source_checkpoint=ckpt)
+    rows = evaluate(eval_cfg, log=log)
+    log("")
+    log(f"demo finished in {time.time() - started:.0f} s")
+    log(f"  checkpoints : {ckpt} (latest {result['checkpoint']})")
+    log(f"  predictions : {cfg['path_prediction']}")
+    log(f"  TensorBoard : tensorboard --logdir {cfg['log_dir']}")
+    log(f"  volumes     : {cfg['path_volumes']} (*_sr/_hr/_lr.nii.gz, *_slices.png)")
+    log(f"  metrics     : {os.path.join(cfg['path_volumes'], 'metrics.csv')}")
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# Entry point
+# --------------------------------------------------------------------------- #
+
+
+def main(argv=None):
+    """Runs the command line; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if cfg["demo"]:
+            run_demo(cfg)
+        elif cfg["action"] == "super_resolve":
+            super_resolve_file(cfg)
+        elif cfg["action"] == "evaluate":
+            evaluate(cfg)
+        else:
+            train(cfg)
+    except (UserError, td.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Command line, trainer, losses, evaluation and super-resolution tests on tiny demo data."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model
+import networks
+import train_dataset as td
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED_TRAIN = ("-path_prediction YOURPATH -checkpoint_dir YOURCHECKPOINTPATH -residual_blocks 8 "
+              "-upsampling_factor 2 -subpixel_NN True -feature_size 64").split()
+SEED_TEST = ("-path_volumes YOURPATH -checkpoint_dir_restore YOURCHECKPOINTPATH -residual_blocks 8 "
+             "-upsampling_factor 2 -subpixel_NN True -feature_size 64 -evaluate True").split()
+# 32x32x24 volumes, 20x20x16 patches, margin 2: 2 positions per axis, 8 patches as the original.
+TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
+        "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2"]
+
+
+def _args(argv):
+    return model.build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------
+
+def test_seed_readme_train_command_parses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("data")  # the default -data_path
+    cfg = model.resolve_config(_args(SEED_TRAIN), log=lambda *_: None)
+    assert cfg["path_prediction"] == "YOURPATH" and cfg["checkpoint_dir"] == "YOURCHECKPOINTPATH"
+    assert cfg["residual_blocks"] == 8 and cfg["upsampling_factor"] == 2 and cfg["feature_size"] == 64
+    assert cfg["upsampling_mode"] == "subpixel_NN" and cfg["action"] == "train"
+    assert cfg["restore"] is None and cfg["epochs"] == 10
+
+
+def test_seed_readme_test_command_parses_and_needs_a_checkpoint(tmp_path):
+    args = _args(SEED_TEST)
+    assert args.evaluate is True and args.checkpoint_dir_restore == "YOURCHECKPOINTPATH"
+    assert args.path_volumes == "YOURPATH" and args.subpixel_NN is True
+    with pytest.raises(model.UserError, match="YOURCHECKPOINTPATH.*does not exist"):
+        model.resolve_config(args, log=lambda *_: None)
+
+
+def test_defaults_match_the_original(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("data")
+    cfg = model.resolve_config(_args([]), log=lambda *_: None)
+    assert (cfg["residual_blocks"], cfg["upsampling_factor"], cfg["feature_size"]) == (6, 4, 32)
+    assert cfg["upsampling_mode"] == "subpixel" and cfg["epochs"] == 10 and cfg["batch_size"] == 2
+    assert cfg["volume_shape"] == (224, 224, 152) and cfg["patch_shape"] == (128, 128, 92)
+    assert cfg["patch_margin"] == 16 and cfg["train_fraction"] == 0.8 and cfg["learning_rate"] == 1e-4
+    assert cfg["action"] == "train"
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("false", False), ("1", True), ("0", False),
+                                         ("YES", True), ("no", False)])
+def test_boolean_flags(text, value):
+    args = _args(["-subpixel_NN", text, "--nn", text])
+    assert args.subpixel_NN is value and args.nn is value
+
+
+def test_bare_boolean_flag_means_true():
+    assert _args(["-evaluate"]).evaluate is True
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-subpixel_NN", "maybe"], "-subpixel_NN"),
+    (["-upsampling_factor", "two"], "-upsampling_factor"),
+    (["-patch_shape", "16,16"], "-patch_shape"),
+    (["-feature_size", "0"], "-feature_size"),
+])
+def test_bad_flag_values_name_the_flag(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _args(argv)
+    assert exc.value.code != 0
+    assert fragment in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        _args(["-h"])
+    text = capsys.readouterr().out
+    for name in model.DEFAULTS:
+        assert f"-{name}" in text
+    assert "(default: 224,224,152)" in text and "(default: 6)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-upsampling_factor", "3"], "power of two"),
+    (["-patch_shape", "16,16,11", "-volume_shape", "32,32,24", "-upsampling_factor", "2"],
+     "patch_shape 16,16,11 must be divisible by -upsampling_factor 2"),
+    (["-patch_shape", "64,64,64", "-volume_shape", "32,32,24", "-upsampling_factor", "2"], "larger than"),
+    (["-patch_margin", "8", "-patch_shape", "16,16,12", "-volume_shape", "32,32,24",
+      "-upsampling_factor", "2"], "leaves no step"),
+    (["-evaluate", "True"], "needs -checkpoint_dir_restore"),
+    (["-super_resolve", "scan.nii.gz"], "needs -checkpoint_dir_restore"),
+    (["-train_fraction", "1.5"], "-train_fraction 1.5"),
+    (["-data_path", "/nonexistent/adni"], "-data_path '/nonexistent/adni' does not exist"),
+])
+def test_contradictory_or_missing_flags_fail_before_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if "-data_path" not in argv:
+        os.mkdir("data")
+    assert model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------
+
+def test_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    hr = rng.uniform(-1, 1, (2, 6, 5, 4, 1)).astype(np.float32)
+    sr = rng.uniform(-1, 1, (2, 6, 5, 4, 1)).astype(np.float32)
+    d_fake = rng.normal(size=(2, 1)).astype(np.float32)
+    t = rng.uniform(0.7, 1.2, (2, 1)).astype(np.float32)
+    out = {k: float(v) for k, v in model.generator_losses(hr, sr, d_fake, t).items()}
+    gdl = sum(np.sum((np.abs(np.diff(hr, axis=a)) - np.abs(np.diff(sr, axis=a))) ** 2) for a in (1, 2, 3))
+    assert out["mse"] == pytest.approx(np.sum((sr - hr) ** 2), rel=1e-5)
+    assert out["gdl"] == pytest.approx(gdl, rel=1e-5)
+    assert out["adv"] == pytest.approx(0.1 * np.mean((d_fake - t) ** 2), rel=1e-5)
+    assert out["g_loss"] == pytest.approx(out["mse"] + out["gdl"] + out["adv"], rel=1e-6)
+    d_real = rng.normal(size=(2, 1)).astype(np.float32)
+    tr, tf_ = np.full((2, 1), 0.9, np.float32), np.full((2, 1), 0.1, np.float32)
+    assert float(model.discriminator_loss(d_real, d_fake, tr, tf_)) == pytest.approx(
+        np.mean((d_real - tr) ** 2) + np.mean((d_fake - tf_) ** 2), rel=1e-5)
+
+
+def test_targets_are_smoothed_and_flipped_one_time_in_ten():
+    rng = tf.random.Generator.from_seed(3)
+    flips, n = 0, 2000
+    for _ in range(n):
+        t_real, t_fake, flipped = model.draw_targets(rng, (2, 1))
+        real, fake = t_real.numpy(), t_fake.numpy()
+        if bool(flipped):
+            flips += 1
+            real, fake = fake, real
+        assert np.all((real >= 0.7) & (real < 1.2)) and np.all((fake >= 0) & (fake < 0.3))
+    assert 0.07 < flips / n < 0.13
+
+
+# ----------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------
+
+def _tiny_trainer(run_eagerly=False):
+    g = networks.build_generator(2, residual_blocks=1, feature_size=4)
+    d = networks.build_discriminator((8, 8, 6, 1))
+    return model.SRGANTrainer(g, d, learning_rate=1e-4, seed=1, run_eagerly=run_eagerly)
+
+
+def test_train_step_returns_scalars_and_decays_learning_rate():
+    trainer = _tiny_trainer()
+    hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+    lr = np.asarray(td.degrade(hr, 2))
+    before = [w.numpy().copy() for w in trainer.generator.trainable_weights]
+    out = trainer.train_step(lr, hr)
+    assert set(out) >= {"d_loss", "g_loss", "mse", "gdl", "adv", "learning_rate", "flipped"}
+    assert all(np.isfinite(v) for v in out.values())
+    assert out["learning_rate"] == pytest.approx(1e-4)
+    assert int(trainer.step) == 1 and int(trainer.g_optimizer.iterations) == 1
+    assert int(trainer.d_optimizer.iterations) == 1
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, trainer.generator.trainable_weights))
+    trainer.g_optimizer.iterations.assign(4920)
+    assert trainer.learning_rate == pytest.approx(1e-4 / 1.5)
+
+
+def test_eager_and_compiled_steps_agree():
+    results = []
+    for eager in (True, False):
+        tf.keras.utils.set_random_seed(5)
+        trainer = _tiny_trainer(run_eagerly=eager)
+        hr = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+        results.append(trainer.train_step(np.asarray(td.degrade(hr, 2)), hr))
+    for key in ("d_loss", "g_loss", "mse"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-3)  # graph vs eager round-off
+
+
+# ----------------------------------------------------------------------------
+# End to end on tiny phantoms: train, restore, evaluate, super-resolve
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Trains one epoch on 5 tiny phantoms (4 train, 1 test); shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    td.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
+    ckpt = root / "ckpt"
+    argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
+            "-path_prediction", str(root / "pred")] + TINY
+    assert model.main(argv) == 0
+    return {"root": root, "data": data, "ckpt": ckpt, "argv": argv}
+
+
+def test_training_writes_checkpoint_configuration_split_and_previews(run):
+    ckpt = run["ckpt"]
+    assert tf.train.latest_checkpoint(str(ckpt)) is not None
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["feature_size"] == 4 and config["upsampling_mode"] == "subpixel"
+    assert config["patch_shape"] == [20, 20, 16]
+    split = json.loads((ckpt / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["test"]) == 1
+    assert sorted(split["train"] + split["test"]) == split["train"] + split["test"]
+    previews = sorted(os.listdir(run["root"] / "pred"))
+    assert any(p.endswith("_hr.nii.gz") for p in previews) and any(p.endswith("_sr.nii.gz") for p in previews)
+    lr_preview = nib.load(str(run["root"] / "pred" / [p for p in previews if p.endswith("_lr.nii.gz")][0]))
+    assert lr_preview.shape == (10, 10, 8) and lr_preview.header.get_zooms()[:3] == (2.0, 2.0, 2.0)
+    assert any(n.startswith("events") for n in os.listdir(ckpt / "logs"))
+
+
+def _checkpoint_state(folder):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(folder)))
+    get = lambda key: reader.get_tensor(key)  # noqa: E731
+    return {"epoch": int(get("epoch/.ATTRIBUTES/VARIABLE_VALUE")),
+            "step": int(get("step/.ATTRIBUTES/VARIABLE_VALUE")),
+            "g_iter": int(get("g_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")),
+            "d_iter": int(get("d_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))}
+
+
+def test_training_again_into_the_same_folder_refuses_to_overwrite(run, capsys):
+    assert model.main(run["argv"]) == 2
+    assert "-restore" in capsys.readouterr().err
+
+
+def test_restore_continues_epoch_step_and_optimiser(run, tmp_path):
+    first = _checkpoint_state(run["ckpt"])
+    assert first["epoch"] == 1 and first["step"] == 16  # 4 volumes x 8 patches / batch 2
+    assert first["g_iter"] == first["d_iter"] == 16
+    # Resume into a copy so the other tests keep the one-epoch run.
+    resumed = tmp_path / "resumed"
+    argv = ["-restore", str(run["ckpt"]), "-checkpoint_dir", str(resumed), "-epochs", "2",
+            "-data_path", str(run["data"]), "-path_prediction", str(tmp_path / "pred")]
+    assert model.main(argv) == 0
+    second = _checkpoint_state(resumed)
+    assert second == {"epoch": 2, "step": 32, "g_iter": 32, "d_iter": 32}
+    # The architecture came from the saved configuration (no flags passed).
+    assert json.loads((resumed / "config.json").read_text())["feature_size"] == 4
+
+
+def test_restore_with_contradicting_architecture_names_the_flags(run, capsys):
+    argv = ["-restore", str(run["ckpt"]), "-feature_size", "8", "-nn", "True", "-epochs", "2"]
+    assert model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "-feature_size 8, the checkpoint uses -feature_size 4" in err
+    assert "'nn'" in err and "Traceback" not in err
+
+
+def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
+    out = tmp_path / "volumes"
+    argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(run["ckpt"]), "-path_volumes", str(out)]
+    assert model.main(argv) == 0
+    split = json.loads((run["ckpt"] / "split.json").read_text())
+    (name,) = split["test"]
+    source = nib.load(str(run["data"] / name / td.IMAGE_NAME))
+    for kind in ("sr", "hr"):
+        img = nib.load(str(out / f"{name}_{kind}.nii.gz"))
+        assert img.shape == source.shape
+        np.testing.assert_allclose(img.affine, source.affine, atol=1e-5)
+    lr = nib.load(str(out / f"{name}_lr.nii.gz"))
+    assert lr.shape == (16, 16, 12)
+    np.testing.assert_allclose(lr.header.get_zooms()[:3], 2 * np.array(source.header.get_zooms()[:3]),
+                               rtol=1e-5)
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(model.METRIC_COLUMNS) and rows[0]["subject"] == name
+    assert all(np.isfinite(float(rows[0][k])) for k in model.METRIC_COLUMNS[1:])
+    assert (out / f"{name}_slices.png").stat().st_size > 100
+    # The HR written equals the source inside the canonical region.
+    hr = nib.load(str(out / f"{name}_hr.nii.gz")).get_fdata()
+    src = source.get_fdata()
+    inside = hr != 0
+    np.testing.assert_allclose(hr[inside], src[inside], rtol=1e-5)
+
+
+def test_evaluate_with_mismatched_architecture_is_a_clear_error(run, tmp_path, capsys):
+    argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(run["ckpt"]), "-residual_blocks", "3",
+            "-path_volumes", str(tmp_path)]
+    assert model.main(argv) == 2
+    assert "-residual_blocks 3, the checkpoint uses -residual_blocks 1" in capsys.readouterr().err
+
+
+def test_super_resolve_shape_and_affine(run, tmp_path):
+    affine = np.array([[0.0, -2.0, 0.0, 40.0], [2.2, 0.0, 0.0, -30.0], [0.0, 0.0, 2.4, 10.0], [0, 0, 0, 1]])
+    scan = np.random.default_rng(0).uniform(0, 300, (11, 9, 7)).astype(np.float32)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(scan, affine), str(path))
+    argv = ["-super_resolve", str(path), "-checkpoint_dir_restore", str(run["ckpt"]),
+            "-path_volumes", str(tmp_path / "out")]
+    assert model.main(argv) == 0
+    sr = nib.load(str(tmp_path / "out" / "scan_sr.nii.gz"))
+    assert sr.shape == (22, 18, 14)
+    np.testing.assert_allclose(sr.affine, affine @ np.diag([0.5, 0.5, 0.5, 1.0]), atol=1e-5)
+    assert np.all(np.isfinite(sr.get_fdata()))
+
+
+def test_empty_checkpoint_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_a_clear_error(run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(run["ckpt"]),
+            "-path_volumes", str(blocker / "sub")]
+    assert model.main(argv) == 2
+    assert "-path_volumes" in capsys.readouterr().err
+
+
+def test_super_resolve_volume_stitches_patches_exactly():
+    # An identity-like "generator" (nearest upsampling) makes stitching visible.
+    def predict(x):
+        x = np.asarray(x)
+        return np.repeat(np.repeat(np.repeat(x, 2, 1), 2, 2), 2, 3)
+    lr = np.random.default_rng(0).normal(size=(13, 11, 9)).astype(np.float32)
+    sr = model.super_resolve_volume(predict, lr, 2, (8, 8, 6), 2, batch_size=3)
+    np.testing.assert_array_equal(sr, np.repeat(np.repeat(np.repeat(lr, 2, 0), 2, 1), 2, 2))
+
+
+# ----------------------------------------------------------------------------
+# The real command line, as a user runs it
+# ----------------------------------------------------------------------------
+
+def test_cli_user_mistake_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "-data_path",
+                           str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_end_to_end_train_then_evaluate(tmp_path):
+    data = tmp_path / "data"
+    td.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
+    cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-data_path", str(data),
+           "-checkpoint_dir", str(tmp_path / "ckpt"), "-epochs", "1", "-train_fraction", "0.67",
+           "-nn", "True"] + TINY
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-evaluate", "True",
+           "-checkpoint_dir_restore", str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PSNR: mean" in proc.stdout
+    assert (tmp_path / "ckpt" / "volumes" / "metrics.csv").exists()
