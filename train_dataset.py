@@ -68,6 +68,7 @@ class Subject:
 
 
 def _strip_nifti_suffix(filename):
+    """Returns ``filename`` without ``.nii.gz``/``.nii``, or None when it has neither."""
     for suffix in _NIFTI_SUFFIXES:
         if filename.endswith(suffix):
             return filename[: -len(suffix)]
@@ -75,10 +76,12 @@ def _strip_nifti_suffix(filename):
 
 
 def _shape_str(shape):
+    """Returns a shape as ``"224x224x152"``."""
     return "x".join(str(int(s)) for s in shape)
 
 
 def _raw_voxel_sizes(path, header_class):
+    """Returns the (3,) voxel sizes (pixdim[1:4]) exactly as stored in the file."""
     # nib.load quietly turns zero voxel sizes into 1 and negative ones into
     # their absolute value; the check must see what the file says.
     from nibabel.openers import ImageOpener
@@ -343,6 +346,7 @@ def load_mask(subject, image=None, log=print):
 
 
 def _check_shape(name, shape, minimum=1):
+    """Returns ``shape`` as a tuple of 3 ints >= ``minimum``; ValueError naming ``name`` otherwise."""
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
@@ -378,7 +382,7 @@ class CanonicalGrid:
         return np.asarray(self.crop_start, dtype=np.int64) - np.asarray(self.pad_before, dtype=np.int64)
 
     def _overlap(self):
-        # Per axis: (first canonical voxel, first source voxel, length) of the shared region.
+        """Returns per axis (first canonical voxel, first source voxel, length) of the shared region."""
         out = []
         for s, v, o in zip(self.source_shape, self.volume_shape, self.offset()):
             c0 = max(0, -int(o))
@@ -496,6 +500,7 @@ def canonical_affine(affine, grid):
 
 
 def _axis_starts(v, p, margin):
+    """Returns the patch starts on one axis of length ``v`` for patch length ``p`` (validated by the caller)."""
     step = p - 2 * margin
     starts = list(range(0, v - p + 1, step))
     if starts[-1] + p < v:
@@ -585,7 +590,10 @@ def extract_patches(volume, patch_shape=PATCH_SHAPE, margin=MARGIN):
 
 
 def _axis_keep(starts, p, v):
-    # Patch i keeps [lo, hi) of the volume: the half of each overlap nearest its centre.
+    """Returns per patch start the [lo, hi) it keeps on one axis: the half of each overlap nearest its centre.
+
+    With an odd overlap the extra voxel goes to the later patch.
+    """
     bounds = [0] + [(starts[i + 1] + starts[i] + p) // 2 for i in range(len(starts) - 1)] + [v]
     return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
 
@@ -639,6 +647,7 @@ def stitch_patches(patches, volume_shape, margin=MARGIN):
 
 
 def _gaussian_kernel(sigma):
+    """Returns (float32 (2r+1,) weights summing to 1, radius r) of scipy.ndimage's truncated Gaussian."""
     radius = int(_TRUNCATE * sigma + 0.5)  # scipy.ndimage's rule
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (x / sigma) ** 2)
@@ -646,6 +655,7 @@ def _gaussian_kernel(sigma):
 
 
 def _reflect(index, n):
+    """Maps int tensor indices (any, also out of [0, n)) into [0, n) by reflection."""
     # scipy.ndimage 'reflect' (= tf.pad 'SYMMETRIC', edge voxel repeated),
     # folded as often as needed so tiny axes work too.
     period = tf.math.floormod(index, 2 * n)
@@ -653,6 +663,7 @@ def _reflect(index, n):
 
 
 def _blur_decimate_axis(x, axis, weights, radius, factor):
+    """Blurs float32 (b, x, y, z, 1) along spatial ``axis`` (1..3) and keeps every ``factor``-th voxel."""
     # Reflect-pad one spatial axis, then a 1-D convolution strided by the
     # factor: blur and x[::f] in one op, computing only the kept voxels.
     n = tf.shape(x)[axis]
@@ -884,6 +895,7 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
 
 
 def _save_nifti_as(path, data, affine, dtype):
+    """Atomically writes (x, y, z) ``data`` as NIfTI-1 of integer ``dtype`` with ``affine`` as q/sform."""
     import nibabel as nib
 
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, np.float64))
@@ -896,6 +908,7 @@ def _save_nifti_as(path, data, affine, dtype):
 
 
 def _rotation(angles):
+    """Returns the float64 (3, 3) rotation by ``angles`` (radians) about x, then y, then z."""
     ax, ay, az = angles
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -904,6 +917,7 @@ def _rotation(angles):
 
 
 def _folding(rng, coords, frequencies):
+    """Returns a smooth random float32 field on the open grid ``coords``, standard deviation about 1."""
     # Smooth 3-D field with unit standard deviation built from separable
     # sinusoids: cheap (1-D sines, broadcast products), and it makes gyri when
     # it bends an iso-surface.
@@ -918,6 +932,7 @@ def _folding(rng, coords, frequencies):
 
 
 def _phantom(shape, rng):
+    """Returns (int16 image, uint8 0/1 mask), both (x, y, z) = ``shape``, of one brain-like phantom."""
     # Normalised coordinates in [-1, 1] per axis, broadcastable (open grid).
     coords = [np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(3)])
               for i, n in enumerate(shape)]

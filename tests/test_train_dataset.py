@@ -431,6 +431,27 @@ def test_dataset_shapes_ranges_and_count(demo):
     assert ds.element_spec[1].shape.as_list() == [None, *PATCH, 1]
 
 
+def test_dataset_can_yield_normalisation_factors(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    kwargs = dict(batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log())
+    plain = _batches(td.make_train_dataset(subjects[:2], 2, **kwargs))
+    with_nf = [tuple(t.numpy() for t in b) for b in td.make_train_dataset(subjects[:2], 2, with_norm_factor=True,
+                                                                          **kwargs)]
+    assert len(plain) == len(with_nf)
+    first = td.epoch_order(2, 0, 0)[0]
+    vol, _, _ = td.load_volume(subjects[first].image_path)
+    raw = td.extract_patches(td.to_canonical(vol, VOL)[0], PATCH, MARGIN)
+    for (lr, hr), (lr2, hr2, nf) in zip(plain, with_nf):
+        np.testing.assert_array_equal(hr, hr2)
+        np.testing.assert_array_equal(lr, lr2)
+        assert nf.shape == (len(hr),) and nf.dtype == np.float32
+    nf = np.concatenate([b[2] for b in with_nf])[: len(raw)]
+    hr = np.concatenate([b[1] for b in with_nf])[: len(raw)]
+    np.testing.assert_allclose(nf, raw.max(axis=(1, 2, 3, 4)) / 2, rtol=1e-6)
+    for h, f, r in zip(hr, nf, raw):
+        np.testing.assert_allclose(utils.denormalize(h, f), r, rtol=1e-5, atol=1e-3)
+
+
 def test_default_batching_keeps_a_volume_in_four_batches(demo):
     subjects, _ = td.find_subjects(demo, log=Log())
     geometry = dict(volume_shape=(40, 40, 24), patch_shape=(24, 24, 16), margin=2)
