@@ -77,12 +77,12 @@ DEMO = {
     "path_volumes": os.path.join("demo", "volumes"),
     "log_dir": os.path.join("demo", "logs"),
     "volume_shape": (64, 64, 48),
-    "patch_shape": (32, 32, 24),
+    "patch_shape": (36, 36, 28),  # 8 patches per volume, as the original geometry
     "patch_margin": 4,
     "upsampling_factor": 2,
     "residual_blocks": 2,
     "feature_size": 16,
-    "epochs": 3,
+    "epochs": 10,
 }
 DEMO_SUBJECTS = 10
 DEMO_SHAPE = (72, 76, 56)

@@ -192,7 +192,7 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
                                     order=order, mode="nearest", prefilter=order > 1)
 
 
-def slices_mosaic(columns, window=None):
+def slices_mosaic(columns, window=None, min_panel=192):
     """Mid-slices of several same-shaped volumes, side by side, as one image.
 
     Rows are the sagittal, coronal and axial mid-slices (x, y and z planes);
@@ -203,6 +203,8 @@ def slices_mosaic(columns, window=None):
         columns: list of float arrays (x, y, z), all the same shape.
         window: optional (low, high) intensities mapped to black and white;
             default (0, 99.5th percentile of the last column).
+        min_panel: panels of volumes smaller than this many pixels are
+            magnified by an integer factor.
 
     Returns:
         uint8 array (height, width), a 2-voxel black gap between panels.
@@ -230,6 +232,10 @@ def slices_mosaic(columns, window=None):
         r = np.pad(r, ((0 if i == 0 else gap, 0), (0, width - r.shape[1])), constant_values=lo)
         padded.append(r)
     img = np.concatenate(padded, axis=0)
+    # Small volumes are magnified (nearest neighbour) so each panel is readable.
+    scale = max(1, min_panel // max(shape))
+    if scale > 1:
+        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
     return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
 
 

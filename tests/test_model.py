@@ -357,3 +357,39 @@ def test_cli_end_to_end_train_then_evaluate(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PSNR: mean" in proc.stdout
     assert (tmp_path / "ckpt" / "volumes" / "metrics.csv").exists()
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_same_epoch(run, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    argv = ["-data_path", str(run["data"]), "-checkpoint_dir", str(ckpt), "-epochs", "1",
+            "-path_prediction", str(tmp_path / "pred")] + TINY
+    original = model.SRGANTrainer.train_step
+    calls = {"n": 0}
+
+    def interrupted(self, lr, hr):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, lr, hr)
+
+    monkeypatch.setattr(model.SRGANTrainer, "train_step", interrupted)
+    assert model.main(argv) == 130
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
+    assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 0
+    assert int(reader.get_tensor("epoch_batches/.ATTRIBUTES/VARIABLE_VALUE")) == 3
+    monkeypatch.setattr(model.SRGANTrainer, "train_step", original)
+    assert model.main(["-restore", str(ckpt), "-epochs", "1"]) == 0
+    # The rest of the interrupted epoch, not a whole new one: 16 steps in all.
+    assert _checkpoint_state(ckpt) == {"epoch": 1, "step": 16, "g_iter": 16, "d_iter": 16}
+
+
+def test_slices_mosaic_layout():
+    import utils
+
+    vols = [np.full((8, 6, 4), v, np.float32) for v in (0.0, 50.0, 100.0)]
+    img = utils.slices_mosaic(vols, window=(0, 100), min_panel=1)
+    # Rows: sagittal (z, y) 4x6, coronal 4x8, axial 6x8 panels; 2-pixel gaps.
+    assert img.shape == (4 + 2 + 4 + 2 + 6, 3 * 8 + 2 * 2)
+    assert img.dtype == np.uint8 and img[0, 0] == 0 and img[0, 6 + 2] == 128 and img[0, 12 + 4] == 255
+    big = utils.slices_mosaic(vols, window=(0, 100), min_panel=32)
+    assert big.shape == (img.shape[0] * 4, img.shape[1] * 4)
