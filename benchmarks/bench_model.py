@@ -50,7 +50,7 @@ def main():
     predict = model.make_predictor(g)
     lr = tf.random.uniform((1, 128 // f, 128 // f, 92 // f, 1), -1, 1)
     t = timed(lambda: predict(lr).numpy(), 10)
-    print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {tuple(lr.shape[1:4] * np.array(f))}: {t * 1e3:.1f} ms")
+    print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {tuple(int(n) * f for n in lr.shape[1:4])}: {t * 1e3:.1f} ms")
 
     d = networks.build_discriminator()
     trainer = model.SRGANTrainer(g, d)
