@@ -165,25 +165,23 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None)
 
-    def add(name, help, **kwargs):
+    def add(name, help, shown=None, **kwargs):
         default = DEFAULTS[name]
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if shown is None:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser.add_argument(f"-{name}", f"--{name}", dest=name, default=None,
                             help=f"{help} (default: {shown})", **kwargs)
 
     def add_bool(name, help):
         add(name, help, type=str2bool, nargs="?", const=True, metavar="BOOL")
 
-    g = parser.add_argument_group("paths (original flags)")
-    add("path_prediction", "folder for the HR/LR/SR patches written during training; "
-        "None means <checkpoint_dir>/predictions", metavar="DIR")
-    add("path_volumes", "folder for evaluation and -super_resolve outputs; None means "
-        "<checkpoint_dir_restore>/volumes", metavar="DIR")
+    add("path_prediction", "folder for the HR/LR/SR patches written during training",
+        shown="<checkpoint_dir>/predictions", metavar="DIR")
+    add("path_volumes", "folder for evaluation and -super_resolve outputs",
+        shown="<checkpoint_dir_restore>/volumes", metavar="DIR")
     add("checkpoint_dir", "folder for training checkpoints, config.json and split.json", metavar="DIR")
     add("checkpoint_dir_restore", "checkpoint folder to evaluate or super-resolve with", metavar="DIR")
     add("restore", "resume training from the latest checkpoint in this folder", metavar="DIR")
-    g = parser.add_argument_group("architecture (original flags)")
-    del g
     add("residual_blocks", "number of residual blocks", type=_non_negative_int, metavar="N")
     add("upsampling_factor", "upsampling factor, a power of two (2, 4, 8)", type=_positive(int), metavar="F")
     add("feature_size", "filters of the residual trunk", type=_positive(int), metavar="N")
@@ -202,7 +200,7 @@ def build_parser():
     add("learning_rate", "initial Adam learning rate, decayed as lr/(1+0.5*step/4920)",
         type=_positive(float), metavar="LR")
     add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
-    add("log_dir", "TensorBoard folder; None means <checkpoint_dir>/logs", metavar="DIR")
+    add("log_dir", "TensorBoard folder", shown="<checkpoint_dir>/logs", metavar="DIR")
     add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
     add_bool("demo", "make phantoms in ./demo and run a small train + evaluate end to end")
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
@@ -284,7 +282,6 @@ def resolve_config(args, log=print):
     cfg.update(given)
     cfg["upsampling_mode"] = networks.upsampling_mode(cfg["subpixel_NN"], cfg["nn"])
     if saved is not None:
-        saved_mode = saved.get("upsampling_mode")
         mismatched = []
         for key in ARCHITECTURE_KEYS:
             if key not in saved:
@@ -308,7 +305,7 @@ def resolve_config(args, log=print):
                 f"(from its {CONFIG_NAME}): " + "; ".join(mismatched) +
                 ". Pass the checkpoint's values or leave these flags out to use them.")
         for key in ("data_path", "image_name", "mask_name", "train_fraction", "seed",
-                    "batch_size", "learning_rate"):
+                    "batch_size", "learning_rate", "epochs"):
             if key in saved and key not in given:
                 value = saved[key]
                 cfg[key] = tuple(value) if isinstance(value, list) else value
@@ -767,6 +764,15 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
     return td.stitch_patches(sr, tuple(n * f for n in lr.shape), lr_margin * f)
 
 
+def _restored_predictor(cfg, log):
+    """Checks the output folder, then builds and restores the generator for inference."""
+    _check_writable(cfg["path_volumes"], "-path_volumes")
+    generator = networks.build_generator(**_architecture(cfg))
+    path = restore_generator(generator, cfg["source_checkpoint"])
+    log(f"restored generator from {path}")
+    return make_predictor(generator)
+
+
 def _overwrite_note(folder, names, log):
     existing = [n for n in names if os.path.exists(os.path.join(folder, n))]
     if existing:
@@ -827,11 +833,7 @@ def evaluate(cfg, log=print):
     """
     f = cfg["upsampling_factor"]
     out_dir = cfg["path_volumes"]
-    _check_writable(out_dir, "-path_volumes")
-    generator = networks.build_generator(**_architecture(cfg))
-    path = restore_generator(generator, cfg["source_checkpoint"])
-    log(f"restored generator from {path}")
-    predict = make_predictor(generator)
+    predict = _restored_predictor(cfg, log)
     subjects = _evaluation_subjects(cfg, log)
     if not subjects:
         raise UserError(f"no test subject to evaluate in {cfg['data_path']!r}")
@@ -902,14 +904,11 @@ def super_resolve_file(cfg, log=print):
     """
     f = cfg["upsampling_factor"]
     out_dir = cfg["path_volumes"]
-    _check_writable(out_dir, "-path_volumes")
-    generator = networks.build_generator(**_architecture(cfg))
-    path = restore_generator(generator, cfg["source_checkpoint"])
-    log(f"restored generator from {path}")
+    predict = _restored_predictor(cfg, log)
     image, affine, header = td.load_volume(cfg["super_resolve"], log=log)
     lr_n, nf = utils.normalize(image)
     sr = utils.denormalize(super_resolve_volume(
-        make_predictor(generator), lr_n, f, cfg["patch_shape"], cfg["patch_margin"],
+        predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"],
         cfg["batch_size"]), nf)
     name = os.path.basename(cfg["super_resolve"])
     for ext in (".nii.gz", ".nii"):

@@ -378,7 +378,8 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epoch(run, tmp_path, monkeypa
     assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 0
     assert int(reader.get_tensor("epoch_batches/.ATTRIBUTES/VARIABLE_VALUE")) == 3
     monkeypatch.setattr(model.SRGANTrainer, "train_step", original)
-    assert model.main(["-restore", str(ckpt), "-epochs", "1"]) == 0
+    # No -epochs: the run's own total (1, from config.json) is the one to reach.
+    assert model.main(["-restore", str(ckpt)]) == 0
     # The rest of the interrupted epoch, not a whole new one: 16 steps in all.
     assert _checkpoint_state(ckpt) == {"epoch": 1, "step": 16, "g_iter": 16, "d_iter": 16}
 
