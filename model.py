@@ -40,6 +40,9 @@ DECAY_RATE = 0.5
 ARCHITECTURE_KEYS = ("upsampling_factor", "residual_blocks", "feature_size", "upsampling_mode",
                      "volume_shape", "patch_shape", "patch_margin")
 
+# -mixed_precision values and the Keras dtype policies they select.
+PRECISION_POLICIES = {"none": None, "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+
 DEFAULTS = {
     "data_path": "data",
     "checkpoint_dir": "checkpoints",
@@ -67,6 +70,7 @@ DEFAULTS = {
     "super_resolve": None,
     "demo": False,
     "run_eagerly": False,
+    "mixed_precision": "none",
 }
 
 # The demo's small configuration; explicit flags still win.
@@ -204,6 +208,8 @@ def build_parser():
     add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
     add_bool("demo", "make phantoms in ./demo and run a small train + evaluate end to end")
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
+    add("mixed_precision", "compute in float16 (with loss scaling) or bfloat16 on GPUs that "
+        "support it; weights, losses and outputs stay float32", choices=tuple(PRECISION_POLICIES))
     return parser
 
 
@@ -283,7 +289,9 @@ def resolve_config(args, log=print):
     cfg["upsampling_mode"] = networks.upsampling_mode(cfg["subpixel_NN"], cfg["nn"])
     if saved is not None:
         mismatched = []
-        for key in ARCHITECTURE_KEYS:
+        # A resumed run also keeps its precision: loss scaling is part of its checkpoint.
+        keys = ARCHITECTURE_KEYS + (("mixed_precision",) if action == "train" else ())
+        for key in keys:
             if key not in saved:
                 continue
             value = saved[key]
@@ -443,11 +451,14 @@ class SRGANTrainer:
         learning_rate: initial learning rate of both optimisers.
         seed: int, seeds the label-noise generator and the data order.
         run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
+        loss_scale: bool, wrap both optimisers in dynamic loss scaling (needed
+            when the networks compute in float16, ``mixed_precision="float16"``).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
 
-    def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False):
+    def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
+                 loss_scale=False):
         self.generator = generator
         self.discriminator = discriminator
         self.schedule = keras.optimizers.schedules.InverseTimeDecay(
@@ -455,9 +466,20 @@ class SRGANTrainer:
         adam = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-8)
         self.g_optimizer = keras.optimizers.Adam(self.schedule, **adam)
         self.d_optimizer = keras.optimizers.Adam(self.schedule, **adam)
+        # The optimisers that apply the updates: the Adams themselves, or
+        # dynamic loss scaling around them (float16 gradients underflow).
+        self._g_apply, self._d_apply = self.g_optimizer, self.d_optimizer
+        extra = {}
+        if loss_scale:
+            # The generator loss is a sum over every voxel (~1e3-1e5): its
+            # gradients need no up-scaling, and the usual 2**15 would overflow
+            # float16 for the first dozen steps. The discriminator's is a mean.
+            self._g_apply = keras.optimizers.LossScaleOptimizer(self.g_optimizer, initial_scale=1.0)
+            self._d_apply = keras.optimizers.LossScaleOptimizer(self.d_optimizer)
+            extra = {"g_loss_scale": self._g_apply, "d_loss_scale": self._d_apply}
         # Built now so that a restore finds every slot variable to fill.
-        self.g_optimizer.build(generator.trainable_variables)
-        self.d_optimizer.build(discriminator.trainable_variables)
+        self._g_apply.build(generator.trainable_variables)
+        self._d_apply.build(discriminator.trainable_variables)
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.epoch_batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_batches")
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -467,7 +489,7 @@ class SRGANTrainer:
         self.checkpoint = tf.train.Checkpoint(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
-            step=self.step, data_seed=self.data_seed, rng=self.rng)
+            step=self.step, data_seed=self.data_seed, rng=self.rng, **extra)
         self.run_eagerly = run_eagerly
         self._compiled = self._train_step if run_eagerly else tf.function(self._train_step)
 
@@ -504,17 +526,26 @@ class SRGANTrainer:
             d_fake = d(sr, training=True)
             t_real, t_fake, flipped = draw_targets(self.rng, tf.shape(d_real))
             d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake)
-        grads = tape.gradient(d_loss, d.trainable_variables)
-        self.d_optimizer.apply(grads, d.trainable_variables)
+            scaled = self._scale(self._d_apply, d_loss)
+        grads = tape.gradient(scaled, d.trainable_variables)
+        self._d_apply.apply(grads, d.trainable_variables)
 
         with tf.GradientTape() as tape:
             sr = g(lr, training=True)
             d_fake = d(sr, training=True)
             t = self.rng.uniform(tf.shape(d_fake), 0.7, 1.2)
             losses = generator_losses(hr, sr, d_fake, t)
-        grads = tape.gradient(losses["g_loss"], g.trainable_variables)
-        self.g_optimizer.apply(grads, g.trainable_variables)
+            scaled = self._scale(self._g_apply, losses["g_loss"])
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
         return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32)}
+
+    @staticmethod
+    def _scale(optimizer, loss):
+        # LossScaleOptimizer.apply divides the gradients by the same scale.
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return optimizer.scale_loss(loss)
+        return loss
 
     def running_losses(self):
         """dict of the mean of each loss since :meth:`reset_trackers`."""
@@ -551,14 +582,15 @@ def restore_generator(generator, checkpoint_dir):
 
 def _architecture(cfg):
     return dict(upsampling_factor=cfg["upsampling_factor"], residual_blocks=cfg["residual_blocks"],
-                feature_size=cfg["feature_size"], subpixel_NN=cfg["subpixel_NN"], nn=cfg["nn"])
+                feature_size=cfg["feature_size"], subpixel_NN=cfg["subpixel_NN"], nn=cfg["nn"],
+                dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
 
 
 def _saved_config(cfg):
     keys = ("upsampling_factor", "residual_blocks", "feature_size", "subpixel_NN", "nn",
             "upsampling_mode", "volume_shape", "patch_shape", "patch_margin", "data_path",
             "image_name", "mask_name", "train_fraction", "seed", "batch_size", "learning_rate",
-            "epochs")
+            "epochs", "mixed_precision")
     out = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in keys}
     out["data_path"] = os.path.abspath(cfg["data_path"])
     out["tensorflow"] = tf.__version__
@@ -629,9 +661,11 @@ def train(cfg, log=print):
 
     keras.utils.set_random_seed(cfg["seed"])
     generator = networks.build_generator(**_architecture(cfg))
-    discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,))
+    discriminator = networks.build_discriminator(
+        tuple(cfg["patch_shape"]) + (1,), dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
-                           run_eagerly=cfg["run_eagerly"])
+                           run_eagerly=cfg["run_eagerly"],
+                           loss_scale=cfg["mixed_precision"] == "float16")
     manager = tf.train.CheckpointManager(trainer.checkpoint, ckpt_dir, max_to_keep=3,
                                          checkpoint_name="ckpt")
     if restoring:
