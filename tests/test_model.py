@@ -273,6 +273,11 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
     assert lr.shape == (16, 16, 12)
     np.testing.assert_allclose(lr.header.get_zooms()[:3], 2 * np.array(source.header.get_zooms()[:3]),
                                rtol=1e-5)
+    # LR voxel i lies where source voxel offset + 2*i lies: the LR overlays the HR in a viewer.
+    offset = td.canonical_grid(source.shape, (32, 32, 24)).offset()
+    for i in [(0, 0, 0), (3, 5, 7), (15, 15, 11)]:
+        np.testing.assert_allclose(lr.affine @ np.r_[i, 1],
+                                   source.affine @ np.r_[offset + 2 * np.array(i), 1], atol=1e-4)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == list(model.METRIC_COLUMNS) and rows[0]["subject"] == name
