@@ -15,7 +15,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -262,8 +261,9 @@ def resolve_config(args, log=print):
         cfg.update(DEMO)
     action = ("super_resolve" if given.get("super_resolve") else
               "evaluate" if given.get("evaluate") else "train")
-    if given.get("demo") and action != "train":
-        raise UserError("-demo True runs its own training and evaluation; drop -evaluate/-super_resolve")
+    if given.get("demo") and (action != "train" or given.get("restore")):
+        raise UserError("-demo True runs its own training and evaluation from scratch; "
+                        "drop -evaluate/-super_resolve/-restore")
 
     source = None
     if action in ("evaluate", "super_resolve"):
@@ -492,6 +492,7 @@ class SRGANTrainer:
             step=self.step, data_seed=self.data_seed, rng=self.rng, **extra)
         self.run_eagerly = run_eagerly
         self._compiled = self._train_step if run_eagerly else tf.function(self._train_step)
+        self._end_epoch = tf.function(self._end_epoch_fn)
 
     @property
     def learning_rate(self):
@@ -513,10 +514,20 @@ class SRGANTrainer:
         out = {k: float(v) for k, v in self._compiled(lr, hr).items()}
         for name in self.LOSS_NAMES:
             self.trackers[name].update_state(out[name])
-        self.step.assign_add(1)
-        self.epoch_batches.assign_add(1)
         out["learning_rate"] = used_lr
         return out
+
+    def end_epoch(self):
+        """Counts an epoch as done (epoch + 1, batches in epoch 0) in one call.
+
+        Both counters change inside one graph call so that a Ctrl-C can never
+        leave a checkpoint with one updated and not the other.
+        """
+        self._end_epoch()
+
+    def _end_epoch_fn(self):
+        self.epoch.assign_add(1)
+        self.epoch_batches.assign(0)
 
     def _train_step(self, lr, hr):
         g, d = self.generator, self.discriminator
@@ -538,6 +549,10 @@ class SRGANTrainer:
             scaled = self._scale(self._g_apply, losses["g_loss"])
         grads = tape.gradient(scaled, g.trainable_variables)
         self._g_apply.apply(grads, g.trainable_variables)
+        # The counters move in the same graph call as the weights, so a Ctrl-C
+        # between two Python statements cannot split them.
+        self.step.assign_add(1)
+        self.epoch_batches.assign_add(1)
         return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32)}
 
     @staticmethod
@@ -598,6 +613,29 @@ def _saved_config(cfg):
     return out
 
 
+def _saved_split(folder, subjects, cfg, log):
+    """The train/test lists of a run being resumed, from its split.json.
+
+    A resumed run must train on the subjects it started with, whatever has been
+    added to or removed from the data folder since.
+    """
+    split = _read_json(os.path.join(folder, SPLIT_NAME))
+    if split is None:
+        log(f"note: {folder} has no {SPLIT_NAME}; splitting the sorted subjects again")
+        return td.split_subjects(subjects, cfg["train_fraction"])
+    by_name = {s.name: s for s in subjects}
+    lists = [[by_name[n] for n in split[key] if n in by_name] for key in ("train", "test")]
+    missing = [n for n in split["train"] + split["test"] if n not in by_name]
+    if missing:
+        log(f"note: {len(missing)} subject(s) of {SPLIT_NAME} are not usable now and are left out: "
+            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    new = len(by_name) - sum(len(x) for x in lists)
+    if new:
+        log(f"note: {new} subject(s) in {cfg['data_path']} are not in the run's {SPLIT_NAME} "
+            "and are not used")
+    return lists[0], lists[1]
+
+
 def _prediction_interval(cfg):
     """Batches between two training previews: every 20 volumes, as the original."""
     ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
@@ -645,19 +683,23 @@ def train(cfg, log=print):
     f = cfg["upsampling_factor"]
     ckpt_dir = cfg["checkpoint_dir"]
     restoring = bool(cfg.get("restore"))
+    same_folder = restoring and os.path.realpath(ckpt_dir) == os.path.realpath(cfg["restore"])
+    if not same_folder and tf.train.latest_checkpoint(ckpt_dir) is not None:
+        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
+                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
     _check_writable(ckpt_dir, "-checkpoint_dir")
     _check_writable(cfg["path_prediction"], "-path_prediction")
     _check_writable(cfg["log_dir"], "-log_dir")
-    if not restoring and tf.train.latest_checkpoint(ckpt_dir) is not None:
-        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
-                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
 
     subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
-    train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
+    if restoring:
+        train_subjects, test_subjects = _saved_split(cfg["restore"], subjects, cfg, log)
+    else:
+        train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
     if not train_subjects:
         raise UserError(f"no training subject in {cfg['data_path']!r} with -train_fraction "
                         f"{cfg['train_fraction']}")
-    log(f"{len(subjects)} subjects: {len(train_subjects)} train, {len(test_subjects)} test")
+    log(f"{len(train_subjects)} train and {len(test_subjects)} test subjects")
 
     keras.utils.set_random_seed(cfg["seed"])
     generator = networks.build_generator(**_architecture(cfg))
@@ -677,23 +719,27 @@ def train(cfg, log=print):
         log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
             f"learning rate {trainer.learning_rate:.3g}")
         if int(trainer.data_seed) != cfg["seed"]:
-            log(f"note: the data order keeps the checkpoint's seed {int(trainer.data_seed)}")
+            log(f"note: the data order and label noise keep the checkpoint's seed "
+                f"{int(trainer.data_seed)}")
+            cfg = dict(cfg, seed=int(trainer.data_seed))
+    if int(trainer.epoch) >= cfg["epochs"]:
+        log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
+            "nothing to train")
+        return {"checkpoint": tf.train.latest_checkpoint(cfg["restore"]), "losses": {}}
 
     _write_json(os.path.join(ckpt_dir, CONFIG_NAME), _saved_config(cfg))
-    _write_json(os.path.join(ckpt_dir, SPLIT_NAME), {
-        "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
-        "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
+    if not same_folder:  # a resumed run keeps the split.json it was trained with
+        _write_json(os.path.join(ckpt_dir, SPLIT_NAME), {
+            "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
+            "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
 
+    batches_per_epoch = td.batches_per_epoch(len(train_subjects), cfg["batch_size"], cfg["volume_shape"],
+                                             cfg["patch_shape"], cfg["patch_margin"])
     ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
-    batches_per_epoch = math.ceil(len(train_subjects) * ppv / cfg["batch_size"])
     interval = _prediction_interval(cfg)
     writer = tf.summary.create_file_writer(cfg["log_dir"])
     image_every = 200
     seed = int(trainer.data_seed)
-    if int(trainer.epoch) >= cfg["epochs"]:
-        log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
-            "nothing to train")
-        return {"checkpoint": manager.latest_checkpoint, "losses": {}}
 
     losses = {}
     try:
@@ -741,8 +787,7 @@ def train(cfg, log=print):
                 bar.update(1)
             bar.close()
             losses = trainer.running_losses()
-            trainer.epoch.assign_add(1)
-            trainer.epoch_batches.assign(0)
+            trainer.end_epoch()
             path = manager.save(checkpoint_number=int(trainer.step))
             writer.flush()
             log(f"epoch {epoch + 1}/{cfg['epochs']}: " +

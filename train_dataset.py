@@ -894,19 +894,6 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
 # --------------------------------------------------------------------------- #
 
 
-def _save_nifti_as(path, data, affine, dtype):
-    """Atomically writes (x, y, z) ``data`` as NIfTI-1 of integer ``dtype`` with ``affine`` as q/sform."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, np.float64))
-    img.set_data_dtype(dtype)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    utils.atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=utils.nifti_suffix(path))
-
-
 def _rotation(angles):
     """Returns the float64 (3, 3) rotation by ``angles`` (radians) about x, then y, then z."""
     ax, ay, az = angles
@@ -1003,7 +990,7 @@ def make_demo_data(path, subjects=6, shape=(64, 64, 48), seed=0):
         affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) / 2.0) + rng.uniform(-5, 5, 3)
         folder = os.path.join(path, f"demo_{i:03d}")
         os.makedirs(folder, exist_ok=True)
-        _save_nifti_as(os.path.join(folder, IMAGE_NAME), image, affine, np.int16)
-        _save_nifti_as(os.path.join(folder, MASK_NAME), mask, affine, np.uint8)
+        utils.save_nifti(os.path.join(folder, IMAGE_NAME), image, affine, dtype=np.int16)
+        utils.save_nifti(os.path.join(folder, MASK_NAME), mask, affine, dtype=np.uint8)
         folders.append(folder)
     return folders

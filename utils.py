@@ -282,28 +282,34 @@ def nifti_suffix(path):
     return ".nii" if os.fspath(path).endswith(".nii") else ".nii.gz"
 
 
-def save_nifti(path, data, affine, header=None, zooms=None):
+def save_nifti(path, data, affine, header=None, zooms=None, dtype=np.float32):
     """Saves a 3-D volume as NIfTI-1, atomically.
 
     Args:
         path: destination ending in ``.nii`` or ``.nii.gz``.
-        data: array (x, y, z); written as float32.
+        data: array (x, y, z).
         affine: (4, 4) voxel-to-world matrix of the volume.
-        header: optional nibabel header to copy metadata (units, orientation codes)
-            from; its data shape and type are replaced.
+        header: optional nibabel header to copy metadata (units, the q/sform
+            codes that say which space the affine maps to) from; its data
+            shape and type are replaced. Without one the codes are 1 (scanner).
         zooms: optional voxel sizes (3,), default: those implied by ``affine``.
+        dtype: on-disk data type (float32 for results; int16/uint8 for phantoms).
     """
     import nibabel as nib
 
-    data = np.asarray(data, dtype=np.float32)
+    data = np.asarray(data, dtype=dtype)
     affine = np.asarray(affine, dtype=np.float64)
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(data, affine, header=hdr)
-    img.set_data_dtype(np.float32)
+    img.set_data_dtype(dtype)
     # A copied header may carry the source's scaling; our data are real values.
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    if header is None:
+        img.header.set_xyzt_units("mm", "sec")
+    codes = ((int(header["qform_code"]) or 1), (int(header["sform_code"]) or 1)) if header is not None \
+        else (1, 1)
+    img.set_qform(affine, code=codes[0])
+    img.set_sform(affine, code=codes[1])
     if zooms is not None:
         img.header.set_zooms(tuple(float(z) for z in zooms))
     atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=nifti_suffix(path))

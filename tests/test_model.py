@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -402,7 +403,7 @@ def test_slices_mosaic_layout():
 
 
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
-def test_mixed_precision_train_step(precision):
+def test_mixed_precision_train_step(precision, tmp_path):
     policy = model.PRECISION_POLICIES[precision]
     g = networks.build_generator(2, residual_blocks=1, feature_size=4, dtype_policy=policy)
     d = networks.build_discriminator((8, 8, 6, 1), dtype_policy=policy)
@@ -417,8 +418,7 @@ def test_mixed_precision_train_step(precision):
     assert int(trainer.g_optimizer.iterations) >= 1
     assert all(w.dtype == "float32" for w in g.trainable_weights)
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, g.trainable_weights))
-    names = {name for name, _ in tf.train.list_variables(trainer.checkpoint.save(
-        os.path.join(pytest.importorskip("tempfile").mkdtemp(), "ckpt")))}
+    names = {name for name, _ in tf.train.list_variables(trainer.checkpoint.save(str(tmp_path / "ckpt")))}
     assert any(n.startswith("g_loss_scale/") for n in names) == (precision == "float16")
 
 
@@ -426,3 +426,34 @@ def test_resume_keeps_the_run_precision(run, capsys):
     argv = ["-restore", str(run["ckpt"]), "-mixed_precision", "float16", "-epochs", "2"]
     assert model.main(argv) == 2
     assert "-mixed_precision float16, the checkpoint uses -mixed_precision none" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_split_and_seed(run, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(run["data"], data)
+    td.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
+    for name in os.listdir(tmp_path / "more"):
+        shutil.copytree(tmp_path / "more" / name, data / f"aaa_{name}")  # sorts first
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run["ckpt"], ckpt)
+    split_before = (ckpt / "split.json").read_text()
+    argv = ["-restore", str(ckpt), "-epochs", "2", "-data_path", str(data), "-seed", "7"]
+    assert model.main(argv) == 0
+    assert (ckpt / "split.json").read_text() == split_before
+    assert "2 subject(s)" in capsys.readouterr().out
+    assert _checkpoint_state(ckpt)["step"] == 32  # still the same 4 training volumes
+    assert json.loads((ckpt / "config.json").read_text())["seed"] == 0  # the seed actually used
+
+
+def test_resume_into_another_runs_folder_is_refused(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(run["ckpt"], other)
+    before = sorted(os.listdir(other))
+    assert model.main(["-restore", str(run["ckpt"]), "-checkpoint_dir", str(other), "-epochs", "2"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert sorted(os.listdir(other)) == before
+
+
+def test_demo_refuses_restore(capsys):
+    assert model.main(["-demo", "True", "-restore", "somewhere"]) == 2
+    assert "-restore" in capsys.readouterr().err
