@@ -613,6 +613,16 @@ def _saved_config(cfg):
     return out
 
 
+def _subjects_named(names, subjects, role, log):
+    """The usable subjects of a split.json list, in its order; missing ones are reported."""
+    by_name = {s.name: s for s in subjects}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        log(f"note: {len(missing)} {role} subject(s) of {SPLIT_NAME} are not usable now and are "
+            "left out: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return [by_name[n] for n in names if n in by_name]
+
+
 def _saved_split(folder, subjects, cfg, log):
     """The train/test lists of a run being resumed, from its split.json.
 
@@ -623,26 +633,15 @@ def _saved_split(folder, subjects, cfg, log):
     if split is None:
         log(f"note: {folder} has no {SPLIT_NAME}; splitting the sorted subjects again")
         return td.split_subjects(subjects, cfg["train_fraction"])
-    by_name = {s.name: s for s in subjects}
-    lists = [[by_name[n] for n in split[key] if n in by_name] for key in ("train", "test")]
-    missing = [n for n in split["train"] + split["test"] if n not in by_name]
-    if missing:
-        log(f"note: {len(missing)} subject(s) of {SPLIT_NAME} are not usable now and are left out: "
-            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    new = len(by_name) - sum(len(x) for x in lists)
+    lists = [_subjects_named(split[key], subjects, key, log) for key in ("train", "test")]
+    new = len(subjects) - sum(len(x) for x in lists)
     if new:
         log(f"note: {new} subject(s) in {cfg['data_path']} are not in the run's {SPLIT_NAME} "
             "and are not used")
     return lists[0], lists[1]
 
 
-def _prediction_interval(cfg):
-    """Batches between two training previews: every 20 volumes, as the original."""
-    ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
-    return max(1, (20 * ppv) // cfg["batch_size"])
-
-
-def _write_preview(trainer, lr, hr, nf, folder, tag, f, log_scalars):
+def _write_preview(trainer, lr, hr, nf, folder, tag, f):
     """HR, LR and SR of the first patch of a batch, de-normalised, plus its PSNR/SSIM."""
     sr = trainer.generator(lr[:1], training=False).numpy()[0, ..., 0]
     nf = float(nf[0])
@@ -653,9 +652,7 @@ def _write_preview(trainer, lr, hr, nf, folder, tag, f, log_scalars):
     utils.save_nifti(os.path.join(folder, f"{tag}_hr.nii.gz"), hr_p, eye)
     utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, np.diag([f, f, f, 1.0]))
     utils.save_nifti(os.path.join(folder, f"{tag}_sr.nii.gz"), sr_p, eye)
-    psnr, ssim = utils.compute_metrics(hr_p, sr_p)
-    log_scalars(psnr, ssim)
-    return psnr, ssim
+    return utils.compute_metrics(hr_p, sr_p)
 
 
 def _display_slices(lr, sr, hr, f):
@@ -736,7 +733,7 @@ def train(cfg, log=print):
     batches_per_epoch = td.batches_per_epoch(len(train_subjects), cfg["batch_size"], cfg["volume_shape"],
                                              cfg["patch_shape"], cfg["patch_margin"])
     ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
-    interval = _prediction_interval(cfg)
+    interval = max(1, (20 * ppv) // cfg["batch_size"])  # previews every 20 volumes, as the original
     writer = tf.summary.create_file_writer(cfg["log_dir"])
     image_every = 200
     seed = int(trainer.data_seed)
@@ -769,13 +766,11 @@ def train(cfg, log=print):
                         tf.summary.image("lr_sr_hr_axial", _display_slices(
                             lr.numpy()[:1], sr, hr.numpy()[:1], f))
                 if batch_index % interval == 0:
-                    def log_scalars(psnr, ssim, step=step):
-                        with writer.as_default(step=step):
-                            tf.summary.scalar("preview/psnr", psnr)
-                            tf.summary.scalar("preview/ssim", ssim)
                     psnr, ssim = _write_preview(trainer, lr.numpy(), hr.numpy(), nf.numpy(),
-                                                cfg["path_prediction"], f"e{epoch + 1}_s{step}", f,
-                                                log_scalars)
+                                                cfg["path_prediction"], f"e{epoch + 1}_s{step}", f)
+                    with writer.as_default(step=step):
+                        tf.summary.scalar("preview/psnr", psnr)
+                        tf.summary.scalar("preview/ssim", ssim)
                     bar.write(f"epoch {epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
                               f"SSIM {ssim:.4f} -> {cfg['path_prediction']}")
                 running = trainer.running_losses()
@@ -872,13 +867,7 @@ def _evaluation_subjects(cfg, log):
                 f"{1 - cfg['train_fraction']:.0%} of the sorted subjects")
             return test
         return subjects
-    names = set(split["test"])
-    chosen = [s for s in subjects if s.name in names]
-    missing = names - {s.name for s in chosen}
-    if missing:
-        log(f"note: {len(missing)} test subject(s) of {SPLIT_NAME} are not usable now: "
-            + ", ".join(sorted(missing)[:5]))
-    return chosen
+    return _subjects_named(split["test"], subjects, "test", log)
 
 
 def _summary_lines(rows):
