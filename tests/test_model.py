@@ -402,7 +402,7 @@ def test_slices_mosaic_layout():
     assert big.shape == (img.shape[0] * 4, img.shape[1] * 4)
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float16"])
 def test_mixed_precision_train_step(precision, tmp_path):
     policy = model.PRECISION_POLICIES[precision]
     g = networks.build_generator(2, residual_blocks=1, feature_size=4, dtype_policy=policy)
@@ -457,3 +457,12 @@ def test_resume_into_another_runs_folder_is_refused(run, tmp_path, capsys):
 def test_demo_refuses_restore(capsys):
     assert model.main(["-demo", "True", "-restore", "somewhere"]) == 2
     assert "-restore" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="the refusal is for CPU-only machines")
+def test_bfloat16_training_is_refused_without_a_gpu(tmp_path, monkeypatch, capsys):
+    # oneDNN's CPU bfloat16 conv3d gradients intermittently give NaN (TF 2.21): refuse, do not corrupt.
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("data")
+    assert model.main(["-mixed_precision", "bfloat16"]) == 2
+    assert "bfloat16 needs a GPU" in capsys.readouterr().err
