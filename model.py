@@ -15,16 +15,57 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def _verbose_requested(argv):
+    """Whether the command line asks for -verbose (read before argparse runs:
+    TensorFlow is imported, and prints, before the flags are parsed)."""
+    for i, arg in enumerate(argv):
+        name, sep, value = arg.partition("=")
+        if name in ("-verbose", "--verbose"):
+            if not sep:
+                following = argv[i + 1] if i + 1 < len(argv) else ""
+                value = "true" if not following or following.startswith("-") else following
+            return value.strip().lower() in ("true", "1", "yes", "y", "t")
+    return False
+
+
+def _import_tensorflow_quietly(verbose):
+    """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``.
+
+    TensorFlow 2.21 prints absl lines (oneDNN notices, "could not find cuda
+    drivers", "failed call to cuInit") straight to file descriptor 2 while it
+    loads and while it first lists its devices, whatever TF_CPP_MIN_LOG_LEVEL
+    says; only redirecting the descriptor for those two moments silences them.
+    """
+    if verbose:
+        import tensorflow as tf
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tf.get_logger().setLevel(logging.ERROR)
+    return tf
+
+
+tf = _import_tensorflow_quietly(_verbose_requested(sys.argv[1:]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import networks  # noqa: E402
@@ -36,12 +77,11 @@ SPLIT_NAME = "split.json"
 # Inverse time decay of the original: lr = 1e-4 / (1 + 0.5 * step / 4920).
 DECAY_STEPS = 4920
 DECAY_RATE = 0.5
-ARCHITECTURE_KEYS = ("upsampling_factor", "residual_blocks", "feature_size", "upsampling_mode",
-                     "volume_shape", "patch_shape", "patch_margin")
 
 # -mixed_precision values and the Keras dtype policies they select.
 PRECISION_POLICIES = {"none": None, "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 
+# Every command-line flag and its built-in default (None: derived, see -h).
 DEFAULTS = {
     "data_path": "data",
     "checkpoint_dir": "checkpoints",
@@ -61,6 +101,7 @@ DEFAULTS = {
     "volume_shape": (224, 224, 152),
     "patch_shape": (128, 128, 92),
     "patch_margin": 16,
+    "sigma": 1.0,
     "train_fraction": 0.8,
     "learning_rate": 1e-4,
     "seed": 0,
@@ -70,6 +111,39 @@ DEFAULTS = {
     "demo": False,
     "run_eagerly": False,
     "mixed_precision": "none",
+    "verbose": False,
+}
+
+# The two boolean flags of the original that choose the upsampling mode; the
+# rest of the program only knows the one setting "upsampling_mode".
+MODE_FLAGS = ("subpixel_NN", "nn")
+
+# How each setting travels through a run's config.json, the one table of what
+# is persisted (a setting not listed here is not written):
+#   ARCHITECTURE: a resumed, evaluated or super-resolving run takes it from the
+#       checkpoint; an explicit flag that contradicts it is an error.
+#   RESUMED: like ARCHITECTURE when training resumes (mixed precision: the
+#       loss-scale state lives in the checkpoint); free for evaluation.
+#   RUN: taken from the checkpoint unless the flag is given.
+ARCHITECTURE, RESUMED, RUN = "architecture", "resumed", "run"
+PERSISTED = {
+    "upsampling_factor": ARCHITECTURE,
+    "residual_blocks": ARCHITECTURE,
+    "feature_size": ARCHITECTURE,
+    "upsampling_mode": ARCHITECTURE,
+    "volume_shape": ARCHITECTURE,
+    "patch_shape": ARCHITECTURE,
+    "patch_margin": ARCHITECTURE,
+    "sigma": ARCHITECTURE,
+    "mixed_precision": RESUMED,
+    "data_path": RUN,
+    "image_name": RUN,
+    "mask_name": RUN,
+    "train_fraction": RUN,
+    "seed": RUN,
+    "batch_size": RUN,
+    "learning_rate": RUN,
+    "epochs": RUN,
 }
 
 # The demo's small configuration; explicit flags still win.
@@ -136,21 +210,47 @@ def _positive(kind):
             number = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
-        if number <= 0:
+        if not number > 0:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
         return number
     parse.__name__ = kind.__name__
     return parse
 
 
-def _non_negative_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
+def _non_negative(kind):
+    def parse(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
+        if not number >= 0:
+            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
+        return number
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_non_negative_int = _non_negative(int)
+
+
+def upsampling_mode_from_flags(subpixel_NN=False, nn=False):
+    """The upsampling mode the original's two boolean flags select.
+
+    Args:
+        subpixel_NN: bool, checkerboard-free sub-pixel (wins over ``nn``, as in
+            the original).
+        nn: bool, resize-convolution.
+
+    Returns:
+        One of ``networks.UPSAMPLING_MODES``.
+    """
+    if subpixel_NN:
+        return "subpixel_NN"
+    return "nn" if nn else "subpixel"
+
+
+def _mode_flags_text(mode):
+    return f"-subpixel_NN {mode == 'subpixel_NN'} -nn {mode == 'nn'}"
 
 
 def build_parser():
@@ -199,6 +299,8 @@ def build_parser():
     add("volume_shape", "canonical volume every scan is padded/cropped to", type=parse_shape, metavar="X,Y,Z")
     add("patch_shape", "HR training patch", type=parse_shape, metavar="X,Y,Z")
     add("patch_margin", "patch margin; patches step by patch - 2*margin", type=_non_negative_int, metavar="N")
+    add("sigma", "Gaussian blur (voxels) of the degradation before decimation; evaluation uses "
+        "the training's value", type=_non_negative(float), metavar="S")
     add("train_fraction", "fraction of the sorted subjects used for training", type=_positive(float), metavar="P")
     add("learning_rate", "initial Adam learning rate, decayed as lr/(1+0.5*step/4920)",
         type=_positive(float), metavar="LR")
@@ -209,6 +311,7 @@ def build_parser():
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
     add("mixed_precision", "compute in float16 (with loss scaling) or bfloat16 on GPUs that "
         "support it; weights, losses and outputs stay float32", choices=tuple(PRECISION_POLICIES))
+    add_bool("verbose", "show TensorFlow's own start-up and warning lines")
     return parser
 
 
@@ -228,95 +331,141 @@ def _write_json(path, data):
 
 
 def _flag(name, value):
+    if name == "upsampling_mode":
+        return f"upsampling mode {value!r} ({_mode_flags_text(value)})"
     if isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))
     return f"-{name} {value}"
 
 
-def _mode_flags(mode):
-    return {"subpixel_NN": mode == "subpixel_NN", "nn": mode == "nn"}
+def _to_json(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def given_settings(args):
+    """The settings given explicitly on the command line, booleans translated.
+
+    The original's ``-subpixel_NN``/``-nn`` pair becomes the one setting
+    ``upsampling_mode`` here, and nowhere else.
+
+    Args:
+        args: ``argparse.Namespace`` from :func:`build_parser` (None = not given).
+
+    Returns:
+        dict of the given settings.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if any(flag in given for flag in MODE_FLAGS):
+        given["upsampling_mode"] = upsampling_mode_from_flags(
+            given.get("subpixel_NN", False), given.get("nn", False))
+    for flag in MODE_FLAGS:
+        given.pop(flag, None)
+    return given
+
+
+def _action(given):
+    action = ("super_resolve" if given.get("super_resolve") else
+              "evaluate" if given.get("evaluate") else "train")
+    if given.get("demo") and (action != "train" or given.get("restore")):
+        raise UserError("-demo True runs its own training and evaluation from scratch; "
+                        "drop -evaluate/-super_resolve/-restore")
+    return action
+
+
+def _checkpoint_source(given, action):
+    """The checkpoint folder a command reads (None for a fresh training run)."""
+    if action in ("evaluate", "super_resolve"):
+        source = given.get("checkpoint_dir_restore")
+        if not source:
+            raise UserError(f"-{'evaluate True' if action == 'evaluate' else 'super_resolve'} needs "
+                            "-checkpoint_dir_restore DIR, the folder of a trained checkpoint")
+        return source
+    return given.get("restore")
+
+
+def _saved_settings(source, log):
+    """The config.json of a checkpoint folder (None when it has none)."""
+    if not os.path.exists(source):
+        raise UserError(f"checkpoint folder {source!r} does not exist")
+    if not os.path.isdir(source):
+        raise UserError(f"checkpoint folder {source!r} is a file, not a folder")
+    if tf.train.latest_checkpoint(source) is None:
+        raise UserError(f"checkpoint folder {source!r} holds no checkpoint "
+                        "(expected the files written by a training run: checkpoint, ckpt-N.index)")
+    saved = _read_json(os.path.join(source, CONFIG_NAME))
+    if saved is None:
+        log(f"note: {source} has no {CONFIG_NAME}; using the architecture flags as given")
+    return saved
+
+
+def adopt_saved_settings(cfg, saved, given, action, source):
+    """Fills ``cfg`` from a checkpoint's config.json by the ``PERSISTED`` table.
+
+    Args:
+        cfg: the settings so far (defaults, demo preset, given flags); updated.
+        saved: the checkpoint's config.json dict.
+        given: the explicit settings.
+        action: "train" (resume), "evaluate" or "super_resolve".
+        source: the checkpoint folder (for the message).
+
+    Raises:
+        UserError: naming every explicit flag that contradicts the checkpoint.
+    """
+    mismatched = []
+    for key, kind in PERSISTED.items():
+        if key not in saved:
+            continue
+        value = _from_json(saved[key])
+        binding = kind == ARCHITECTURE or (kind == RESUMED and action == "train")
+        if not binding and kind != RUN:
+            continue
+        if key in given:
+            if binding and given[key] != value:
+                mismatched.append(f"{_flag(key, given[key])}, the checkpoint uses {_flag(key, value)}")
+            if kind == RUN:
+                continue
+        cfg[key] = value
+    if mismatched:
+        raise UserError(
+            f"the architecture flags do not match the checkpoint in {source!r} "
+            f"(from its {CONFIG_NAME}): " + "; ".join(mismatched) +
+            ". Pass the checkpoint's values or leave these flags out to use them.")
 
 
 def resolve_config(args, log=print):
     """Turns parsed flags into one plain configuration dict, checking it all.
 
     Precedence: explicit flag > the saved configuration of the checkpoint being
-    restored or evaluated > the demo preset > the built-in default. An explicit
-    architecture flag that contradicts the checkpoint is an error.
+    restored or evaluated (by the ``PERSISTED`` table) > the demo preset > the
+    built-in default.
 
     Args:
         args: ``argparse.Namespace`` from :func:`build_parser` (``None`` = not given).
         log: callable for notes.
 
     Returns:
-        dict with every key of ``DEFAULTS`` plus ``upsampling_mode``,
-        ``explicit`` (the flags given) and ``saved_config``.
+        dict with every setting of ``DEFAULTS`` (the two mode flags replaced by
+        ``upsampling_mode``) plus ``action``, ``explicit`` (the settings given),
+        ``saved_config`` and ``source_checkpoint``.
 
     Raises:
         UserError: for contradictory, missing or invalid settings.
     """
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    cfg = dict(DEFAULTS)
+    given = given_settings(args)
+    action = _action(given)
+    cfg = {k: v for k, v in DEFAULTS.items() if k not in MODE_FLAGS}
+    cfg["upsampling_mode"] = upsampling_mode_from_flags()
     if given.get("demo"):
         cfg.update(DEMO)
-    action = ("super_resolve" if given.get("super_resolve") else
-              "evaluate" if given.get("evaluate") else "train")
-    if given.get("demo") and (action != "train" or given.get("restore")):
-        raise UserError("-demo True runs its own training and evaluation from scratch; "
-                        "drop -evaluate/-super_resolve/-restore")
-
-    source = None
-    if action in ("evaluate", "super_resolve"):
-        source = given.get("checkpoint_dir_restore")
-        if not source:
-            raise UserError(f"-{'evaluate True' if action == 'evaluate' else 'super_resolve'} needs "
-                            "-checkpoint_dir_restore DIR, the folder of a trained checkpoint")
-    elif given.get("restore"):
-        source = given["restore"]
-    saved = None
-    if source is not None:
-        if not os.path.isdir(source):
-            raise UserError(f"checkpoint folder {source!r} does not exist")
-        if tf.train.latest_checkpoint(source) is None:
-            raise UserError(f"checkpoint folder {source!r} holds no checkpoint "
-                            "(expected the files written by a training run: checkpoint, ckpt-N.index)")
-        saved = _read_json(os.path.join(source, CONFIG_NAME))
-        if saved is None:
-            log(f"note: {source} has no {CONFIG_NAME}; using the architecture flags as given")
-
-    explicit_mode = ("subpixel_NN" in given or "nn" in given)
+    source = _checkpoint_source(given, action)
+    saved = _saved_settings(source, log) if source is not None else None
     cfg.update(given)
-    cfg["upsampling_mode"] = networks.upsampling_mode(cfg["subpixel_NN"], cfg["nn"])
     if saved is not None:
-        mismatched = []
-        # A resumed run also keeps its precision: loss scaling is part of its checkpoint.
-        keys = ARCHITECTURE_KEYS + (("mixed_precision",) if action == "train" else ())
-        for key in keys:
-            if key not in saved:
-                continue
-            value = saved[key]
-            value = tuple(value) if isinstance(value, list) else value
-            is_explicit = (explicit_mode if key == "upsampling_mode" else key in given)
-            if is_explicit and cfg[key] != value:
-                if key == "upsampling_mode":
-                    mismatched.append(
-                        f"upsampling mode {cfg[key]!r} (-subpixel_NN {cfg['subpixel_NN']} -nn "
-                        f"{cfg['nn']}), the checkpoint uses {value!r} "
-                        f"(-subpixel_NN {value == 'subpixel_NN'} -nn {value == 'nn'})")
-                else:
-                    mismatched.append(f"{_flag(key, cfg[key])}, the checkpoint uses {_flag(key, value)}")
-            cfg[key] = value
-        cfg.update(_mode_flags(cfg["upsampling_mode"]))
-        if mismatched:
-            raise UserError(
-                f"the architecture flags do not match the checkpoint in {source!r} "
-                f"(from its {CONFIG_NAME}): " + "; ".join(mismatched) +
-                ". Pass the checkpoint's values or leave these flags out to use them.")
-        for key in ("data_path", "image_name", "mask_name", "train_fraction", "seed",
-                    "batch_size", "learning_rate", "epochs"):
-            if key in saved and key not in given:
-                value = saved[key]
-                cfg[key] = tuple(value) if isinstance(value, list) else value
+        adopt_saved_settings(cfg, saved, given, action, source)
     cfg.update({"action": action, "explicit": sorted(given), "saved_config": saved,
                 "source_checkpoint": source})
     if action == "train" and given.get("restore") and "checkpoint_dir" not in given:
@@ -327,9 +476,20 @@ def resolve_config(args, log=print):
         cfg["log_dir"] = os.path.join(cfg["checkpoint_dir"], "logs")
     if cfg["path_volumes"] is None:
         cfg["path_volumes"] = os.path.join(source or cfg["checkpoint_dir"], "volumes")
-    if (given.get("subpixel_NN") and given.get("nn")):
+    if args.subpixel_NN and args.nn:
         log("note: both -subpixel_NN and -nn are set; subpixel_NN wins, as in the original")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Checks a resolved configuration before any work starts.
+
+    Raises:
+        UserError: naming the flag and the value.
+    """
     _check_geometry(cfg)
+    action = cfg["action"]
     if (action == "train" and cfg["mixed_precision"] == "bfloat16"
             and not tf.config.list_physical_devices("GPU")):
         # Measured with TF 2.21: oneDNN's bfloat16 conv3d gradients on CPU turn
@@ -341,10 +501,10 @@ def resolve_config(args, log=print):
         raise UserError(f"-train_fraction {cfg['train_fraction']} must be in (0, 1]")
     if action == "super_resolve" and not os.path.isfile(cfg["super_resolve"]):
         raise UserError(f"-super_resolve file {cfg['super_resolve']!r} does not exist")
-    if action == "train" and not cfg["demo"] and not os.path.isdir(cfg["data_path"]):
-        raise UserError(f"-data_path {cfg['data_path']!r} does not exist; pass the folder that holds "
-                        "one sub-folder per subject (or NIfTI files), or try -demo True")
-    return cfg
+    if action == "train" and not cfg["demo"]:
+        if not os.path.exists(cfg["data_path"]):
+            raise UserError(f"-data_path {cfg['data_path']!r} does not exist; pass the folder that "
+                            "holds one sub-folder per subject (or NIfTI files), or try -demo True")
 
 
 def _check_geometry(cfg):
@@ -368,6 +528,8 @@ def _check_geometry(cfg):
 
 
 def _check_writable(folder, flag):
+    if os.path.isfile(folder):
+        raise UserError(f"{flag} {folder!r} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, ".write-test")
@@ -450,7 +612,12 @@ def generator_losses(hr, sr, d_fake, t):
 
 
 class SRGANTrainer:
-    """Owns both networks, both Adam optimisers, loss trackers and the checkpoint.
+    """Owns both networks, both Adam optimisers, the loss trackers and the checkpoint.
+
+    The checkpoint holds everything a bit-identical resume needs: both networks,
+    both optimisers (moments, iteration counts; loss-scale state under
+    float16), the epoch, the batches done in the current epoch, the step, the
+    data seed, the label-noise generator and the current epoch's loss sums.
 
     Args:
         generator: ``keras.Model`` from :func:`networks.build_generator`.
@@ -460,12 +627,19 @@ class SRGANTrainer:
         run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
         loss_scale: bool, wrap both optimisers in dynamic loss scaling (needed
             when the networks compute in float16, ``mixed_precision="float16"``).
+        checkpoint_dir: folder the checkpoints are written to (None: the
+            trainer cannot :meth:`save`).
+        max_to_keep: checkpoints kept in ``checkpoint_dir``.
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
+    # What train_step returns and the step history records, in this order.
+    SCALAR_NAMES = LOSS_NAMES + ("flipped", "learning_rate")
+    # Steps of scalars kept on the device between two reads by the host.
+    HISTORY = 256
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
-                 loss_scale=False):
+                 loss_scale=False, checkpoint_dir=None, max_to_keep=3):
         self.generator = generator
         self.discriminator = discriminator
         self.schedule = keras.optimizers.schedules.InverseTimeDecay(
@@ -487,24 +661,103 @@ class SRGANTrainer:
         # Built now so that a restore finds every slot variable to fill.
         self._g_apply.build(generator.trainable_variables)
         self._d_apply.build(discriminator.trainable_variables)
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.epoch_batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_batches")
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.data_seed = tf.Variable(seed, dtype=tf.int64, trainable=False, name="data_seed")
+        counter = dict(dtype=tf.int64, trainable=False)
+        self.epoch = tf.Variable(0, name="epoch", **counter)
+        self.epoch_batches = tf.Variable(0, name="epoch_batches", **counter)
+        self.step = tf.Variable(0, name="step", **counter)
+        self.data_seed = tf.Variable(seed, name="data_seed", **counter)
         self.rng = tf.random.Generator.from_seed(seed)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.LOSS_NAMES}
+        # The current epoch's loss sums and batch count: in the checkpoint, so
+        # the epoch's summary after a mid-epoch resume covers the whole epoch.
+        self.loss_sums = tf.Variable(tf.zeros(len(self.LOSS_NAMES)), trainable=False, name="loss_sums")
+        self.loss_count = tf.Variable(0.0, trainable=False, name="loss_count")
+        # The scalars of the last HISTORY steps, row ``step % HISTORY``: the
+        # host reads them every few steps instead of waiting on every step.
+        self.history = tf.Variable(tf.zeros((self.HISTORY, len(self.SCALAR_NAMES))),
+                                   trainable=False, name="history")
         self.checkpoint = tf.train.Checkpoint(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
-            step=self.step, data_seed=self.data_seed, rng=self.rng, **extra)
+            step=self.step, data_seed=self.data_seed, rng=self.rng, loss_sums=self.loss_sums,
+            loss_count=self.loss_count, **extra)
+        self.manager = None
+        if checkpoint_dir is not None:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
+                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
         self.run_eagerly = run_eagerly
         self._compiled = self._train_step if run_eagerly else tf.function(self._train_step)
         self._end_epoch = tf.function(self._end_epoch_fn)
+
+    # ------------------------------------------------------------------ state
 
     @property
     def learning_rate(self):
         """float, the learning rate the next step uses."""
         return float(self.schedule(self.g_optimizer.iterations))
+
+    def restore(self, checkpoint_dir):
+        """Restores the whole training state from the latest checkpoint of a folder.
+
+        Args:
+            checkpoint_dir: a folder written by :meth:`save`.
+
+        Returns:
+            str, the checkpoint path restored.
+
+        Raises:
+            UserError: if the folder holds no checkpoint or it does not fit.
+        """
+        path = tf.train.latest_checkpoint(checkpoint_dir)
+        if path is None:
+            raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as err:
+            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+        return path
+
+    def save(self):
+        """Writes a checkpoint numbered by the step (numbers are never reused).
+
+        Returns:
+            str, the checkpoint path.
+        """
+        if self.manager is None:
+            raise ValueError("this trainer was built without a checkpoint_dir")
+        return self.manager.save(checkpoint_number=int(self.step))
+
+    def epoch_losses(self):
+        """dict of the mean of each loss over the current epoch's batches so far."""
+        count = float(self.loss_count)
+        sums = self.loss_sums.numpy()
+        return {name: float(sums[i]) / max(count, 1.0) for i, name in enumerate(self.LOSS_NAMES)}
+
+    def recent_scalars(self, first_step, last_step):
+        """The scalars of steps ``first_step..last_step`` (1-based, at most HISTORY back).
+
+        Returns:
+            list of (step, dict of the ``SCALAR_NAMES`` floats); one read of the device.
+        """
+        first_step = max(first_step, last_step - self.HISTORY + 1, 1)
+        rows = self.history.numpy()
+        return [(s, dict(zip(self.SCALAR_NAMES, map(float, rows[s % self.HISTORY]))))
+                for s in range(first_step, last_step + 1)]
+
+    def end_epoch(self):
+        """Counts an epoch as done (epoch + 1, batches in epoch 0, loss sums 0) in one call.
+
+        The counters change inside one graph call so that a Ctrl-C can never
+        leave a checkpoint with one updated and not the other.
+        """
+        self._end_epoch()
+
+    def _end_epoch_fn(self):
+        self.epoch.assign_add(1)
+        self.epoch_batches.assign(0)
+        self.loss_sums.assign(tf.zeros_like(self.loss_sums))
+        self.loss_count.assign(0.0)
+
+    # ------------------------------------------------------------------ step
 
     def train_step(self, lr, hr):
         """One discriminator update, then one generator update.
@@ -514,30 +767,15 @@ class SRGANTrainer:
             hr: float32 (b, x, y, z, 1) in [-1, 1], the reference patches.
 
         Returns:
-            dict of float scalars: d_loss, g_loss, mse, gdl, adv (this step's),
-            flipped (1.0 when the labels were swapped) and learning_rate (used).
+            dict of float32 scalar tensors (no host synchronisation): d_loss,
+            g_loss, mse, gdl, adv (this step's), flipped (1.0 when the labels
+            were swapped) and learning_rate (the one this step used).
         """
-        used_lr = self.learning_rate
-        out = {k: float(v) for k, v in self._compiled(lr, hr).items()}
-        for name in self.LOSS_NAMES:
-            self.trackers[name].update_state(out[name])
-        out["learning_rate"] = used_lr
-        return out
-
-    def end_epoch(self):
-        """Counts an epoch as done (epoch + 1, batches in epoch 0) in one call.
-
-        Both counters change inside one graph call so that a Ctrl-C can never
-        leave a checkpoint with one updated and not the other.
-        """
-        self._end_epoch()
-
-    def _end_epoch_fn(self):
-        self.epoch.assign_add(1)
-        self.epoch_batches.assign(0)
+        return self._compiled(lr, hr)
 
     def _train_step(self, lr, hr):
         g, d = self.generator, self.discriminator
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
         sr = g(lr, training=True)
         with tf.GradientTape() as tape:
             d_real = d(hr, training=True)
@@ -556,11 +794,20 @@ class SRGANTrainer:
             scaled = self._scale(self._g_apply, losses["g_loss"])
         grads = tape.gradient(scaled, g.trainable_variables)
         self._g_apply.apply(grads, g.trainable_variables)
-        # The counters move in the same graph call as the weights, so a Ctrl-C
-        # between two Python statements cannot split them.
+        out = {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
+               "learning_rate": learning_rate}
+        self._record(out)
+        return out
+
+    def _record(self, out):
+        # The counters, trackers and history move in the same graph call as the
+        # weights, so a Ctrl-C between two Python statements cannot split them.
         self.step.assign_add(1)
         self.epoch_batches.assign_add(1)
-        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32)}
+        self.loss_sums.assign_add(tf.stack([out[name] for name in self.LOSS_NAMES]))
+        self.loss_count.assign_add(1.0)
+        row = tf.cast(self.step % self.HISTORY, tf.int32)
+        self.history[row].assign(tf.stack([out[name] for name in self.SCALAR_NAMES]))
 
     @staticmethod
     def _scale(optimizer, loss):
@@ -569,13 +816,72 @@ class SRGANTrainer:
             return optimizer.scale_loss(loss)
         return loss
 
-    def running_losses(self):
-        """dict of the mean of each loss since :meth:`reset_trackers`."""
-        return {name: float(t.result()) for name, t in self.trackers.items()}
+    # ------------------------------------------------------------------ loop
 
-    def reset_trackers(self):
-        for tracker in self.trackers.values():
-            tracker.reset_state()
+    def fit(self, epoch_data, epochs, reporter=None, log=print):
+        """Trains up to ``epochs`` epochs, saving after each; Ctrl-C saves too.
+
+        Args:
+            epoch_data: callable ``(epoch, skip) -> iterable of (lr, hr, nf)``
+                batches of that epoch, its first ``skip`` batches left out.
+            epochs: total epochs to reach.
+            reporter: a :class:`TrainingReporter` (or None for silence).
+            log: callable for messages.
+
+        Returns:
+            dict, the last epoch's mean losses ({} when nothing was trained).
+
+        Raises:
+            KeyboardInterrupt: after saving a checkpoint.
+        """
+        reporter = reporter or NullReporter()
+        losses = {}
+        try:
+            while int(self.epoch) < epochs:
+                epoch, skip = int(self.epoch), int(self.epoch_batches)
+                self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter)
+                losses = self.epoch_losses()
+                self.end_epoch()
+                path = self.save()
+                reporter.end_epoch(epoch, losses, path)
+        except KeyboardInterrupt:
+            path = self.save()
+            log(f"\ninterrupted: saved {path} (epoch {int(self.epoch) + 1}, "
+                f"{int(self.epoch_batches)} batches in); resume with -restore {self.manager.directory}")
+            raise
+        finally:
+            reporter.close()
+        return losses
+
+    def train_epoch(self, batches, epoch, skip, reporter):
+        """Runs the steps of one epoch (from batch ``skip`` on).
+
+        Returns:
+            int, the number of steps run.
+        """
+        step = int(self.step)
+        reporter.start_epoch(epoch, skip)
+        done = 0
+        for batch in batches:
+            lr, hr = batch[0], batch[1]
+            self.train_step(lr, hr)
+            step += 1
+            done += 1
+            reporter.after_step(self, step, batch)
+        reporter.flush(self, step)
+        return done
+
+
+def build_networks(cfg):
+    """The generator and discriminator a configuration describes.
+
+    Returns:
+        (generator, discriminator) ``keras.Model`` pair.
+    """
+    policy = PRECISION_POLICIES[cfg["mixed_precision"]]
+    generator = networks.build_generator(**_architecture(cfg), dtype_policy=policy)
+    discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,), dtype_policy=policy)
+    return generator, discriminator
 
 
 def restore_generator(generator, checkpoint_dir):
@@ -603,17 +909,14 @@ def restore_generator(generator, checkpoint_dir):
 
 
 def _architecture(cfg):
-    return dict(upsampling_factor=cfg["upsampling_factor"], residual_blocks=cfg["residual_blocks"],
-                feature_size=cfg["feature_size"], subpixel_NN=cfg["subpixel_NN"], nn=cfg["nn"],
-                dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
+    """The generator's architecture settings, as ``build_generator`` keywords."""
+    return {k: cfg[k] for k in ("upsampling_factor", "residual_blocks", "feature_size",
+                                "upsampling_mode")}
 
 
-def _saved_config(cfg):
-    keys = ("upsampling_factor", "residual_blocks", "feature_size", "subpixel_NN", "nn",
-            "upsampling_mode", "volume_shape", "patch_shape", "patch_margin", "data_path",
-            "image_name", "mask_name", "train_fraction", "seed", "batch_size", "learning_rate",
-            "epochs", "mixed_precision")
-    out = {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in keys}
+def saved_settings(cfg):
+    """The config.json of a run: every ``PERSISTED`` setting plus the versions."""
+    out = {k: _to_json(cfg[k]) for k in PERSISTED}
     out["data_path"] = os.path.abspath(cfg["data_path"])
     out["tensorflow"] = tf.__version__
     out["keras"] = keras.__version__
@@ -648,6 +951,163 @@ def _saved_split(folder, subjects, cfg, log):
     return lists[0], lists[1]
 
 
+def training_split(cfg, log):
+    """The (train, test) subjects of a new or resumed run.
+
+    Raises:
+        UserError: when no subject is left for training.
+    """
+    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
+    if cfg.get("restore"):
+        train_subjects, test_subjects = _saved_split(cfg["restore"], subjects, cfg, log)
+    else:
+        train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
+    if not train_subjects:
+        raise UserError(f"no training subject in {cfg['data_path']!r} with -train_fraction "
+                        f"{cfg['train_fraction']}")
+    log(f"{len(train_subjects)} train and {len(test_subjects)} test subjects")
+    return train_subjects, test_subjects
+
+
+class TrainingStream:
+    """The training batches of one epoch at a time, resumable at any batch.
+
+    Args:
+        subjects: the training :class:`train_dataset.Subject` list.
+        cfg: the run's configuration (geometry, factor, sigma, batch size, seed).
+        log: callable for the dataset's reports.
+    """
+
+    def __init__(self, subjects, cfg, log=print):
+        self.subjects = list(subjects)
+        self.cfg = cfg
+        self.log = log
+        self.batches_per_epoch = td.batches_per_epoch(
+            len(self.subjects), cfg["batch_size"], cfg["volume_shape"], cfg["patch_shape"],
+            cfg["patch_margin"])
+
+    def __call__(self, epoch, skip=0):
+        """Returns the ``tf.data.Dataset`` of ``(lr, hr, nf)`` batches of ``epoch`` after ``skip``."""
+        cfg = self.cfg
+        dataset = td.make_train_dataset(
+            self.subjects, cfg["upsampling_factor"], batch_size=cfg["batch_size"],
+            volume_shape=cfg["volume_shape"], patch_shape=cfg["patch_shape"],
+            margin=cfg["patch_margin"], seed=cfg["seed"], epoch=epoch, sigma=cfg["sigma"],
+            with_norm_factor=True, log=self.log)
+        return dataset.skip(skip) if skip else dataset
+
+
+class NullReporter:
+    """Says nothing: the reporter of a trainer used from Python, and of non-chief workers."""
+
+    def start_epoch(self, epoch, skip):
+        pass
+
+    def after_step(self, trainer, step, batch):
+        pass
+
+    def flush(self, trainer, step):
+        pass
+
+    def end_epoch(self, epoch, losses, path):
+        pass
+
+    def close(self):
+        pass
+
+
+class TrainingReporter(NullReporter):
+    """What a person sees of a training run.
+
+    A progress bar per epoch (running losses, volumes per second, time left),
+    TensorBoard scalars for every step (read from the trainer's on-device
+    history every ``log_every`` steps, so the loop does not wait on each step),
+    an LR|SR|HR image every ``image_every`` steps, and every 20 volumes (the
+    original's interval) the HR/LR/SR of a patch as NIfTI with its PSNR/SSIM.
+
+    Args:
+        cfg: the run's configuration.
+        batches_per_epoch: int, steps of a full epoch.
+        log: callable for the epoch lines.
+        log_every: steps between two reads of the trainer's scalars.
+        image_every: steps between two TensorBoard images.
+    """
+
+    def __init__(self, cfg, batches_per_epoch, log=print, log_every=10, image_every=200):
+        self.cfg = cfg
+        self.log = log
+        self.batches_per_epoch = batches_per_epoch
+        self.log_every = min(log_every, SRGANTrainer.HISTORY)
+        self.image_every = image_every
+        self.patches_per_volume = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"],
+                                                        cfg["patch_margin"])
+        # Previews every 20 volumes, as the original.
+        self.preview_every = max(1, (20 * self.patches_per_volume) // cfg["batch_size"])
+        self.writer = tf.summary.create_file_writer(cfg["log_dir"])
+        self.bar = None
+        self.logged_step = None
+
+    def start_epoch(self, epoch, skip):
+        self.epoch, self.batch_index = epoch, skip
+        self.started, self.done = time.time(), 0
+        self.bar = tqdm(total=self.batches_per_epoch, initial=skip,
+                        desc=f"epoch {epoch + 1}/{self.cfg['epochs']}", unit="batch",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def after_step(self, trainer, step, batch):
+        if self.logged_step is None:
+            self.logged_step = step - 1
+        lr, hr = batch[0], batch[1]
+        f = self.cfg["upsampling_factor"]
+        if step % self.image_every == 1 or self.image_every == 1:
+            sr = trainer.generator(lr[:1], training=False).numpy()
+            with self.writer.as_default(step=step):
+                tf.summary.image("lr_sr_hr_axial", _display_slices(
+                    np.asarray(lr)[:1], sr, np.asarray(hr)[:1], f))
+        if self.batch_index % self.preview_every == 0 and len(batch) > 2:
+            tag = f"e{self.epoch + 1}_s{step}"
+            psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
+                                        self.cfg["path_prediction"], tag, f)
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("preview/psnr", psnr)
+                tf.summary.scalar("preview/ssim", ssim)
+            self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
+                           f"SSIM {ssim:.4f} -> {self.cfg['path_prediction']}")
+        self.batch_index += 1
+        self.done += 1
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.flush(trainer, step)
+
+    def flush(self, trainer, step):
+        if self.logged_step is None or step <= self.logged_step:
+            return
+        with self.writer.as_default():
+            for s, values in trainer.recent_scalars(self.logged_step + 1, step):
+                for name in SRGANTrainer.LOSS_NAMES:
+                    tf.summary.scalar(f"loss/{name}", values[name], step=s)
+                tf.summary.scalar("learning_rate", values["learning_rate"], step=s)
+        self.logged_step = step
+        running = trainer.epoch_losses()
+        elapsed = max(time.time() - self.started, 1e-9)
+        self.bar.set_postfix(d=f"{running['d_loss']:.3g}", g=f"{running['g_loss']:.4g}",
+                             mse=f"{running['mse']:.4g}", gdl=f"{running['gdl']:.4g}",
+                             adv=f"{running['adv']:.3g}",
+                             vol_s=f"{self.done * self.cfg['batch_size'] / self.patches_per_volume / elapsed:.2f}")
+
+    def end_epoch(self, epoch, losses, path):
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.flush()
+        self.log(f"epoch {epoch + 1}/{self.cfg['epochs']}: " +
+                 " ".join(f"{k} {v:.5g}" for k, v in losses.items()) + f"; saved {path}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+
+
 def _write_preview(trainer, lr, hr, nf, folder, tag, f):
     """HR, LR and SR of the first patch of a batch, de-normalised, plus its PSNR/SSIM."""
     sr = trainer.generator(lr[:1], training=False).numpy()[0, ..., 0]
@@ -670,138 +1130,81 @@ def _display_slices(lr, sr, hr, f):
     return np.clip((row[None, ..., None] + 1) / 2, 0, 1)
 
 
+def _prepare_run_folder(cfg):
+    """Refuses to train into another run's folder; checks the output folders.
+
+    Returns:
+        bool, whether the run resumes into the folder it was restored from.
+    """
+    ckpt_dir = cfg["checkpoint_dir"]
+    restoring = bool(cfg.get("restore"))
+    same_folder = restoring and os.path.realpath(ckpt_dir) == os.path.realpath(cfg["restore"])
+    if not same_folder and os.path.isdir(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir) is not None:
+        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
+                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
+    _check_writable(ckpt_dir, "-checkpoint_dir")
+    _check_writable(cfg["path_prediction"], "-path_prediction")
+    _check_writable(cfg["log_dir"], "-log_dir")
+    return same_folder
+
+
+def _resume(trainer, cfg, log):
+    """Restores a run's whole state; returns cfg with the seed the run really uses."""
+    path = trainer.restore(cfg["restore"])
+    log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
+        f"learning rate {trainer.learning_rate:.3g}")
+    if int(trainer.data_seed) != cfg["seed"]:
+        log(f"note: the data order and label noise keep the checkpoint's seed {int(trainer.data_seed)}")
+        cfg = dict(cfg, seed=int(trainer.data_seed))
+    return cfg
+
+
+def _write_run_files(cfg, train_subjects, test_subjects, keep_split):
+    folder = cfg["checkpoint_dir"]
+    _write_json(os.path.join(folder, CONFIG_NAME), saved_settings(cfg))
+    if not keep_split:  # a resumed run keeps the split.json it was trained with
+        _write_json(os.path.join(folder, SPLIT_NAME), {
+            "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
+            "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
+
+
 def train(cfg, log=print):
     """Trains the GAN as the original, checkpointing every epoch.
+
+    Wires the pieces together: the run folder, the subjects, the networks and
+    their :class:`SRGANTrainer` (which restores, loops and saves), the
+    :class:`TrainingStream` and the :class:`TrainingReporter`.
 
     Args:
         cfg: configuration from :func:`resolve_config`.
         log: callable for messages.
 
     Returns:
-        dict with the last epoch's running losses and the checkpoint path.
+        dict with the last epoch's mean losses and the checkpoint path.
 
     Raises:
         UserError: bad data path, non-writable output folders, a checkpoint
             folder that already holds a run without ``-restore``.
     """
-    f = cfg["upsampling_factor"]
-    ckpt_dir = cfg["checkpoint_dir"]
-    restoring = bool(cfg.get("restore"))
-    same_folder = restoring and os.path.realpath(ckpt_dir) == os.path.realpath(cfg["restore"])
-    if not same_folder and tf.train.latest_checkpoint(ckpt_dir) is not None:
-        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
-                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
-    _check_writable(ckpt_dir, "-checkpoint_dir")
-    _check_writable(cfg["path_prediction"], "-path_prediction")
-    _check_writable(cfg["log_dir"], "-log_dir")
-
-    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
-    if restoring:
-        train_subjects, test_subjects = _saved_split(cfg["restore"], subjects, cfg, log)
-    else:
-        train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
-    if not train_subjects:
-        raise UserError(f"no training subject in {cfg['data_path']!r} with -train_fraction "
-                        f"{cfg['train_fraction']}")
-    log(f"{len(train_subjects)} train and {len(test_subjects)} test subjects")
-
+    same_folder = _prepare_run_folder(cfg)
+    train_subjects, test_subjects = training_split(cfg, log)
     keras.utils.set_random_seed(cfg["seed"])
-    generator = networks.build_generator(**_architecture(cfg))
-    discriminator = networks.build_discriminator(
-        tuple(cfg["patch_shape"]) + (1,), dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
+    generator, discriminator = build_networks(cfg)
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                            run_eagerly=cfg["run_eagerly"],
-                           loss_scale=cfg["mixed_precision"] == "float16")
-    manager = tf.train.CheckpointManager(trainer.checkpoint, ckpt_dir, max_to_keep=3,
-                                         checkpoint_name="ckpt")
-    if restoring:
-        path = tf.train.latest_checkpoint(cfg["restore"])
-        try:
-            trainer.checkpoint.restore(path).assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.OpError) as err:
-            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
-        log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
-            f"learning rate {trainer.learning_rate:.3g}")
-        if int(trainer.data_seed) != cfg["seed"]:
-            log(f"note: the data order and label noise keep the checkpoint's seed "
-                f"{int(trainer.data_seed)}")
-            cfg = dict(cfg, seed=int(trainer.data_seed))
+                           loss_scale=cfg["mixed_precision"] == "float16",
+                           checkpoint_dir=cfg["checkpoint_dir"])
+    if cfg.get("restore"):
+        cfg = _resume(trainer, cfg, log)
     if int(trainer.epoch) >= cfg["epochs"]:
         log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
             "nothing to train")
         return {"checkpoint": tf.train.latest_checkpoint(cfg["restore"]), "losses": {}}
-
-    _write_json(os.path.join(ckpt_dir, CONFIG_NAME), _saved_config(cfg))
-    if not same_folder:  # a resumed run keeps the split.json it was trained with
-        _write_json(os.path.join(ckpt_dir, SPLIT_NAME), {
-            "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
-            "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
-
-    batches_per_epoch = td.batches_per_epoch(len(train_subjects), cfg["batch_size"], cfg["volume_shape"],
-                                             cfg["patch_shape"], cfg["patch_margin"])
-    ppv = td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"], cfg["patch_margin"])
-    interval = max(1, (20 * ppv) // cfg["batch_size"])  # previews every 20 volumes, as the original
-    writer = tf.summary.create_file_writer(cfg["log_dir"])
-    image_every = 200
-    seed = int(trainer.data_seed)
-
-    losses = {}
-    try:
-        while int(trainer.epoch) < cfg["epochs"]:
-            epoch = int(trainer.epoch)
-            skip = int(trainer.epoch_batches)
-            dataset = td.make_train_dataset(
-                train_subjects, f, batch_size=cfg["batch_size"], volume_shape=cfg["volume_shape"],
-                patch_shape=cfg["patch_shape"], margin=cfg["patch_margin"], seed=seed, epoch=epoch,
-                with_norm_factor=True, log=log)
-            if skip:
-                dataset = dataset.skip(skip)
-            trainer.reset_trackers()
-            bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                       unit="batch", dynamic_ncols=True, file=sys.stderr)
-            start, done = time.time(), 0
-            for batch_index, (lr, hr, nf) in enumerate(dataset, start=skip):
-                out = trainer.train_step(lr, hr)
-                done += 1
-                step = int(trainer.step)
-                with writer.as_default(step=step):
-                    for name in SRGANTrainer.LOSS_NAMES:
-                        tf.summary.scalar(f"loss/{name}", out[name])
-                    tf.summary.scalar("learning_rate", out["learning_rate"])
-                    if step % image_every == 1 or image_every == 1:
-                        sr = trainer.generator(lr[:1], training=False).numpy()
-                        tf.summary.image("lr_sr_hr_axial", _display_slices(
-                            lr.numpy()[:1], sr, hr.numpy()[:1], f))
-                if batch_index % interval == 0:
-                    psnr, ssim = _write_preview(trainer, lr.numpy(), hr.numpy(), nf.numpy(),
-                                                cfg["path_prediction"], f"e{epoch + 1}_s{step}", f)
-                    with writer.as_default(step=step):
-                        tf.summary.scalar("preview/psnr", psnr)
-                        tf.summary.scalar("preview/ssim", ssim)
-                    bar.write(f"epoch {epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
-                              f"SSIM {ssim:.4f} -> {cfg['path_prediction']}")
-                running = trainer.running_losses()
-                elapsed = max(time.time() - start, 1e-9)
-                bar.set_postfix(d=f"{running['d_loss']:.3g}", g=f"{running['g_loss']:.4g}",
-                                mse=f"{running['mse']:.4g}", gdl=f"{running['gdl']:.4g}",
-                                adv=f"{running['adv']:.3g}",
-                                vol_s=f"{done * cfg['batch_size'] / ppv / elapsed:.2f}")
-                bar.update(1)
-            bar.close()
-            losses = trainer.running_losses()
-            trainer.end_epoch()
-            path = manager.save(checkpoint_number=int(trainer.step))
-            writer.flush()
-            log(f"epoch {epoch + 1}/{cfg['epochs']}: " +
-                " ".join(f"{k} {v:.5g}" for k, v in losses.items()) + f"; saved {path}")
-    except KeyboardInterrupt:
-        path = manager.save(checkpoint_number=int(trainer.step))
-        log(f"\ninterrupted: saved {path} (epoch {int(trainer.epoch) + 1}, "
-            f"{int(trainer.epoch_batches)} batches in); resume with -restore {ckpt_dir}")
-        raise
-    finally:
-        writer.close()
-    return {"checkpoint": manager.latest_checkpoint, "losses": losses}
+    _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder)
+    stream = TrainingStream(train_subjects, cfg, log)
+    reporter = TrainingReporter(cfg, stream.batches_per_epoch, log)
+    losses = trainer.fit(stream, cfg["epochs"], reporter, log)
+    return {"checkpoint": trainer.manager.latest_checkpoint, "losses": losses}
 
 
 # --------------------------------------------------------------------------- #
@@ -848,7 +1251,8 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
 def _restored_predictor(cfg, log):
     """Checks the output folder, then builds and restores the generator for inference."""
     _check_writable(cfg["path_volumes"], "-path_volumes")
-    generator = networks.build_generator(**_architecture(cfg))
+    generator = networks.build_generator(
+        **_architecture(cfg), dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
     path = restore_generator(generator, cfg["source_checkpoint"])
     log(f"restored generator from {path}")
     return make_predictor(generator)
@@ -925,7 +1329,7 @@ def evaluate(cfg, log=print):
         hr, grid = td.to_canonical(image, cfg["volume_shape"])
         mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
         hr_n, nf = utils.normalize(hr)
-        lr_n = np.asarray(td.degrade(hr_n, f))
+        lr_n = np.asarray(td.degrade(hr_n, f, cfg["sigma"]))
         sr = utils.denormalize(super_resolve_volume(
             predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"], cfg["batch_size"]), nf)
         lr = utils.denormalize(lr_n, nf)

@@ -95,19 +95,21 @@ class NearestNeighbourZoom(keras.initializers.Initializer):
         return {"stddev": self.stddev, "zoom": self.zoom, "seed": self.seed}
 
 
-def upsampling_mode(subpixel_NN=False, nn=False):
-    """Name of the upsampling mode the original's two flags select.
+def check_upsampling_mode(upsampling_mode):
+    """Validates an upsampling mode name.
 
     Args:
-        subpixel_NN: bool, checkerboard-free sub-pixel (wins over ``nn``).
-        nn: bool, resize-convolution.
+        upsampling_mode: one of ``UPSAMPLING_MODES``.
 
     Returns:
-        One of ``"subpixel_NN"``, ``"nn"``, ``"subpixel"``.
+        The name, unchanged.
+
+    Raises:
+        ValueError: naming the value and the accepted modes.
     """
-    if subpixel_NN:
-        return "subpixel_NN"
-    return "nn" if nn else "subpixel"
+    if upsampling_mode not in UPSAMPLING_MODES:
+        raise ValueError(f"upsampling_mode {upsampling_mode!r} must be one of {', '.join(UPSAMPLING_MODES)}")
+    return upsampling_mode
 
 
 def upsampling_stages(upsampling_factor):
@@ -142,11 +144,13 @@ def _conv(filters, name, dtype, kernel_size=3, strides=1):
         bias_initializer="zeros", name=name, dtype=dtype)
 
 
-def _batch_norm(name, dtype):
+def _batch_norm(name, dtype, synchronized=False):
+    # synchronized=True: under a tf.distribute strategy the statistics are
+    # those of the global batch, as on one device (no effect without one).
     return keras.layers.BatchNormalization(
         momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, beta_initializer="zeros",
         gamma_initializer=keras.initializers.RandomNormal(mean=1.0, stddev=_BN_GAMMA_STDDEV),
-        name=name, dtype=dtype)
+        synchronized=synchronized, name=name, dtype=dtype)
 
 
 def _lrelu(slope, name, dtype):
@@ -155,7 +159,8 @@ def _lrelu(slope, name, dtype):
 
 
 def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
-                    subpixel_NN=False, nn=False, dtype_policy=None, name="generator"):
+                    upsampling_mode="subpixel", dtype_policy=None, synchronized_bn=False,
+                    name="generator"):
     """Builds the 3D SRGAN generator.
 
     SRResNet-style (Ledig et al. 2017, arXiv 1609.04802) in 3-D, as in Sánchez &
@@ -170,7 +175,8 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
     - ``subpixel_NN`` (checkerboard-free sub-pixel, Aitken et al. 2017,
       arXiv 1707.02937): 6×6×6 stride-2 transposed conv → 64 + lrelu, its kernel
       initialised by nearest-neighbour zoom of a 3×3×3 kernel; final conv
-      64 → 1, linear. Wins when both flags are set.
+      64 → 1, linear. (The original's ``-subpixel_NN`` flag; it wins over ``-nn``
+      when both are set, a rule applied by the command line.)
 
     Fully convolutional: any spatial size ``(x, y, z)`` works.
 
@@ -178,10 +184,11 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
         upsampling_factor: int, power of two >= 2 (2, 4, 8, ...).
         residual_blocks: int >= 0.
         feature_size: int >= 1, filters of the residual trunk.
-        subpixel_NN: bool, use the checkerboard-free sub-pixel stages.
-        nn: bool, use resize-convolution stages.
+        upsampling_mode: ``"subpixel"``, ``"nn"`` or ``"subpixel_NN"``.
         dtype_policy: None, a policy name such as ``"mixed_float16"`` or a
             ``keras.DTypePolicy``; the output is float32 whatever the policy.
+        synchronized_bn: bool, batch norm over the global batch of a
+            ``tf.distribute`` strategy (set when training on several replicas).
         name: model name.
 
     Returns:
@@ -191,29 +198,29 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
 
     Raises:
         ValueError: for a factor that is not a power of two >= 2, ``feature_size``
-            < 1 or ``residual_blocks`` < 0.
+            < 1, ``residual_blocks`` < 0 or an unknown ``upsampling_mode``.
     """
     stages = upsampling_stages(upsampling_factor)
     _check_positive_int("residual_blocks", residual_blocks, 0)
     _check_positive_int("feature_size", feature_size, 1)
-    mode = upsampling_mode(subpixel_NN, nn)
+    mode = check_upsampling_mode(upsampling_mode)
     dt = dtype_policy
     up = _UPSAMPLING_FILTERS
 
     lr = keras.Input(shape=(None, None, None, 1), name="lr")  # (b, x, y, z, 1)
     x = _conv(feature_size, "conv1", dt)(lr)  # (b, x, y, z, F)
-    x = _batch_norm("bn1", dt)(x)
+    x = _batch_norm("bn1", dt, synchronized_bn)(x)
     s = x = _lrelu(_G_SLOPE, "lrelu1", dt)(x)
     for i in range(residual_blocks):
         block_input = x
         x = _conv(feature_size, f"rb{i}_conv1", dt)(x)
-        x = _batch_norm(f"rb{i}_bn1", dt)(x)
+        x = _batch_norm(f"rb{i}_bn1", dt, synchronized_bn)(x)
         x = _lrelu(_G_SLOPE, f"rb{i}_lrelu", dt)(x)
         x = _conv(feature_size, f"rb{i}_conv2", dt)(x)
-        x = _batch_norm(f"rb{i}_bn2", dt)(x)
+        x = _batch_norm(f"rb{i}_bn2", dt, synchronized_bn)(x)
         x = keras.layers.Add(name=f"rb{i}_add", dtype=dt)([x, block_input])
     x = _conv(feature_size, "conv2", dt)(x)
-    x = _batch_norm("bn2", dt)(x)
+    x = _batch_norm("bn2", dt, synchronized_bn)(x)
     x = keras.layers.Add(name="long_skip", dtype=dt)([x, s])  # (b, x, y, z, F)
 
     for stage in range(1, stages + 1):
@@ -241,7 +248,8 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
     return keras.Model(lr, sr, name=name)
 
 
-def build_discriminator(input_shape=(128, 128, 92, 1), dtype_policy=None, name="discriminator"):
+def build_discriminator(input_shape=(128, 128, 92, 1), dtype_policy=None, synchronized_bn=False,
+                        name="discriminator"):
     """Builds the least-squares 3D SRGAN discriminator.
 
     SRGAN discriminator (Ledig et al. 2017) in 3-D as in Sánchez & Vilaplana,
@@ -255,6 +263,8 @@ def build_discriminator(input_shape=(128, 128, 92, 1), dtype_policy=None, name="
             layer's size depends on it. 128×128×92 → 8×8×6×256 → 98,304 features,
             104,180,321 trainable parameters.
         dtype_policy: None or a Keras dtype policy; the output is float32.
+        synchronized_bn: bool, batch norm over the global batch of a
+            ``tf.distribute`` strategy.
         name: model name.
 
     Returns:
@@ -277,7 +287,7 @@ def build_discriminator(input_shape=(128, 128, 92, 1), dtype_policy=None, name="
     for i, (filters, stride) in enumerate(
             [(32, 2), (64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2)], start=2):
         x = _conv(filters, f"conv{i}", dt, strides=stride)(x)  # stride 2 halves x, y, z (ceil)
-        x = _batch_norm(f"bn{i}", dt)(x)
+        x = _batch_norm(f"bn{i}", dt, synchronized_bn)(x)
         x = _lrelu(_D_SLOPE, f"lrelu{i}", dt)(x)
     x = keras.layers.Flatten(name="flatten", dtype=dt)(x)  # (b, 8*6*8*256) for 128×128×92
     dense_init = keras.initializers.TruncatedNormal(stddev=_DENSE_STDDEV)

@@ -43,10 +43,9 @@ def main():
     parser.add_argument("--factor", type=int, default=4)
     args = parser.parse_args()
     f = args.factor
-    flags = {"subpixel_NN": args.mode == "subpixel_NN", "nn": args.mode == "nn"}
     print(f"tensorflow {tf.__version__}, devices {[d.device_type for d in tf.config.list_physical_devices()]}")
 
-    g = networks.build_generator(f, **flags)
+    g = networks.build_generator(f, upsampling_mode=args.mode)
     predict = model.make_predictor(g)
     lr = tf.random.uniform((1, 128 // f, 128 // f, 92 // f, 1), -1, 1)
     t = timed(lambda: predict(lr).numpy(), 10)

@@ -169,6 +169,8 @@ def test_train_step_returns_scalars_and_decays_learning_rate():
     before = [w.numpy().copy() for w in trainer.generator.trainable_weights]
     out = trainer.train_step(lr, hr)
     assert set(out) >= {"d_loss", "g_loss", "mse", "gdl", "adv", "learning_rate", "flipped"}
+    assert all(isinstance(v, tf.Tensor) and v.shape == () for v in out.values())  # no host sync
+    out = {k: float(v) for k, v in out.items()}
     assert all(np.isfinite(v) for v in out.values())
     assert out["learning_rate"] == pytest.approx(1e-4)
     assert int(trainer.step) == 1 and int(trainer.g_optimizer.iterations) == 1
@@ -184,7 +186,7 @@ def test_eager_and_compiled_steps_agree():
         tf.keras.utils.set_random_seed(5)
         trainer = _tiny_trainer(run_eagerly=eager)
         hr = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-        results.append(trainer.train_step(np.asarray(td.degrade(hr, 2)), hr))
+        results.append({k: float(v) for k, v in trainer.train_step(np.asarray(td.degrade(hr, 2)), hr).items()})
     for key in ("d_loss", "g_loss", "mse"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-3)  # graph vs eager round-off
 
@@ -466,3 +468,150 @@ def test_bfloat16_training_is_refused_without_a_gpu(tmp_path, monkeypatch, capsy
     os.mkdir("data")
     assert model.main(["-mixed_precision", "bfloat16"]) == 2
     assert "bfloat16 needs a GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# One table of persisted settings
+# ----------------------------------------------------------------------------
+
+SAVED = {"upsampling_factor": 2, "residual_blocks": 1, "feature_size": 4, "upsampling_mode": "nn",
+         "volume_shape": [32, 32, 24], "patch_shape": [20, 20, 16], "patch_margin": 2, "sigma": 0.5,
+         "mixed_precision": "none", "data_path": "/d", "seed": 3, "batch_size": 4, "epochs": 7}
+
+
+@pytest.mark.parametrize("given, action, key, expected", [
+    ({}, "train", "feature_size", 4),                      # architecture comes from the checkpoint
+    ({}, "evaluate", "volume_shape", (32, 32, 24)),        # lists become tuples again
+    ({}, "evaluate", "sigma", 0.5),                        # evaluation degrades as the training did
+    ({}, "train", "seed", 3),                              # run settings are inherited ...
+    ({"seed": 9}, "train", "seed", 9),                     # ... unless given
+    ({"batch_size": 1}, "evaluate", "batch_size", 1),
+    ({}, "train", "mixed_precision", "none"),              # a resumed run keeps its precision
+    ({"mixed_precision": "float16"}, "evaluate", "mixed_precision", "float16"),  # evaluation may choose
+    ({"upsampling_mode": "nn"}, "evaluate", "upsampling_mode", "nn"),  # agreeing flags are fine
+])
+def test_saved_settings_are_adopted_by_the_table(given, action, key, expected):
+    cfg = {k: v for k, v in model.DEFAULTS.items() if k not in model.MODE_FLAGS}
+    cfg.update(given)
+    model.adopt_saved_settings(cfg, SAVED, given, action, "ckpt")
+    assert cfg[key] == expected
+
+
+@pytest.mark.parametrize("given, action, fragment", [
+    ({"feature_size": 8}, "evaluate", "-feature_size 8, the checkpoint uses -feature_size 4"),
+    ({"sigma": 1.0}, "evaluate", "-sigma 1.0, the checkpoint uses -sigma 0.5"),
+    ({"upsampling_mode": "subpixel"}, "train", "'subpixel' (-subpixel_NN False -nn False)"),
+    ({"mixed_precision": "float16"}, "train", "-mixed_precision float16"),
+])
+def test_contradicting_the_checkpoint_is_an_error(given, action, fragment):
+    cfg = dict(model.DEFAULTS, **given)
+    with pytest.raises(model.UserError, match="do not match the checkpoint") as err:
+        model.adopt_saved_settings(cfg, SAVED, given, action, "ckpt")
+    assert fragment in str(err.value)
+
+
+def test_config_json_holds_exactly_the_persisted_settings(run):
+    config = json.loads((run["ckpt"] / "config.json").read_text())
+    assert set(config) == set(model.PERSISTED) | {"tensorflow", "keras"}
+    assert config["sigma"] == 1.0 and "subpixel_NN" not in config and "nn" not in config
+
+
+@pytest.mark.parametrize("argv, mode", [([], "subpixel"), (["-nn"], "nn"), (["-subpixel_NN", "1"], "subpixel_NN"),
+                                        (["-subpixel_NN", "yes", "-nn", "yes"], "subpixel_NN"),
+                                        (["-subpixel_NN", "False", "-nn", "False"], "subpixel")])
+def test_mode_flags_become_one_setting(argv, mode):
+    given = model.given_settings(_args(argv))
+    assert "subpixel_NN" not in given and "nn" not in given
+    assert given.get("upsampling_mode", "subpixel") == mode
+
+
+def test_evaluation_degrades_with_the_training_sigma(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    td.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=2)
+    ckpt = tmp_path / "ckpt"
+    argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1", "-sigma", "0.5"] + TINY
+    seen = []
+    degrade = td.degrade
+
+    def spy(x, f, sigma=1.0):
+        seen.append(float(sigma))
+        return degrade(x, f, sigma)
+
+    monkeypatch.setattr(td, "degrade", spy)
+    assert model.main(argv) == 0
+    assert json.loads((ckpt / "config.json").read_text())["sigma"] == 0.5
+    seen.clear()
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(ckpt)]) == 0
+    assert seen and set(seen) == {0.5}
+
+
+# ----------------------------------------------------------------------------
+# The training loop reads the device every few steps, and its summaries survive a resume
+# ----------------------------------------------------------------------------
+
+def test_step_history_holds_what_each_step_returned():
+    trainer = _tiny_trainer()
+    rng = np.random.default_rng(2)
+    returned = []
+    for _ in range(5):
+        hr = rng.uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+        returned.append({k: float(v) for k, v in trainer.train_step(np.asarray(td.degrade(hr, 2)), hr).items()})
+    history = trainer.recent_scalars(2, 5)
+    assert [s for s, _ in history] == [2, 3, 4, 5]
+    for (_, values), expected in zip(history, returned[1:]):
+        assert values == pytest.approx(expected, rel=1e-6)
+    losses = trainer.epoch_losses()
+    assert losses["mse"] == pytest.approx(np.mean([r["mse"] for r in returned]), rel=1e-5)
+    trainer.end_epoch()
+    assert int(trainer.epoch) == 1 and trainer.epoch_losses()["mse"] == 0.0
+
+
+def test_mid_epoch_resume_reports_the_whole_epochs_losses(run, tmp_path, monkeypatch):
+    def cfg_for(folder, *extra):
+        argv = ["-data_path", str(run["data"]), "-checkpoint_dir", str(folder), "-epochs", "1",
+                "-path_prediction", str(tmp_path / "pred")] + TINY + list(extra)
+        return model.resolve_config(_args(argv), log=lambda *_: None)
+
+    quiet = lambda *_: None  # noqa: E731
+    whole = model.train(cfg_for(tmp_path / "whole"), log=quiet)["losses"]
+    original = model.SRGANTrainer.train_step
+    calls = {"n": 0}
+
+    def interrupted(self, lr, hr):
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, lr, hr)
+
+    monkeypatch.setattr(model.SRGANTrainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(cfg_for(tmp_path / "cut"), log=quiet)
+    monkeypatch.setattr(model.SRGANTrainer, "train_step", original)
+    resumed = model.train(cfg_for(tmp_path / "cut", "-restore", str(tmp_path / "cut")), log=quiet)["losses"]
+    # All 16 batches, not the 11 since the resume: the same numbers as the uninterrupted epoch.
+    assert resumed == pytest.approx(whole, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# A terminal shows our lines, not TensorFlow's
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, verbose", [([], False), (["-verbose"], True), (["-verbose", "True"], True),
+                                           (["--verbose=1"], True), (["-verbose", "no"], False),
+                                           (["-verbose", "-demo"], True), (["-demo", "True"], False)])
+def test_verbose_is_read_before_tensorflow_loads(argv, verbose):
+    assert model._verbose_requested(argv) is verbose
+
+
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path):
+    script = ("import sys; sys.argv = ['model.py'] + sys.argv[1:]; sys.path.insert(0, %r); "
+              "import model; import tensorflow as tf; print(tf.reduce_sum(tf.ones(3)).numpy())" % ROOT)
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+    loud = subprocess.run([sys.executable, "-c", script, "-verbose", "True"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert quiet.returncode == 0 and loud.returncode == 0 and "3.0" in quiet.stdout
+    assert quiet.stderr.strip() == ""
+    assert loud.stderr.strip() != ""  # what was hidden: TensorFlow's own start-up lines

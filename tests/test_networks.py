@@ -18,15 +18,16 @@ def _trainable_params(model):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode, factor, expected", [
-    ({}, 2, 417_209),
-    ({}, 4, 431_097),
-    ({"nn": True}, 2, 529_377),
-    ({"nn": True}, 4, 750_689),
-    ({"subpixel_NN": True}, 2, 805_793),
-    ({"subpixel_NN": True}, 4, 1_690_593),
+    ("subpixel", 2, 417_209),
+    ("subpixel", 4, 431_097),
+    ("nn", 2, 529_377),
+    ("nn", 4, 750_689),
+    ("subpixel_NN", 2, 805_793),
+    ("subpixel_NN", 4, 1_690_593),
 ])
 def test_generator_parameter_counts_match_original(mode, factor, expected):
-    g = networks.build_generator(upsampling_factor=factor, residual_blocks=6, feature_size=32, **mode)
+    g = networks.build_generator(upsampling_factor=factor, residual_blocks=6, feature_size=32,
+                                 upsampling_mode=mode)
     assert _trainable_params(g) == expected
 
 
@@ -36,17 +37,27 @@ def test_discriminator_parameter_count_matches_original():
     assert d.get_layer("flatten").output.shape[-1] == 98_304
 
 
-def test_subpixel_nn_wins_when_both_flags_set():
-    both = networks.build_generator(2, 1, 4, subpixel_NN=True, nn=True)
-    only = networks.build_generator(2, 1, 4, subpixel_NN=True)
-    assert _trainable_params(both) == _trainable_params(only)
-    assert any(isinstance(l, keras.layers.Conv3DTranspose) for l in both.layers)
-    assert networks.upsampling_mode(True, True) == "subpixel_NN"
+@pytest.mark.parametrize("mode", ["", "subpixel-NN", "NN", None, True])
+def test_unknown_upsampling_mode_is_rejected_by_name(mode):
+    with pytest.raises(ValueError, match="upsampling_mode"):
+        networks.build_generator(2, 1, 4, upsampling_mode=mode)
+
+
+def test_synchronized_batch_norm_is_the_same_model_without_a_strategy():
+    keras.utils.set_random_seed(2)
+    plain = networks.build_generator(2, 1, 4)
+    keras.utils.set_random_seed(2)
+    synced = networks.build_generator(2, 1, 4, synchronized_bn=True)
+    assert synced.get_layer("bn1").synchronized and not plain.get_layer("bn1").synchronized
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_allclose(plain(x, training=True).numpy(), synced(x, training=True).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert [w.name for w in plain.weights] == [w.name for w in synced.weights]
 
 
 def test_tanh_only_at_the_end_of_nn_mode():
-    for mode, activation in [({}, "linear"), ({"nn": True}, "tanh"), ({"subpixel_NN": True}, "linear")]:
-        g = networks.build_generator(2, 1, 4, **mode)
+    for mode, activation in [("subpixel", "linear"), ("nn", "tanh"), ("subpixel_NN", "linear")]:
+        g = networks.build_generator(2, 1, 4, upsampling_mode=mode)
         assert g.layers[-1].get_config()["activation"] == activation
         y = g(np.full((1, 4, 4, 4, 1), 50.0, np.float32), training=False).numpy()
         if activation == "tanh":
@@ -60,11 +71,11 @@ def test_tanh_only_at_the_end_of_nn_mode():
 SHAPES = [(1, 8, 6, 5, 1), (3, 4, 4, 4, 1), (2, 5, 7, 3, 1), (1, 1, 1, 1, 1)]
 
 
-@pytest.mark.parametrize("mode", [{}, {"nn": True}, {"subpixel_NN": True}])
+@pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
 @pytest.mark.parametrize("factor", [2, 4, 8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_generator_output_shape(mode, factor, shape):
-    g = _small_generator(factor, **mode)
+    g = _small_generator(factor, mode)
     y = g(np.random.rand(*shape).astype(np.float32), training=False)
     b, x, yy, z, c = shape
     assert tuple(y.shape) == (b, factor * x, factor * yy, factor * z, 1)
@@ -74,17 +85,18 @@ def test_generator_output_shape(mode, factor, shape):
 _GENERATORS = {}
 
 
-def _small_generator(factor, **mode):
+def _small_generator(factor, mode):
     # Built once per configuration: the shape table reuses them for every input size.
-    key = (factor, tuple(sorted(mode.items())))
+    key = (factor, mode)
     if key not in _GENERATORS:
-        _GENERATORS[key] = networks.build_generator(factor, residual_blocks=1, feature_size=8, **mode)
+        _GENERATORS[key] = networks.build_generator(factor, residual_blocks=1, feature_size=8,
+                                                    upsampling_mode=mode)
     return _GENERATORS[key]
 
 
-@pytest.mark.parametrize("mode", [{}, {"nn": True}, {"subpixel_NN": True}])
+@pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
 def test_generator_in_tf_function_with_unknown_shapes(mode):
-    g = _small_generator(2, **mode)
+    g = _small_generator(2, mode)
     fn = tf.function(lambda x: g(x, training=False),
                      input_signature=[tf.TensorSpec((None, None, None, None, 1), tf.float32)])
     for shape in [(1, 4, 6, 3, 1), (2, 5, 3, 7, 1)]:
@@ -173,7 +185,7 @@ def test_voxel_shuffle_rejects_bad_factor():
 
 @pytest.mark.parametrize("factor", [2, 4])
 def test_subpixel_nn_stages_are_constant_on_2x2x2_blocks_at_init(factor):
-    g = networks.build_generator(factor, residual_blocks=1, feature_size=8, subpixel_NN=True)
+    g = networks.build_generator(factor, residual_blocks=1, feature_size=8, upsampling_mode="subpixel_NN")
     stages = [g.get_layer(f"up{s}_lrelu").output for s in range(1, int(np.log2(factor)) + 1)]
     probe = keras.Model(g.input, stages)
     outs = probe(np.random.default_rng(3).normal(size=(2, 5, 4, 3, 1)).astype(np.float32), training=False)
@@ -225,9 +237,9 @@ def test_initialisers_and_batch_norm_settings():
 # Serialisation and mixed precision
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [{}, {"nn": True}, {"subpixel_NN": True}])
+@pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
 def test_generator_keras_round_trip(tmp_path, mode):
-    g = networks.build_generator(4, residual_blocks=1, feature_size=4, **mode)
+    g = networks.build_generator(4, residual_blocks=1, feature_size=4, upsampling_mode=mode)
     path = tmp_path / "g.keras"
     g.save(path)
     loaded = keras.models.load_model(path)
@@ -254,7 +266,8 @@ def test_custom_objects_have_complete_config():
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_outputs_float32(policy):
-    g = networks.build_generator(2, residual_blocks=1, feature_size=8, subpixel_NN=True, dtype_policy=policy)
+    g = networks.build_generator(2, residual_blocks=1, feature_size=8, upsampling_mode="subpixel_NN",
+                                 dtype_policy=policy)
     assert g.get_layer("rb0_conv1").compute_dtype in ("float16", "bfloat16")
     assert g.get_layer("rb0_conv1").kernel.dtype == "float32"
     y = g(np.random.rand(1, 4, 4, 4, 1).astype(np.float32), training=False)
