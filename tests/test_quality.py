@@ -1,0 +1,212 @@
+"""Tests of benchmarks/quality.py: the realistic-data builder and its command line."""
+
+import importlib.util
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import train_dataset
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality.py")
+_spec = importlib.util.spec_from_file_location("quality", _PATH)
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+SHAPE = (24, 24, 20)
+
+
+def _write_template(path, shape=SHAPE):
+    """Writes a float32 ellipsoid 'brain' (white-matter core 0.9, grey shell 0.6, 0 outside).
+
+    Centred on the grid so its bounding-box centre is the grid centre: with no
+    transform the builder's grid then maps onto the template voxel for voxel.
+    """
+    idx = np.indices(shape, dtype=np.float64)
+    centre = (np.asarray(shape) - 1) / 2.0
+    r = np.sqrt(sum(((idx[a] - centre[a]) / s) ** 2 for a, s in enumerate((9.0, 9.0, 7.0))))
+    image = np.where(r <= 1, np.where(r <= 0.6, 0.9, 0.6), 0.0).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-12.0, -20.0, 7.0)
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    return image
+
+
+def _read(folder):
+    image = nib.load(os.path.join(folder, train_dataset.IMAGE_NAME))
+    mask = nib.load(os.path.join(folder, train_dataset.MASK_NAME))
+    return image, mask
+
+
+def _build(tmp_path, name, **kwargs):
+    template = tmp_path / "template.nii.gz"
+    if not template.exists():
+        _write_template(template)
+    kwargs.setdefault("shape", SHAPE)
+    kwargs.setdefault("subjects", 2)
+    return quality.build_dataset(tmp_path / name, template=template, log=lambda m: None, **kwargs)
+
+
+def _data(folders):
+    return [(np.asarray(_read(f)[0].dataobj), np.asarray(_read(f)[1].dataobj)) for f in folders]
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    first = _data(_build(tmp_path, "a", seed=3))
+    again = _data(_build(tmp_path, "b", seed=3))
+    other = _data(_build(tmp_path, "c", seed=4))
+    fewer = _data(_build(tmp_path, "d", seed=3, subjects=1))
+    for (img, mask), (img2, mask2) in zip(first, again):
+        assert img.tobytes() == img2.tobytes()
+        assert mask.tobytes() == mask2.tobytes()
+    # Subject i depends only on (seed, i): a smaller build repeats its subjects.
+    assert fewer[0][0].tobytes() == first[0][0].tobytes()
+    for (img, _), (img2, _) in zip(first, other):
+        assert not np.array_equal(img, img2)
+    assert not np.array_equal(first[0][0], first[1][0]), "two subjects of one seed must differ"
+
+
+def test_build_writes_valid_adni_layout_subjects(tmp_path):
+    folders = _build(tmp_path, "data", subjects=3, seed=0)
+    out = tmp_path / "data"
+    assert folders == sorted(str(out / f"mni_{i:03d}") for i in range(3))
+    subjects, problems = train_dataset.find_subjects(out, log=lambda m: None)
+    assert problems == []
+    assert [s.name for s in subjects] == ["mni_000", "mni_001", "mni_002"]
+    for subject in subjects:
+        assert subject.mask_path is not None
+        image, mask = _read(os.path.dirname(subject.image_path))
+        data, m = np.asarray(image.dataobj), np.asarray(mask.dataobj)
+        assert image.get_data_dtype() == np.int16 and data.dtype == np.int16
+        assert mask.get_data_dtype() == np.uint8 and m.dtype == np.uint8
+        assert data.shape == SHAPE and m.shape == SHAPE
+        assert set(np.unique(m)) == {0, 1}
+        assert not np.any((data != 0) & (m == 0)), "image must be zero outside the mask"
+        assert data.min() >= 0
+        assert np.mean(data[m > 0] > 0) > 0.99
+        assert not np.allclose(image.affine, np.eye(4))
+        np.testing.assert_allclose(image.affine, mask.affine)
+        np.testing.assert_allclose(image.header.get_zooms(), (1.0, 1.0, 1.0))
+        np.testing.assert_allclose(np.sqrt((image.affine[:3, :3] ** 2).sum(0)), 1.0)
+    record = json.loads((out / quality.BUILD_RECORD).read_text())
+    assert record["seed"] == 0 and record["shape"] == list(SHAPE)
+    assert [r["subject"] for r in record["subject_params"]] == ["mni_000", "mni_001", "mni_002"]
+
+
+def test_untransformed_subject_is_the_template_scaled_to_white_matter_1000(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "MAX_TRANSLATION_MM", 0.0)
+    folders = _build(tmp_path, "plain", subjects=1, noise=0.0, bias=0.0, max_rotation_deg=0,
+                     scale_range=(1, 1))
+    template = np.asarray(nib.load(tmp_path / "template.nii.gz").dataobj)
+    (image, mask), = _data(folders)
+    # Cubic B-splines interpolate: on the template's own voxels they return it exactly.
+    np.testing.assert_array_equal(mask, (template > 0).astype(np.uint8))
+    np.testing.assert_array_equal(image, np.rint(template / 0.9 * 1000).astype(np.int16))
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.3, 0.8])
+def test_bias_field_spans_its_peak_to_peak_amplitude(tmp_path, monkeypatch, bias):
+    monkeypatch.setattr(quality, "MAX_TRANSLATION_MM", 0.0)
+    kwargs = dict(subjects=1, seed=5, noise=0.0, max_rotation_deg=0, scale_range=(1, 1))
+    (clean, mask), = _data(_build(tmp_path, "clean", bias=0.0, **kwargs))
+    (biased, _), = _data(_build(tmp_path, f"bias{bias}", bias=bias, **kwargs))
+    ratio = biased[mask > 0] / clean[mask > 0]
+    # Rounding to integers (values 600-1000) moves a ratio by at most ~1e-3.
+    assert ratio.min() == pytest.approx(1 - bias / 2, abs=2e-3)
+    assert ratio.max() == pytest.approx(1 + bias / 2, abs=2e-3)
+
+
+def test_noise_sigma_is_the_given_fraction_of_white_matter(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "MAX_TRANSLATION_MM", 0.0)
+    kwargs = dict(subjects=1, seed=1, bias=0.0, max_rotation_deg=0, scale_range=(1, 1))
+    (clean, mask), = _data(_build(tmp_path, "clean", noise=0.0, **kwargs))
+    (noisy, _), = _data(_build(tmp_path, "noisy", noise=0.05, **kwargs))
+    diff = (noisy.astype(np.float64) - clean)[mask > 0]
+    # sigma = 0.05 x 1000; at SNR >= 12 Rician noise is nearly Gaussian with that sigma.
+    assert np.std(diff) == pytest.approx(50, rel=0.15)
+    assert abs(np.mean(diff)) < 10
+
+
+def test_default_template_is_nilearns_mni152(tmp_path):
+    pytest.importorskip("nilearn")
+    shape = (40, 48, 40)
+    folders = quality.build_dataset(tmp_path / "mni", subjects=1, seed=0, shape=shape, log=lambda m: None)
+    (image, mask), = _data(folders)
+    assert image.shape == shape
+    # The grid is centred on the brain, and a 40x48x40 mm grid lies inside it.
+    assert mask.mean() > 0.9
+    brain = image[mask > 0]
+    # MNI152 T1 contrast: a wide spread from CSF/grey matter up to white matter near 1000.
+    assert 850 < np.percentile(brain, 90) < 1200
+    assert np.percentile(brain, 5) < 0.7 * np.percentile(brain, 90)
+    record = json.loads((tmp_path / "mni" / quality.BUILD_RECORD).read_text())
+    assert record["template"] is None
+    assert record["template_wm"] == pytest.approx(0.867, abs=0.02)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(subjects=0), "subjects"),
+    (dict(subjects=True), "subjects"),
+    (dict(seed=-1), "seed"),
+    (dict(shape=(24, 24)), "shape"),
+    (dict(shape=(4, 24, 24)), "shape"),
+    (dict(shape="abc"), "shape"),
+    (dict(noise=-0.1), "noise"),
+    (dict(noise=float("nan")), "noise"),
+    (dict(bias=2.0), "bias"),
+    (dict(max_rotation_deg=-1), "max_rotation_deg"),
+    (dict(scale_range=(1.1, 0.9)), "scale_range"),
+    (dict(scale_range=(0, 1)), "scale_range"),
+    (dict(scale_range=1.0), "scale_range"),
+])
+def test_build_rejects_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _build(tmp_path, "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_build_rejects_bad_templates(tmp_path):
+    missing = tmp_path / "missing.nii.gz"
+    with pytest.raises(train_dataset.DataError, match="missing.nii.gz"):
+        quality.build_dataset(tmp_path / "out", template=missing, shape=SHAPE, log=lambda m: None)
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), str(empty))
+    with pytest.raises(train_dataset.DataError, match="no voxel > 0"):
+        quality.build_dataset(tmp_path / "out", template=empty, shape=SHAPE, log=lambda m: None)
+    series = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(SHAPE + (2,), np.float32), np.eye(4)), str(series))
+    with pytest.raises(train_dataset.DataError, match="3-D"):
+        quality.build_dataset(tmp_path / "out", template=series, shape=SHAPE, log=lambda m: None)
+
+
+def test_cli_build_matches_the_function(tmp_path):
+    template = tmp_path / "template.nii.gz"
+    _write_template(template)
+    rc = quality.main(["build", "--out", str(tmp_path / "cli"), "--subjects", "2", "--seed", "7",
+                       "--shape", "24,24,20", "--template", str(template)])
+    assert rc == 0
+    expected = _data(_build(tmp_path, "fn", subjects=2, seed=7))
+    got = _data([tmp_path / "cli" / "mni_000", tmp_path / "cli" / "mni_001"])
+    for (img, mask), (img2, mask2) in zip(expected, got):
+        np.testing.assert_array_equal(img, img2)
+        np.testing.assert_array_equal(mask, mask2)
+
+
+@pytest.mark.parametrize("argv", [
+    ["build"],                                          # --out missing
+    ["build", "--out", "x", "--shape", "24,24"],
+    ["build", "--out", "x", "--scale-range", "0.9"],
+    ["train"],                                          # no such step
+])
+def test_cli_rejects_bad_flags(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(argv)
+    assert e.value.code == 2
+
+
+def test_cli_reports_bad_values_without_a_traceback(tmp_path, capsys):
+    rc = quality.main(["build", "--out", str(tmp_path / "x"), "--subjects", "0"])
+    assert rc == 2
+    assert "subjects 0 must be an integer >= 1" in capsys.readouterr().err
