@@ -104,6 +104,7 @@ DEFAULTS = {
     "sigma": 1.0,
     "train_fraction": 0.8,
     "learning_rate": 1e-4,
+    "pretrain_steps": 0,
     "seed": 0,
     "image_name": td.IMAGE_NAME,
     "mask_name": td.MASK_NAME,
@@ -143,6 +144,7 @@ PERSISTED = {
     "seed": RUN,
     "batch_size": RUN,
     "learning_rate": RUN,
+    "pretrain_steps": RUN,
     "epochs": RUN,
 }
 
@@ -304,6 +306,9 @@ def build_parser():
     add("train_fraction", "fraction of the sorted subjects used for training", type=_positive(float), metavar="P")
     add("learning_rate", "initial Adam learning rate, decayed as lr/(1+0.5*step/4920)",
         type=_positive(float), metavar="LR")
+    add("pretrain_steps", "first N steps train the generator alone on the content loss (sum of "
+        "squared errors + gradient difference, no adversarial term, discriminator untouched); "
+        "0 = the original recipe", type=_non_negative_int, metavar="N")
     add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
     add("log_dir", "TensorBoard folder", shown="<checkpoint_dir>/logs", metavar="DIR")
     add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
@@ -630,6 +635,10 @@ class SRGANTrainer:
         checkpoint_dir: folder the checkpoints are written to (None: the
             trainer cannot :meth:`save`).
         max_to_keep: checkpoints kept in ``checkpoint_dir``.
+        pretrain_steps: int, the first steps update the generator alone on the
+            content loss (``mse + gdl``, the original's generator loss without
+            its adversarial term); the discriminator is not updated. 0 (the
+            original's recipe) trains the GAN from the first step.
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -639,7 +648,7 @@ class SRGANTrainer:
     HISTORY = 256
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
-                 loss_scale=False, checkpoint_dir=None, max_to_keep=3):
+                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0):
         self.generator = generator
         self.discriminator = discriminator
         self.schedule = keras.optimizers.schedules.InverseTimeDecay(
@@ -685,7 +694,11 @@ class SRGANTrainer:
             self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
                                                       max_to_keep=max_to_keep, checkpoint_name="ckpt")
         self.run_eagerly = run_eagerly
-        self._compiled = self._train_step if run_eagerly else tf.function(self._train_step)
+        self.pretrain_steps = int(pretrain_steps)
+        self._host_step = None
+        compile_ = (lambda fn: fn) if run_eagerly else tf.function
+        self._compiled = compile_(self._train_step)
+        self._compiled_pretrain = compile_(self._pretrain_step)
         self._end_epoch = tf.function(self._end_epoch_fn)
 
     # ------------------------------------------------------------------ state
@@ -714,6 +727,7 @@ class SRGANTrainer:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as err:
             raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+        self._host_step = None
         return path
 
     def save(self):
@@ -769,9 +783,33 @@ class SRGANTrainer:
         Returns:
             dict of float32 scalar tensors (no host synchronisation): d_loss,
             g_loss, mse, gdl, adv (this step's), flipped (1.0 when the labels
-            were swapped) and learning_rate (the one this step used).
+            were swapped) and learning_rate (the one this step used). During
+            pre-training d_loss, adv and flipped are 0.
         """
-        return self._compiled(lr, hr)
+        # A host-side mirror of the step counter: reading self.step would make
+        # the host wait for the device at every step.
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        pretraining = self._host_step < self.pretrain_steps
+        out = (self._compiled_pretrain if pretraining else self._compiled)(lr, hr)
+        self._host_step += 1
+        return out
+
+    def _pretrain_step(self, lr, hr):
+        g = self.generator
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            mse = tf.reduce_sum(tf.square(sr - hr))
+            gdl = gradient_difference_loss(hr, sr)
+            scaled = self._scale(self._g_apply, mse + gdl)
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
+        zero = tf.zeros((), tf.float32)
+        out = {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
+               "flipped": zero, "learning_rate": learning_rate}
+        self._record(out)
+        return out
 
     def _train_step(self, lr, hr):
         g, d = self.generator, self.discriminator
@@ -1193,7 +1231,7 @@ def train(cfg, log=print):
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                            run_eagerly=cfg["run_eagerly"],
                            loss_scale=cfg["mixed_precision"] == "float16",
-                           checkpoint_dir=cfg["checkpoint_dir"])
+                           checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
     if cfg.get("restore"):
         cfg = _resume(trainer, cfg, log)
     if int(trainer.epoch) >= cfg["epochs"]:

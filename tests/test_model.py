@@ -615,3 +615,21 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path):
     assert quiet.returncode == 0 and loud.returncode == 0 and "3.0" in quiet.stdout
     assert quiet.stderr.strip() == ""
     assert loud.stderr.strip() != ""  # what was hidden: TensorFlow's own start-up lines
+
+
+def test_pretrain_steps_train_the_generator_alone_then_the_gan():
+    g = networks.build_generator(2, residual_blocks=1, feature_size=4)
+    d = networks.build_discriminator((8, 8, 6, 1))
+    trainer = model.SRGANTrainer(g, d, seed=1, pretrain_steps=2)
+    hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+    lr = np.asarray(td.degrade(hr, 2))
+    d_before = [w.numpy().copy() for w in d.trainable_weights]
+    for _ in range(2):
+        out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
+        assert out["d_loss"] == 0.0 and out["adv"] == 0.0
+        assert out["g_loss"] == pytest.approx(out["mse"] + out["gdl"], rel=1e-6)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(d_before, d.trainable_weights))
+    assert int(trainer.g_optimizer.iterations) == 2 and int(trainer.d_optimizer.iterations) == 0
+    out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
+    assert out["d_loss"] > 0 and out["adv"] > 0  # the GAN from step 3 on
+    assert int(trainer.d_optimizer.iterations) == 1 and int(trainer.step) == 3
