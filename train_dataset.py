@@ -12,15 +12,19 @@ high-resolution patch, ``lr`` its degraded version, ``sr`` a network output.
 
 Bad data never crashes a run: :func:`find_subjects` checks every subject from
 its header and reports the bad ones in one summary, and :func:`make_train_dataset`
-reports and skips a subject whose data fail to decode (e.g. a truncated
-``.nii.gz``) without stopping the epoch. Failures the user must fix (a missing
-or empty data folder) are :class:`DataError`; wrong arguments are
-:class:`ValueError`.
+reports and skips a subject whose own file turns out bad when read (e.g. a
+truncated ``.nii.gz``) without stopping the epoch. Everything that is not a
+problem of one subject's file (out of memory, a data folder that disappeared,
+a disk error) stops the epoch instead of silently emptying it. Failures the
+user must fix (a missing or empty data folder, a bad file) are
+:class:`DataError`; wrong arguments are :class:`ValueError`.
 """
 
 import dataclasses
+import errno
 import math
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -37,12 +41,118 @@ MARGIN = 16
 _TRUNCATE = 4.0
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+#: A header claiming more voxels than this many canonical volumes is taken as
+#: corrupt (see :func:`max_voxels_for`): reading it could take gigabytes.
+MAX_VOXELS_FACTOR = 16
+
 
 class DataError(ValueError):
     """A problem with the user's data (missing folder, unreadable file, ...).
 
     The message names the offending path and what was expected there.
     """
+
+
+class PipelineError(DataError):
+    """A data failure that is not one subject's bad file: it stops training.
+
+    E.g. the data folder disappeared (moved, unmounted) while a run was
+    reading it. Also what :func:`unwrap_pipeline_error` returns when the
+    original exception of a failed ``tf.data`` pipeline is unknown.
+    """
+
+
+def max_voxels_for(volume_shape=VOLUME_SHAPE):
+    """The most voxels a NIfTI header may claim before it is refused as corrupt.
+
+    ``MAX_VOXELS_FACTOR`` (16) times the canonical volume, and never less than
+    16 times the default 224x224x152 (122 million voxels, 0.5 GB as float32),
+    so that a small ``volume_shape`` chosen for a quick run still accepts
+    ordinary high-resolution scans (a 0.5 mm 512x512x400 scan is 105 million).
+
+    Args:
+        volume_shape: (3,) ints, the canonical shape.
+
+    Returns:
+        int.
+
+    Raises:
+        ValueError: if ``volume_shape`` is not 3 positive integers.
+    """
+    volume_shape = _check_shape("volume_shape", volume_shape)
+    return MAX_VOXELS_FACTOR * max(math.prod(volume_shape), math.prod(VOLUME_SHAPE))
+
+
+# OS errors of reading one file that are that file's problem; any other errno
+# (EIO, ESTALE, EMFILE, ENOMEM, ...) is the machine's, and stops a run.
+_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+
+
+def _vanished_folder(path):
+    """Returns the topmost missing folder above ``path`` when its folder is gone, else None."""
+    gone = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(gone):
+        return None
+    while True:
+        parent = os.path.dirname(gone)
+        if parent == gone or os.path.isdir(parent):
+            return gone
+        gone = parent
+
+
+def _read_failure(path, what, err):
+    """Classifies an exception raised while reading one NIfTI file.
+
+    Args:
+        path: the file being read.
+        what: ``"header"`` or ``"data"``, for the message.
+        err: the exception.
+
+    Returns:
+        The exception to raise instead, chained to ``err``: a :class:`DataError`
+        naming ``path`` when ``err`` is this file's problem (unreadable,
+        corrupt, truncated: nibabel, gzip and zlib raise many types for those),
+        a :class:`PipelineError` when the file's folder is gone; or None when
+        ``err`` is not about this file (MemoryError, an OS error such as EIO or
+        ENOSPC, KeyboardInterrupt) and must propagate as it is.
+    """
+    if isinstance(err, DataError):
+        return err
+    if not isinstance(err, Exception) or isinstance(err, (MemoryError, RecursionError)):
+        return None
+    if isinstance(err, OSError):
+        # nibabel turns any failed stat() into a FileNotFoundError without errno.
+        if isinstance(err, FileNotFoundError) or err.errno == errno.ENOENT:
+            gone = _vanished_folder(path)
+            if gone is not None:
+                return PipelineError(f"data folder {gone} has disappeared (reading {path}); was it moved, "
+                                     f"renamed or unmounted? Put it back and resume the run")
+        # nibabel reports short reads as OSError without errno; gzip's BadGzipFile has none either.
+        elif err.errno is not None and err.errno not in _FILE_ERRNOS:
+            return None
+    return DataError(f"{path}: cannot read the NIfTI {what} ({type(err).__name__}: {err})")
+
+
+def _dtype_problem(dtype):
+    """Returns why a NIfTI data type cannot be a scalar intensity image, or None when it can."""
+    dtype = np.dtype(dtype)
+    if dtype.fields is None and dtype.kind in "biuf":
+        return None
+    kind = "colour (RGB/RGBA)" if dtype.fields is not None else "complex" if dtype.kind == "c" else "non-numeric"
+    return (f"data type {dtype} is not a real scalar type: {kind} images are not supported "
+            f"(expected one intensity per voxel)")
+
+
+def _voxels_problem(spatial, max_voxels):
+    """Returns why a header's spatial shape is implausibly large, or None (always None without a limit)."""
+    if max_voxels is None:
+        return None
+    n = math.prod(int(s) for s in spatial)
+    if n <= max_voxels:
+        return None
+    return (f"header claims {n} voxels ({_shape_str(spatial)}), more than the limit {int(max_voxels)} "
+            f"({MAX_VOXELS_FACTOR}x the canonical volume, at least {MAX_VOXELS_FACTOR}x "
+            f"{_shape_str(VOLUME_SHAPE)}); the header is probably corrupt")
 
 
 # --------------------------------------------------------------------------- #
@@ -91,12 +201,28 @@ def _raw_voxel_sizes(path, header_class):
     return tuple(float(z) for z in raw["pixdim"][1:4])
 
 
-def _header_problem(path, min_shape=None):
+def _header_problem(path, min_shape=None, max_voxels=None):
     """Checks one NIfTI file from its header only.
+
+    Refuses: an empty or unreadable file, a shape that is not one 3-D volume,
+    a non-scalar data type (RGB/RGBA, complex), non-positive voxel sizes, a
+    volume smaller than ``min_shape``, a header claiming more than
+    ``max_voxels`` voxels, and an uncompressed file shorter than its header says.
+
+    Args:
+        path: the NIfTI file.
+        min_shape: optional (3,) ints, the smallest accepted (x, y, z) shape.
+        max_voxels: optional int, the most voxels the header may claim
+            (usually :func:`max_voxels_for`).
 
     Returns:
         (problem, spatial_shape): problem is None for a usable file, else the
         reason; spatial_shape is the (x, y, z) shape when it could be read.
+
+    Raises:
+        PipelineError: if the file's folder has disappeared.
+        MemoryError, OSError: failures that are not this file's (see
+            :func:`_read_failure`) propagate.
     """
     import nibabel as nib
 
@@ -106,8 +232,14 @@ def _header_problem(path, min_shape=None):
         img = nib.load(path)
         header = img.header
         shape = tuple(int(s) for s in img.shape)
+        dtype = header.get_data_dtype()
         zooms = _raw_voxel_sizes(path, type(header))
-    except Exception as e:  # noqa: BLE001 - any reader failure is a data problem
+    except Exception as e:  # noqa: BLE001 - classified: a bad file is a problem, the rest propagates
+        failure = _read_failure(path, "header", e)
+        if failure is None:
+            raise
+        if isinstance(failure, PipelineError):
+            raise failure from e
         return f"cannot read the NIfTI header ({type(e).__name__}: {e})", None
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         return (f"expected a 3-D volume (or 4-D with one volume), got shape "
@@ -115,19 +247,25 @@ def _header_problem(path, min_shape=None):
     spatial = shape[:3]
     if min(spatial) <= 0:
         return f"empty volume, shape {_shape_str(spatial)}", None
+    problem = _dtype_problem(dtype)
+    if problem is not None:
+        return problem, spatial
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         return f"voxel sizes must be positive, got {zooms}", None
     if min_shape is not None and any(s < m for s, m in zip(spatial, min_shape)):
         return (f"volume {_shape_str(spatial)} is smaller than the minimum "
                 f"{_shape_str(min_shape)}"), spatial
+    problem = _voxels_problem(spatial, max_voxels)
+    if problem is not None:
+        return problem, spatial
     # An uncompressed file shorter than its header says is caught here for
     # free; a truncated .nii.gz only shows when its data are read.
     if not path.endswith(".gz"):
         try:
             # dataobj.offset, not the header's vox_offset, which may be 0 in a
             # valid single file (the data then start right after the header).
-            needed = int(img.dataobj.offset) + int(np.prod(shape)) * \
-                np.dtype(header.get_data_dtype()).itemsize
+            # math.prod of Python ints: NIfTI-2 dimensions could overflow int64.
+            needed = int(img.dataobj.offset) + math.prod(shape) * np.dtype(dtype).itemsize
         except Exception:  # noqa: BLE001
             needed = 0
         if os.path.getsize(path) < needed:
@@ -269,13 +407,20 @@ def split_subjects(subjects, train_fraction=0.8):
 # --------------------------------------------------------------------------- #
 
 
-def load_volume(path, log=print):
+def load_volume(path, log=print, max_voxels=None):
     """Reads a NIfTI volume as float32.
+
+    The header is checked before any data are read: one 3-D volume, a real
+    scalar data type (not RGB/RGBA or complex) and, with ``max_voxels``, a
+    plausible size, so a small corrupt file claiming 10^9 voxels is refused
+    without allocating them.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file, 3-D or 4-D with one volume.
         log: callable taking one message string; told (path and count) when
             NaN/inf voxels are found.
+        max_voxels: optional int, the most voxels the header may claim
+            (usually :func:`max_voxels_for`); None: no limit.
 
     Returns:
         (data, affine, header): data float32 (x, y, z) with the file's scaling
@@ -284,23 +429,36 @@ def load_volume(path, log=print):
 
     Raises:
         DataError: naming ``path`` and the reason if the file cannot be read
-            (missing, bad header, truncated data) or is not a single 3-D volume.
+            (missing, bad header, truncated data), is not a single 3-D volume
+            of a real scalar type, or claims more than ``max_voxels`` voxels.
+        PipelineError: (a DataError) if the file's folder has disappeared.
+        MemoryError, OSError: failures that are not this file's (out of
+            memory, a disk or network error) propagate unchanged.
     """
     import nibabel as nib
 
     path = os.fspath(path)
     try:
         img = nib.load(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a data problem
-        raise DataError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
-    shape = tuple(img.shape)
+    except Exception as e:  # noqa: BLE001 - classified by _read_failure
+        failure = _read_failure(path, "header", e)
+        if failure is None:
+            raise
+        raise failure from e
+    shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         raise DataError(f"{path}: expected a 3-D volume (or 4-D with one volume), "
                         f"got shape {_shape_str(shape)}")
+    for problem in (_dtype_problem(img.get_data_dtype()), _voxels_problem(shape[:3], max_voxels)):
+        if problem is not None:
+            raise DataError(f"{path}: {problem}")
     try:
         data = img.get_fdata(dtype=np.float32, caching="unchanged")
-    except Exception as e:  # noqa: BLE001 - zlib/EOF/OSError errors of truncated files alike
-        raise DataError(f"{path}: cannot read the NIfTI data ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - zlib/EOF/short-read errors of bad files; the rest propagates
+        failure = _read_failure(path, "data", e)
+        if failure is None:
+            raise
+        raise failure from e
     data = data.reshape(shape[:3])
     if data.size == 0:
         raise DataError(f"{path}: empty volume, shape {_shape_str(data.shape)}")
@@ -310,6 +468,35 @@ def load_volume(path, log=print):
         log(f"{path}: {n_bad} NaN/inf voxel(s) set to 0")
         data[bad] = 0.0
     return data, np.array(img.affine, dtype=np.float64), img.header
+
+
+def check_intensity(volume, path):
+    """Refuses a volume whose maximum intensity is not positive.
+
+    Normalisation divides by ``max / 2``: a non-positive maximum (an empty
+    image, or only negative intensities, which some converters write) would
+    flip the image's sign or divide by zero, so such a volume is refused
+    rather than trained on or evaluated.
+
+    Args:
+        volume: array (x, y, z), the volume as read (source intensities).
+        path: its file, for the message.
+
+    Returns:
+        The maximum intensity, a Python float > 0.
+
+    Raises:
+        DataError: "{path}: maximum intensity {m} <= 0; ..." (also for an
+            empty array or a NaN maximum).
+    """
+    volume = np.asarray(volume)
+    if volume.size == 0:
+        raise DataError(f"{path}: empty volume, shape {volume.shape}")
+    m = float(np.max(volume))
+    if not m > 0:
+        raise DataError(f"{path}: maximum intensity {m:g} <= 0; expected a non-negative image with "
+                        f"some positive voxels")
+    return m
 
 
 def load_mask(subject, image=None, log=print):
@@ -784,9 +971,14 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
         ``with_norm_factor``, a tuple of it and float32 (n,) factors ``nf``.
 
     Raises:
-        DataError: if the file cannot be read.
+        DataError: if the file cannot be read, its header claims more than
+            :func:`max_voxels_for` (``volume_shape``) voxels, or its maximum
+            intensity is not positive (:func:`check_intensity`).
+        PipelineError: if the file's folder has disappeared.
+        MemoryError, OSError: failures that are not this file's propagate.
     """
-    volume, _, _ = load_volume(path, log=log)
+    volume, _, _ = load_volume(path, log=log, max_voxels=max_voxels_for(volume_shape))
+    check_intensity(volume, path)
     canonical, _ = to_canonical(volume, volume_shape)
     del volume
     patches = extract_patches(canonical, patch_shape, margin)
@@ -798,7 +990,7 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
 
 def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shape=VOLUME_SHAPE,
                        patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0,
-                       with_norm_factor=False, log=print):
+                       with_norm_factor=False, log=print, on_skip=None, failures=None):
     """One epoch of ``(lr, hr)`` training batches, streamed from the NIfTI files.
 
     Subjects come in the order :func:`epoch_order` draws from ``(seed, epoch)``;
@@ -807,9 +999,17 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     the pipeline, and batches are prefetched. Only the volumes being decoded
     and the prefetch buffers are in memory, whatever the number of subjects.
     Batches span volumes when ``patches_per_volume`` is not a multiple of
-    ``batch_size``; the last partial batch is kept. A subject whose data fail
-    to decode is reported via ``log`` (path and reason) and contributes no
-    patch; the epoch goes on.
+    ``batch_size``; the last partial batch is kept.
+
+    A subject whose own file is bad (a :class:`DataError`: unreadable,
+    truncated, wrong shape or type, implausible header, maximum intensity
+    <= 0) is reported via ``log`` and ``on_skip`` and contributes no patch;
+    the epoch goes on. Any other failure (MemoryError, a disk or network
+    error, the data folder disappearing: :class:`PipelineError`) stops the
+    epoch: it is appended to ``failures`` and raised inside the pipeline,
+    where ``tf.data`` turns it into a ``tf.errors.OpError`` (UnknownError,
+    InvalidArgumentError, ResourceExhaustedError, ...) for the consumer;
+    :func:`unwrap_pipeline_error` gets the original back.
 
     Args:
         subjects: sequence of :class:`Subject` (usually the train list).
@@ -824,6 +1024,12 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
         with_norm_factor: bool, also yield each patch's normalisation factor
             ``nf`` (float32 (b,)) so that outputs can be de-normalised.
         log: callable taking one message string; called from tf.data threads.
+        on_skip: optional callable ``(path, reason)`` for each skipped subject
+            (reason: the DataError's message without the leading path);
+            called from tf.data threads, after ``log``.
+        failures: optional list; the original exception of a failure that
+            stops the epoch is appended to it (from a tf.data thread) before
+            it is raised. Pass a fresh list per dataset.
 
     Returns:
         ``tf.data.Dataset`` of ``(lr, hr)``: hr float32 (b, px, py, pz, 1) in
@@ -835,6 +1041,8 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
         ValueError: for an invalid geometry (volume smaller than a patch, no
             step), a ``batch_size`` < 1, or a factor that does not divide
             ``patch_shape``.
+        tf.errors.OpError: while iterating, for a failure that stops the
+            epoch (see above).
     """
     volume_shape = _check_shape("volume_shape", volume_shape)
     patch_shape = _check_shape("patch_shape", patch_shape)
@@ -859,13 +1067,24 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     def load(path):
         path = path.decode() if isinstance(path, bytes) else str(path)
         try:
-            return load_training_patches(path, volume_shape, patch_shape, margin, log=log,
-                                         with_norm_factor=True)
-        except DataError as e:
-            log(f"Skipping subject this epoch: {e}")
-        except Exception as e:  # noqa: BLE001 - one bad file must not end the epoch
-            log(f"Skipping subject this epoch: {path}: {type(e).__name__}: {e}")
-        return empty
+            try:
+                return load_training_patches(path, volume_shape, patch_shape, margin, log=log,
+                                             with_norm_factor=True)
+            except PipelineError:
+                raise
+            except DataError as e:
+                # Only this subject's file is bad: skip it, keep the epoch going.
+                log(f"Skipping subject this epoch: {e}")
+                if on_skip is not None:
+                    reason = str(e)
+                    on_skip(path, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason)
+                return empty
+        except BaseException as e:
+            # Not a bad file: the epoch must stop rather than quietly run short
+            # (or empty). tf.data will wrap this; keep the original for the consumer.
+            if failures is not None:
+                failures.append(e)
+            raise
 
     def load_tf(path):
         patches, factors = tf.numpy_function(load, [path], (tf.float32, tf.float32), stateful=False)
@@ -887,6 +1106,39 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def unwrap_pipeline_error(error, failures=None):
+    """The original exception behind a failed training pipeline.
+
+    ``tf.data`` reports a Python exception raised while loading as a
+    ``tf.errors.OpError`` whose type depends on the exception's (MemoryError:
+    ResourceExhaustedError, ValueError: InvalidArgumentError, ...) and whose
+    message holds its text; the exception object itself is lost.
+    :func:`make_train_dataset` keeps it in its ``failures`` list.
+
+    Args:
+        error: the exception the consumer caught while iterating.
+        failures: the list given to :func:`make_train_dataset` (or None).
+
+    Returns:
+        The recorded original exception whose ``"Type: message"`` appears in
+        ``error``'s message (the first recorded one when none does); without
+        recorded failures, ``error`` itself unless it is a ``tf.errors.OpError``,
+        which becomes a :class:`PipelineError` carrying its message.
+    """
+    text = str(getattr(error, "message", None) or error)
+    failures = list(failures or ())
+    if failures:
+        for failure in failures:
+            if f"{type(failure).__name__}: {failure}" in text:
+                return failure
+        return failures[0]
+    if isinstance(error, tf.errors.OpError):
+        # Keep "Type: message" of the Python error; drop TF's node prefix and the traceback.
+        text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.split("\nTraceback")[0]).strip()
+        return PipelineError(f"the training data pipeline failed ({type(error).__name__}): {text}")
+    return error
 
 
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import struct
 
 import nibabel as nib
@@ -557,3 +558,189 @@ def test_gzip_files_are_real_gzip(demo):
     subjects, _ = td.find_subjects(demo, log=Log())
     with gzip.open(subjects[0].image_path) as fh:
         assert len(fh.read(348)) == 348
+
+
+# --------------------------------------------------------------------------- #
+# Refusing bad data early; stopping on failures that are not bad data
+# --------------------------------------------------------------------------- #
+
+
+def _huge_claim(path, shape=(1000, 1000, 1000)):
+    """Writes a tiny NIfTI whose header claims ``shape`` (float32) but holds almost no data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    payload = hdr.binaryblock + b"\0" * 4 + b"\0" * 64
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as fh:
+        fh.write(payload)
+    return str(path)
+
+
+def test_max_voxels_for():
+    canonical = 224 * 224 * 152
+    assert td.MAX_VOXELS_FACTOR == 16
+    assert td.max_voxels_for() == td.max_voxels_for(td.VOLUME_SHAPE) == 16 * canonical
+    assert td.max_voxels_for(VOL) == 16 * canonical  # a small canonical shape still accepts real scans
+    assert td.max_voxels_for((512, 512, 512)) == 16 * 512 ** 3
+    with pytest.raises(ValueError, match="volume_shape"):
+        td.max_voxels_for((0, 4, 4))
+
+
+def test_header_check_refuses_rgb_complex_and_implausible_sizes(tmp_path):
+    rgb = np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb_path = str(tmp_path / "rgb.nii.gz")
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), rgb_path)
+    cplx = _write(str(tmp_path / "complex.nii.gz"), np.zeros((6, 6, 6)), dtype=np.complex64)
+    good = _write(str(tmp_path / "good.nii.gz"), np.ones((6, 6, 6)))
+    huge_gz = _huge_claim(tmp_path / "huge.nii.gz")
+    huge_nii = _huge_claim(tmp_path / "huge.nii")
+    assert os.path.getsize(huge_gz) < 2048
+    limit = td.max_voxels_for(VOL)
+    cases = [
+        (rgb_path, r"data type \[\('R', 'u1'\), \('G', 'u1'\), \('B', 'u1'\)\] is not a real scalar type: "
+                   r"colour \(RGB/RGBA\)"),
+        (cplx, "data type complex64 is not a real scalar type: complex"),
+        (huge_gz, f"header claims 1000000000 voxels \\(1000x1000x1000\\), more than the limit {limit} "
+                  f"\\(16x the canonical volume"),
+        (huge_nii, "header claims 1000000000 voxels"),  # refused before the (also failing) size check
+    ]
+    for path, expected in cases:
+        problem, _ = td._header_problem(path, max_voxels=limit)
+        assert problem is not None and re.search(expected, problem), (path, problem)
+        with pytest.raises(td.DataError, match=expected) as info:
+            td.load_volume(path, log=Log(), max_voxels=limit)
+        assert str(info.value).startswith(path + ": ")
+    assert td._header_problem(good, max_voxels=limit) == (None, (6, 6, 6))
+    # Without a limit only the size check of an uncompressed file catches the claim.
+    assert "truncated" in td._header_problem(huge_nii)[0]
+
+
+def test_load_volume_checks_the_header_before_reading_the_data(tmp_path, monkeypatch):
+    def no_read(*_args, **_kwargs):
+        raise AssertionError("the data were read")
+
+    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", no_read)
+    with pytest.raises(td.DataError, match="header claims 1000000000 voxels"):
+        td.load_volume(_huge_claim(tmp_path / "huge.nii.gz"), max_voxels=td.max_voxels_for(VOL))
+
+
+@pytest.mark.parametrize("raised, propagates", [
+    (MemoryError("Unable to allocate 2.6 GiB"), MemoryError),
+    (OSError(5, "Input/output error"), OSError),
+    (OSError(28, "No space left on device"), OSError),
+    (OSError("Expected 256 bytes, got 48 bytes from x.nii - could the file be damaged?"), td.DataError),
+    (EOFError("Compressed file ended before the end-of-stream marker was reached"), td.DataError),
+    (PermissionError(13, "Permission denied"), td.DataError),
+])
+def test_load_volume_tells_bad_files_from_other_failures(tmp_path, monkeypatch, raised, propagates):
+    path = _write(str(tmp_path / "v.nii.gz"), np.ones((6, 6, 6)))
+
+    def fail(*_args, **_kwargs):
+        raise raised
+
+    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", fail)
+    with pytest.raises(propagates) as info:
+        td.load_volume(path)
+    if propagates is td.DataError:
+        assert str(info.value).startswith(f"{path}: cannot read the NIfTI data ({type(raised).__name__}")
+    else:
+        assert info.value is raised
+
+
+def test_load_volume_missing_file_versus_vanished_folder(tmp_path):
+    (tmp_path / "data" / "s1").mkdir(parents=True)
+    with pytest.raises(td.DataError, match="s1/missing.nii.gz: cannot read the NIfTI header") as info:
+        td.load_volume(str(tmp_path / "data" / "s1" / "missing.nii.gz"))
+    assert not isinstance(info.value, td.PipelineError)
+    with pytest.raises(td.PipelineError, match=f"data folder {tmp_path / 'gone'} has disappeared"):
+        td.load_volume(str(tmp_path / "gone" / "s1" / "image.nii.gz"))
+    with pytest.raises(td.PipelineError, match=f"data folder {tmp_path / 'gone'} has disappeared"):
+        td._header_problem(str(tmp_path / "gone" / "s1" / "image.nii.gz"))
+
+
+@pytest.mark.parametrize("volume, message", [
+    (np.zeros((4, 4, 4)), "maximum intensity 0 <= 0"),
+    (-np.arange(1.0, 65.0).reshape(4, 4, 4), "maximum intensity -1 <= 0"),
+    (np.zeros((0, 4, 4)), "empty volume"),
+])
+def test_check_intensity_refuses_non_positive_maxima(volume, message):
+    with pytest.raises(td.DataError, match=f"^scan.nii.gz: {message}"):
+        td.check_intensity(volume, "scan.nii.gz")
+    vol = np.zeros((4, 4, 4))
+    vol[1, 2, 3] = 7.5
+    assert td.check_intensity(vol - 1.0, "x") == 6.5  # some negative voxels are fine
+
+
+def test_dataset_skips_bad_files_and_reports_each_via_on_skip(demo, tmp_path):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    raw = open(subjects[0].image_path, "rb").read()
+    truncated = tmp_path / "trunc" / td.IMAGE_NAME
+    truncated.parent.mkdir()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    negative = _write(str(tmp_path / "neg" / td.IMAGE_NAME), -np.ones((40, 40, 24)))
+    huge = str(tmp_path / "huge.nii.gz")
+    _huge_claim(huge)
+    mixed = subjects[1:3] + [td.Subject("trunc", str(truncated)), td.Subject("neg", negative),
+                             td.Subject("huge", huge)]
+    skipped, failures, log = [], [], Log()
+    ds = td.make_train_dataset(mixed, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN,
+                               log=log, on_skip=lambda p, r: skipped.append((p, r)), failures=failures)
+    batches = _batches(ds)
+    assert sum(len(hr) for _, hr in batches) == 2 * td.patches_per_volume(VOL, PATCH, MARGIN)
+    assert failures == []
+    reasons = dict(skipped)
+    assert sorted(reasons) == sorted([str(truncated), negative, huge])
+    assert reasons[str(truncated)].startswith("cannot read the NIfTI data (EOFError")
+    assert reasons[negative].startswith("maximum intensity -1 <= 0")
+    assert reasons[huge].startswith("header claims 1000000000 voxels")
+    assert sum("Skipping" in m for m in log.lines) == 3
+
+
+def test_dataset_stops_on_memory_error_and_keeps_the_original(demo, monkeypatch):
+    import tensorflow as tf
+
+    subjects, _ = td.find_subjects(demo, log=Log())
+    real = td.load_volume
+    oom = MemoryError("Unable to allocate 2.60 GiB for an array with shape (1000, 1000, 700)")
+    victim = subjects[td.epoch_order(len(subjects), 0, 0)[1]].image_path
+
+    def load_volume(path, *args, **kwargs):
+        if path == victim:
+            raise oom
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(td, "load_volume", load_volume)
+    skipped, failures = [], []
+    ds = td.make_train_dataset(subjects, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN,
+                               log=Log(), on_skip=lambda p, r: skipped.append(p), failures=failures)
+    with pytest.raises(tf.errors.OpError) as info:
+        _batches(ds)
+    assert skipped == [] and failures and failures[0] is oom
+    assert td.unwrap_pipeline_error(info.value, failures) is oom
+    # Without the list, the TF error still becomes a readable PipelineError.
+    fallback = td.unwrap_pipeline_error(info.value)
+    assert isinstance(fallback, td.PipelineError)
+    assert "MemoryError: Unable to allocate 2.60 GiB" in str(fallback) and "Traceback" not in str(fallback)
+    plain = ValueError("not a tf error")
+    assert td.unwrap_pipeline_error(plain) is plain
+
+
+def test_dataset_stops_when_the_data_folder_disappears(demo, tmp_path):
+    import shutil
+
+    import tensorflow as tf
+
+    root = tmp_path / "data"
+    shutil.copytree(demo, root)
+    subjects, _ = td.find_subjects(str(root), log=Log())
+    shutil.rmtree(root)
+    skipped, failures = [], []
+    ds = td.make_train_dataset(subjects, 2, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log(),
+                               on_skip=lambda p, r: skipped.append(p), failures=failures)
+    with pytest.raises(tf.errors.OpError) as info:
+        _batches(ds)
+    err = td.unwrap_pipeline_error(info.value, failures)
+    assert isinstance(err, td.PipelineError) and skipped == []
+    assert str(err).startswith(f"data folder {root} has disappeared")

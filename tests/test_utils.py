@@ -74,3 +74,54 @@ def test_upsample_baseline_is_aligned_with_decimation(order):
         np.testing.assert_allclose(up[inner], ramp[inner], atol=0.05)
     else:
         np.testing.assert_array_equal(np.abs(up - ramp).max() > 0, True)  # nearest is blocky
+
+
+@pytest.mark.parametrize("data_range", [None, 50.0, 400, np.float32(123.5)])
+def test_metrics_data_range_argument(data_range):
+    rng = np.random.default_rng(1)
+    hr = rng.uniform(0, 100, (12, 12, 12))
+    sr = hr + rng.normal(0, 5, hr.shape)
+    mask = np.zeros(hr.shape, bool)
+    mask[1:11, 2:10, 3:9] = True
+    psnr, ssim = utils.compute_metrics(hr, sr, mask, data_range=data_range)
+    used = max(hr.max(), sr.max()) - min(hr.min(), sr.min()) if data_range is None else float(data_range)
+    mse = np.mean((hr * mask - sr * mask) ** 2)
+    assert psnr == pytest.approx(10 * np.log10(used ** 2 / mse), rel=1e-6)
+    assert np.isfinite(ssim)
+
+
+def test_metrics_of_an_empty_mask_are_nan_never_inf():
+    hr = np.arange(6 * 6 * 6, dtype=np.float64).reshape(6, 6, 6)
+    for sr in (hr, hr + 1.0):
+        psnr, ssim = utils.compute_metrics(hr, sr, np.zeros(hr.shape, bool))
+        assert np.isnan(psnr) and np.isnan(ssim)
+    one = np.zeros(hr.shape, bool)
+    one[2, 3, 4] = True
+    assert utils.compute_metrics(hr, hr + 5 * ~one, one) == (float("inf"), 1.0)  # equal inside the mask
+    # NaN rows stay out of a nan-aware mean instead of making it inf.
+    assert np.nanmean([30.0, utils.compute_metrics(hr, hr, np.zeros(hr.shape))[0]]) == 30.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_metrics_refuse_a_bad_data_range_or_mask_shape(bad):
+    hr = np.ones((4, 4, 4))
+    with pytest.raises(ValueError, match="data_range"):
+        utils.compute_metrics(hr, hr, data_range=bad)
+    with pytest.raises(ValueError, match="mask"):
+        utils.compute_metrics(hr, hr, np.ones((4, 4, 3)))
+
+
+@pytest.mark.parametrize("volume, expected_nf", [
+    (np.array([[[0.0, 2.0], [4.0, 8.0]]]), 4.0),
+    (np.zeros((2, 2, 2)), 0.0),
+    (np.array([[[-3.0, -1.0], [-8.0, -0.5]]]), 0.0),  # only negative intensities
+    (np.array([[[-3.0, 0.0], [-8.0, 0.0]]]), 0.0),
+])
+def test_normalize_never_flips_the_sign(volume, expected_nf):
+    out, nf = utils.normalize(volume)
+    assert nf == expected_nf and out.dtype == np.float32
+    if nf:
+        assert out.min() >= -1 and out.max() == 1
+    else:
+        np.testing.assert_array_equal(out, volume)  # unchanged, not mirrored
+    np.testing.assert_allclose(utils.denormalize(out, nf), volume, rtol=1e-6)
