@@ -1329,11 +1329,47 @@ def _summary_lines(rows):
         p = np.mean([r[f"psnr_{method}"] for r in rows])
         s = np.mean([r[f"ssim_{method}"] for r in rows])
         lines.append(f"baseline {method:<9}: mean PSNR {p:.4f}  mean SSIM {s:.4f}")
+    lines.append("with one data range for every method (the reference's max - min):")
+    for method in METHODS:
+        suffix = "" if method == "sr" else f"_{method}"
+        p = np.mean([r[f"psnr{suffix}_fair"] for r in rows])
+        s = np.mean([r[f"ssim{suffix}_fair"] for r in rows])
+        lines.append(f"  {'SR' if method == 'sr' else method:<9}: mean PSNR {p:.4f}  mean SSIM {s:.4f}")
     return lines
 
 
-METRIC_COLUMNS = ("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "psnr_trilinear",
-                  "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
+# The super-resolved volume and the interpolation baselines it is compared with.
+METHODS = ("sr", "nearest", "trilinear", "tricubic")
+# Per subject: the original's metrics (data range of each pair: max - min of
+# both volumes), then the same with one data range for every method, the
+# reference's max - min ("fair": an estimate that overshoots no longer
+# enlarges its own range and so its PSNR).
+METRIC_COLUMNS = (("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "psnr_trilinear",
+                   "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
+                  + tuple(f"{m}{'' if s == 'sr' else '_' + s}_fair"
+                          for s in METHODS for m in ("psnr", "ssim")))
+
+
+def subject_metrics(hr, estimates, mask):
+    """Every metric of one subject: the original's and the fair ones.
+
+    Args:
+        hr: float32 (x, y, z), the reference in source intensities.
+        estimates: dict method -> float32 (x, y, z) estimate, the ``METHODS``.
+        mask: bool (x, y, z) brain mask.
+
+    Returns:
+        dict with the ``METRIC_COLUMNS`` keys but ``subject`` (NaN for an
+        empty mask).
+    """
+    reference_range = float(hr.max() - hr.min()) or 1.0
+    row = {}
+    for method, estimate in estimates.items():
+        suffix = "" if method == "sr" else f"_{method}"
+        row[f"psnr{suffix}"], row[f"ssim{suffix}"] = utils.compute_metrics(hr, estimate, mask)
+        row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = utils.compute_metrics(
+            hr, estimate, mask, data_range=reference_range)
+    return row
 
 
 def evaluate(cfg, log=print):
@@ -1371,13 +1407,9 @@ def evaluate(cfg, log=print):
         sr = utils.denormalize(super_resolve_volume(
             predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"], cfg["batch_size"]), nf)
         lr = utils.denormalize(lr_n, nf)
-        row = {"subject": subject.name}
-        row["psnr"], row["ssim"] = utils.compute_metrics(hr, sr, mask_c)
-        baselines = {}
-        for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3)):
-            baselines[method] = utils.upsample_baseline(lr, f, order, hr.shape)
-            row[f"psnr_{method}"], row[f"ssim_{method}"] = utils.compute_metrics(
-                hr, baselines[method], mask_c)
+        baselines = {method: utils.upsample_baseline(lr, f, order, hr.shape)
+                     for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+        row = {"subject": subject.name, **subject_metrics(hr, {"sr": sr, **baselines}, mask_c)}
         rows.append(row)
 
         zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)

@@ -633,3 +633,23 @@ def test_pretrain_steps_train_the_generator_alone_then_the_gan():
     out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
     assert out["d_loss"] > 0 and out["adv"] > 0  # the GAN from step 3 on
     assert int(trainer.d_optimizer.iterations) == 1 and int(trainer.step) == 3
+
+
+def test_fair_metrics_use_the_references_range_for_every_method():
+    rng = np.random.default_rng(0)
+    hr = rng.uniform(0, 100, (12, 12, 10)).astype(np.float32)
+    mask = np.ones(hr.shape, bool)
+    close = hr + rng.normal(0, 2, hr.shape).astype(np.float32)
+    overshoot = close.copy()
+    overshoot[0, 0, 0] = 1000.0  # one wild voxel enlarges its own max - min
+    row = model.subject_metrics(hr, {"sr": close, "tricubic": overshoot}, mask)
+    assert set(row) == set(model.METRIC_COLUMNS[1:]) - {
+        f"{m}_{s}{t}" for m in ("psnr", "ssim") for s in ("nearest", "trilinear") for t in ("", "_fair")}
+    mse = np.mean((overshoot.astype(np.float64) - hr) ** 2)
+    expected_fair = 10 * np.log10(float(hr.max() - hr.min()) ** 2 / mse)
+    assert row["psnr_tricubic_fair"] == pytest.approx(expected_fair, rel=1e-6)
+    # The original's rule rewards the overshoot with a larger range; the fair one does not.
+    assert row["psnr_tricubic"] > row["psnr_tricubic_fair"] + 10
+    # The two rules differ by exactly the ratio of the ranges they use.
+    both = max(hr.max(), close.max()) - min(hr.min(), close.min())
+    assert row["psnr"] - row["psnr_fair"] == pytest.approx(20 * np.log10(both / (hr.max() - hr.min())), rel=1e-6)
