@@ -32,6 +32,8 @@ MASK_NAME = "T1_brain_extractedBrainExtractionMask.nii.gz"
 VOLUME_SHAPE = (224, 224, 152)
 PATCH_SHAPE = (128, 128, 92)
 MARGIN = 16
+# How stitch_patches merges overlapping patches: the original's crop, or MONAI's Gaussian weights.
+BLEND_MODES = ("crop", "gaussian")
 
 # scipy.ndimage.gaussian_filter's default: the kernel reaches 4 sigma.
 _TRUNCATE = 4.0
@@ -598,25 +600,54 @@ def _axis_keep(starts, p, v):
     return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
 
 
-def stitch_patches(patches, volume_shape, margin=MARGIN):
-    """Reassembles a volume from its patches; the exact inverse of :func:`extract_patches`.
+def _gaussian_profile(p, sigma_scale):
+    """Returns float64 (p,): a Gaussian of sigma ``sigma_scale * p`` centred on the patch, peak 1."""
+    # MONAI centres its importance map on voxel p // 2; the true centre
+    # (p - 1) / 2 keeps the map symmetric, so a flipped patch gets the same weights.
+    x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+    g = np.exp(-0.5 * (x / (sigma_scale * p)) ** 2)
+    return g / g.max()
 
-    Each patch contributes the half of every overlap nearest its centre (with
-    the default geometry: all but ``margin`` voxels at each inner border), so
-    patch borders, where a network sees least context, are dropped.
+
+def stitch_patches(patches, volume_shape, margin=MARGIN, blend="crop", sigma_scale=0.125):
+    """Reassembles a volume from its overlapping patches.
+
+    Two ways to merge the overlaps:
+
+    - ``"crop"`` (the original's): each patch contributes the half of every
+      overlap nearest its centre (with the default geometry: all but
+      ``margin`` voxels at each inner border), so patch borders, where a
+      network sees least context, are dropped. The exact inverse of
+      :func:`extract_patches`.
+    - ``"gaussian"`` (MONAI's sliding-window ``mode="gaussian"``): every
+      patch is weighted by a Gaussian importance map, per axis sigma =
+      ``sigma_scale`` x patch size, centred on the patch; the weighted patches
+      are summed and divided by the summed weights. A voxel only one patch
+      covers gets that patch's value exactly; a constant stays constant. As
+      MONAI, the map is clamped to a tiny positive minimum so that the division
+      is safe however small ``sigma_scale`` is.
 
     Args:
         patches: array (n, px, py, pz, 1) or (n, px, py, pz), in the order of
             :func:`patch_starts` for ``volume_shape``; e.g. network outputs.
         volume_shape: (3,) ints, the (x, y, z) volume shape.
         margin: int >= 0, as used to cut them.
+        blend: one of :data:`BLEND_MODES`.
+        sigma_scale: float > 0, the Gaussian's sigma as a fraction of the
+            patch size (``"gaussian"`` only; MONAI's default 0.125).
 
     Returns:
         float32 (x, y, z) of shape ``volume_shape``.
 
     Raises:
-        ValueError: if the patch count or shape does not fit ``volume_shape``.
+        ValueError: if the patch count or shape does not fit ``volume_shape``,
+            ``blend`` is unknown, or ``sigma_scale`` is not a positive number.
     """
+    if blend not in BLEND_MODES:
+        raise ValueError(f"blend {blend!r} must be one of {', '.join(BLEND_MODES)}")
+    if blend == "gaussian" and (isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float, np.number))
+                                or not np.isfinite(sigma_scale) or sigma_scale <= 0):
+        raise ValueError(f"sigma_scale {sigma_scale!r} must be a finite number > 0")
     patches = np.asarray(patches)
     if patches.ndim == 5 and patches.shape[4] == 1:
         patches = patches[..., 0]
@@ -629,6 +660,19 @@ def stitch_patches(patches, volume_shape, margin=MARGIN):
         raise ValueError(f"stitch_patches: {patches.shape[0]} patches given, but volume_shape "
                          f"{volume_shape} with patch_shape {patch_shape} and margin {margin} "
                          f"has {len(starts)}")
+    if blend == "gaussian":
+        px, py, pz = patch_shape
+        weight = (_gaussian_profile(px, sigma_scale)[:, None, None] * _gaussian_profile(py, sigma_scale)[None, :, None]
+                  * _gaussian_profile(pz, sigma_scale)[None, None, :])
+        weight = np.maximum(weight, np.finfo(np.float32).tiny)
+        # float64 sums: (v * w) / w comes back as the float32 v exactly.
+        total = np.zeros(volume_shape, np.float64)
+        weights = np.zeros(volume_shape, np.float64)
+        for patch, (sx, sy, sz) in zip(patches, starts):
+            total[sx:sx + px, sy:sy + py, sz:sz + pz] += weight * patch
+            weights[sx:sx + px, sy:sy + py, sz:sz + pz] += weight
+        total /= weights
+        return total.astype(np.float32)
     keep = {}
     for axis in range(3):
         axis_starts = sorted({s[axis] for s in starts})
