@@ -254,7 +254,8 @@ def test_find_subjects_layouts_and_sorting(tmp_path):
     log = Log()
     subjects, problems = td.find_subjects(root, log=log)
     assert [s.name for s in subjects] == ["s02", "s1", "s10"]
-    assert problems == [] and log.lines == []
+    assert problems == [] and log.lines == [f"data: ADNI layout (one folder per subject) {root} "
+                                            f"(3 subjects, 3 with a brain mask)"]
     assert all(s.mask_path and s.mask_path.endswith(td.MASK_NAME) for s in subjects)
 
     flat = tmp_path / "flat"
@@ -326,10 +327,14 @@ def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(td.DataError, match="nope.*does not exist"):
         td.find_subjects(missing, log=Log())
-    a_file = tmp_path / "file.csv"
+    a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    with pytest.raises(td.DataError, match="not a folder"):
+    with pytest.raises(td.DataError, match=r"file.txt.*is a file, not a folder \(or a .csv file list\)"):
         td.find_subjects(str(a_file), log=Log())
+    # A .csv file is a file list now: one without an image column says so.
+    (tmp_path / "file.csv").write_text("x")
+    with pytest.raises(td.DataError, match="file.csv: no 'image' column"):
+        td.find_subjects(str(tmp_path / "file.csv"), log=Log())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(td.DataError, match="no usable subject in .*empty"):
