@@ -1,4 +1,4 @@
-"""Shared helpers: the 3-D voxel shuffle, intensity normalisation, metrics and durable output.
+"""Shared helpers: the 3-D voxel shuffle, intensity normalisation, metrics, orientation and durable output.
 
 The numerical helpers are plain functions of their arguments, so the training,
 evaluation and data code share one implementation of each rule. Every file the
@@ -230,22 +230,48 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
                                     order=order, mode="nearest", prefilter=order > 1)
 
 
-def slices_mosaic(columns, window=None, min_panel=192):
-    """Mid-slices of several same-shaped volumes, side by side, as one image.
+def left_right_axis(affine):
+    """The voxel axis that a voxel-to-world affine maps onto world left-right.
 
-    Rows are the sagittal, coronal and axial mid-slices (x, y and z planes);
-    columns are the volumes in the order given. One intensity window is shared
-    by all panels so they compare fairly.
+    World x is left-right in both RAS (NIfTI) and LPS conventions. Oblique
+    affines are resolved as nibabel does (``nibabel.orientations.io_orientation``:
+    each voxel axis goes to the world axis it is closest to), so permuted,
+    flipped and rotated grids all work; a flip along this axis mirrors the
+    head left to right.
 
     Args:
-        columns: list of float arrays (x, y, z), all the same shape.
-        window: optional (low, high) intensities mapped to black and white;
-            default (0, 99.5th percentile of the last column).
-        min_panel: panels of volumes smaller than this many pixels are
-            magnified by an integer factor.
+        affine: (4, 4) voxel-to-world matrix (float, finite).
 
     Returns:
-        uint8 array (height, width), a 2-voxel black gap between panels.
+        int in {0, 1, 2}.
+
+    Raises:
+        ValueError: if ``affine`` is not a finite (4, 4) matrix or no voxel
+            axis maps onto world x (a degenerate affine).
+    """
+    from nibabel.orientations import io_orientation
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"left_right_axis needs a finite (4, 4) affine, got shape {affine.shape}")
+    ornt = io_orientation(affine)
+    axes = [i for i in range(3) if ornt[i, 0] == 0]
+    if not axes:
+        raise ValueError(f"affine {affine.tolist()} maps no voxel axis onto world left-right (x)")
+    return axes[0]
+
+
+ROW_LABELS = ("sagittal", "coronal", "axial")
+MOSAIC_FONT_SIZE = 14
+
+
+def _mosaic_panels(columns, window, min_panel):
+    """The bare mosaic of :func:`slices_mosaic` and where its panels are.
+
+    Returns:
+        (uint8 (h, w) image, rows, cols): rows is one ``(top, bottom)`` pixel
+        span per plane, cols one ``(left, right)`` span per column (over the
+        widest row).
     """
     vols = [np.asarray(v, dtype=np.float32) for v in columns]
     shape = vols[0].shape
@@ -274,7 +300,93 @@ def slices_mosaic(columns, window=None, min_panel=192):
     scale = max(1, min_panel // max(shape))
     if scale > 1:
         img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+    img = (np.clip((img - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+    heights = [r.shape[0] for r in rows]
+    tops = [sum(heights[:i]) + i * gap for i in range(3)]
+    row_spans = [(t * scale, (t + h) * scale) for t, h in zip(tops, heights)]
+    cell_w = (width - gap * (len(vols) - 1)) // len(vols)
+    col_spans = [(j * (cell_w + gap) * scale, (j * (cell_w + gap) + cell_w) * scale) for j in range(len(vols))]
+    return img, row_spans, col_spans
+
+
+def slices_mosaic(columns, window=None, min_panel=192, titles=None, row_labels=None, header=None):
+    """Mid-slices of several same-shaped volumes, side by side, as one image.
+
+    Rows are the sagittal, coronal and axial mid-slices (x, y and z planes);
+    columns are the volumes in the order given. One intensity window is shared
+    by all panels so they compare fairly. Optional white text on the black
+    background (Pillow's default font, ``MOSAIC_FONT_SIZE`` pixels): a header line on top, a title above
+    each column, a label left of each row. The panels themselves are the same
+    pixels with or without text.
+
+    Args:
+        columns: list of float arrays (x, y, z), all the same shape.
+        window: optional (low, high) intensities mapped to black and white;
+            default (0, 99.5th percentile of the last column).
+        min_panel: panels of volumes smaller than this many pixels are
+            magnified by an integer factor.
+        titles: optional list of one string per column (e.g. ``"LR"``,
+            ``"tricubic"``, ``"SR"``, ``"HR"``); cut to the column's width.
+        row_labels: optional 3 strings, one per row; default
+            :data:`ROW_LABELS` when ``titles`` are given, none otherwise.
+        header: optional one-line string above everything, e.g.
+            ``"sub-01  PSNR 31.20 dB  SSIM 0.9412"``; the image widens to hold it.
+
+    Returns:
+        uint8 array (height, width): a 2-voxel black gap between panels; with
+        no text exactly the panels, with text the panels offset down (header
+        and titles) and right (row labels).
+
+    Raises:
+        ValueError: if the shapes differ, or ``titles``/``row_labels`` do not
+            have one entry per column/row.
+    """
+    panels, row_spans, col_spans = _mosaic_panels(columns, window, min_panel)
+    if titles is None and row_labels is None and header is None:
+        return panels
+    if titles is not None:
+        titles = [str(t) for t in titles]
+        if len(titles) != len(col_spans):
+            raise ValueError(f"slices_mosaic: {len(titles)} titles for {len(col_spans)} columns")
+        if row_labels is None:
+            row_labels = ROW_LABELS
+    if row_labels is not None:
+        row_labels = [str(r) for r in row_labels]
+        if len(row_labels) != 3:
+            raise ValueError(f"slices_mosaic: row_labels needs 3 entries (one per plane), got {len(row_labels)}")
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=MOSAIC_FONT_SIZE)
+    except (TypeError, ImportError):  # Pillow < 10.1 or without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    pad = 4
+
+    def text_width(s):
+        left, _, right, _ = font.getbbox(s)
+        return right - left
+
+    line_h = font.getbbox("Ag")[3] + 2 * pad
+    header_h = line_h if header is not None else 0
+    title_h = line_h if titles is not None else 0
+    left = max(text_width(r) for r in row_labels) + 2 * pad if row_labels is not None else 0
+    top = header_h + title_h
+    width = max(left + panels.shape[1], text_width(header) + 2 * pad if header is not None else 0)
+    canvas = Image.new("L", (width, top + panels.shape[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    if header is not None:
+        draw.text((pad, pad), header, fill=255, font=font)
+    if titles is not None:
+        for title, (c0, c1) in zip(titles, col_spans):
+            while len(title) > 1 and text_width(title) > c1 - c0:
+                title = title[:-1]
+            draw.text((left + (c0 + c1 - text_width(title)) // 2, header_h + pad), title, fill=255, font=font)
+    if row_labels is not None:
+        for label, (r0, r1) in zip(row_labels, row_spans):
+            draw.text((pad, top + (r0 + r1 - line_h) // 2 + pad), label, fill=255, font=font)
+    out = np.array(canvas, dtype=np.uint8)
+    out[top:, left:left + panels.shape[1]] = panels
+    return out
 
 
 def save_png(path, image):

@@ -255,7 +255,8 @@ def test_find_subjects_layouts_and_sorting(tmp_path):
     log = Log()
     subjects, problems = td.find_subjects(root, log=log)
     assert [s.name for s in subjects] == ["s02", "s1", "s10"]
-    assert problems == [] and log.lines == []
+    assert problems == [] and log.lines == [f"data: ADNI layout (one folder per subject) {root} "
+                                            f"(3 subjects, 3 with a brain mask)"]
     assert all(s.mask_path and s.mask_path.endswith(td.MASK_NAME) for s in subjects)
 
     flat = tmp_path / "flat"
@@ -327,10 +328,14 @@ def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(td.DataError, match="nope.*does not exist"):
         td.find_subjects(missing, log=Log())
-    a_file = tmp_path / "file.csv"
+    a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    with pytest.raises(td.DataError, match="not a folder"):
+    with pytest.raises(td.DataError, match=r"file.txt.*is a file, not a folder \(or a .csv file list\)"):
         td.find_subjects(str(a_file), log=Log())
+    # A .csv file is a file list now: one without an image column says so.
+    (tmp_path / "file.csv").write_text("x")
+    with pytest.raises(td.DataError, match="file.csv: no 'image' column"):
+        td.find_subjects(str(tmp_path / "file.csv"), log=Log())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(td.DataError, match="no usable subject in .*empty"):
@@ -744,3 +749,68 @@ def test_dataset_stops_when_the_data_folder_disappears(demo, tmp_path):
     err = td.unwrap_pipeline_error(info.value, failures)
     assert isinstance(err, td.PipelineError) and skipped == []
     assert str(err).startswith(f"data folder {root} has disappeared")
+
+
+# Gaussian blending of patches (MONAI's sliding-window mode="gaussian")
+# --------------------------------------------------------------------------- #
+
+
+def _coverage(volume_shape, patch_shape, margin):
+    count = np.zeros(volume_shape, np.int64)
+    for x, y, z in td.patch_starts(volume_shape, patch_shape, margin):
+        count[x:x + patch_shape[0], y:y + patch_shape[1], z:z + patch_shape[2]] += 1
+    return count
+
+
+@pytest.mark.parametrize("volume_shape, patch_shape, margin", [
+    (VOL, PATCH, MARGIN),
+    ((17, 16, 9), (16, 5, 3), 1),  # repositioned last patch, odd sizes
+])
+def test_gaussian_blend_keeps_constants_and_inverts_extract(volume_shape, patch_shape, margin):
+    n = td.patches_per_volume(volume_shape, patch_shape, margin)
+    constant = np.full((n, *patch_shape, 1), 3.7, np.float32)
+    np.testing.assert_array_equal(td.stitch_patches(constant, volume_shape, margin, blend="gaussian"),
+                                  np.full(volume_shape, 3.7, np.float32))
+    v = np.random.default_rng(2).normal(size=volume_shape).astype(np.float32)
+    patches = td.extract_patches(v, patch_shape, margin)
+    for sigma_scale in (0.125, 0.01):  # 0.01: border weights underflow to the clamp
+        out = td.stitch_patches(patches, volume_shape, margin, blend="gaussian", sigma_scale=sigma_scale)
+        assert out.dtype == np.float32 and np.all(np.isfinite(out))
+        np.testing.assert_array_equal(out, v)
+
+
+def test_gaussian_and_crop_agree_where_one_patch_covers_a_voxel():
+    n = td.patches_per_volume(VOL, PATCH, MARGIN)
+    # Independent patches (as network outputs are): overlaps disagree.
+    patches = np.random.default_rng(3).uniform(0, 100, (n, *PATCH, 1)).astype(np.float32)
+    crop = td.stitch_patches(patches, VOL, MARGIN, blend="crop")
+    gauss = td.stitch_patches(patches, VOL, MARGIN, blend="gaussian")
+    single = _coverage(VOL, PATCH, MARGIN) == 1
+    assert 0 < single.sum() < single.size
+    np.testing.assert_array_equal(gauss[single], crop[single])
+    assert np.mean(gauss[~single] != crop[~single]) > 0.99
+
+
+def test_gaussian_blend_matches_the_weighted_mean_written_out():
+    volume_shape, patch_shape, margin = (24, 8, 8), (16, 8, 8), 2
+    starts = td.patch_starts(volume_shape, patch_shape, margin)
+    assert [s[0] for s in starts] == [0, 8]  # two patches along x only, overlap [8, 16)
+    patches = np.stack([np.full((*patch_shape, 1), 10.0), np.full((*patch_shape, 1), 20.0)]).astype(np.float32)
+    out = td.stitch_patches(patches, volume_shape, margin, blend="gaussian")
+    sigma, centre = 0.125 * 16, 7.5  # sigma = 0.125 x patch size, centred on the patch
+    for x in range(8, 16):
+        w0 = np.exp(-0.5 * ((x - centre) / sigma) ** 2)
+        w1 = np.exp(-0.5 * ((x - 8 - centre) / sigma) ** 2)
+        # y and z weights are the same for both patches and cancel.
+        np.testing.assert_allclose(out[x, 3, 5], (10 * w0 + 20 * w1) / (w0 + w1), rtol=1e-6)
+    assert out[11, 0, 0] < 15 < out[12, 0, 0]  # the midpoint of the overlap, by symmetry
+
+
+def test_stitch_rejects_unknown_blend_and_bad_sigma_scale():
+    patches = np.zeros((td.patches_per_volume(VOL, PATCH, MARGIN), *PATCH, 1), np.float32)
+    assert td.BLEND_MODES == ("crop", "gaussian")
+    with pytest.raises(ValueError, match="blend 'mean' must be one of crop, gaussian"):
+        td.stitch_patches(patches, VOL, MARGIN, blend="mean")
+    for bad in (0, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="sigma_scale"):
+            td.stitch_patches(patches, VOL, MARGIN, blend="gaussian", sigma_scale=bad)

@@ -125,3 +125,105 @@ def test_normalize_never_flips_the_sign(volume, expected_nf):
     else:
         np.testing.assert_array_equal(out, volume)  # unchanged, not mirrored
     np.testing.assert_allclose(utils.denormalize(out, nf), volume, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# Left-right axis of an affine (for the flip test-time augmentation)
+# --------------------------------------------------------------------------- #
+
+
+def _rot(axis, degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def _affine(linear):
+    a = np.eye(4)
+    a[:3, :3] = linear
+    a[:3, 3] = [-90.0, 20.0, 7.0]
+    return a
+
+
+_PERMUTED = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # voxel axis 1 is world x
+
+
+@pytest.mark.parametrize("linear, axis", [
+    (np.eye(3), 0),
+    (_PERMUTED, 1),
+    (np.diag([-1.0, 1.0, 1.0]), 0),  # flipped x (LPS-like)
+    (np.diag([1.0, -1.2, 1.4]), 0),
+    (_rot(2, 20) @ np.diag([1.0, 1.1, 1.2]), 0),  # oblique: 20 degrees about z, x still dominant
+    (_rot(2, 70), 1),  # 70 degrees about z: voxel axis 1 is now closest to x
+    (_rot(1, 20) @ _PERMUTED, 1),  # oblique and permuted
+    (np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), 2),  # sagittal slices stacked along axis 2, flipped
+])
+def test_left_right_axis(linear, axis):
+    affine = _affine(linear)
+    assert utils.left_right_axis(affine) == axis
+    # Flipping the data along that axis (the affine unchanged) mirrors world x most.
+    assert np.argmax(np.abs(affine[0, :3]) / np.linalg.norm(affine[:3, :3], axis=0)) == axis
+
+
+def test_left_right_axis_rejects_bad_affines():
+    with pytest.raises(ValueError, match=r"\(4, 4\)"):
+        utils.left_right_axis(np.eye(3))
+    with pytest.raises(ValueError, match=r"\(4, 4\)"):
+        utils.left_right_axis(np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match="left-right"):  # voxel axis 0 has no extent in the world
+        utils.left_right_axis(np.diag([0.0, 1.0, 1.0, 1.0]))
+
+
+# --------------------------------------------------------------------------- #
+# Slice mosaics with titles
+# --------------------------------------------------------------------------- #
+
+
+def _mosaic_volumes():
+    rng = np.random.default_rng(4)
+    return [rng.uniform(1, 100, (8, 6, 4)).astype(np.float32) for _ in range(3)]
+
+
+def _find(small, big):
+    """Returns every (top, left) where ``small`` sits inside ``big``."""
+    h, w = small.shape
+    return [(t, l) for t in range(big.shape[0] - h + 1) for l in range(big.shape[1] - w + 1)
+            if np.array_equal(big[t:t + h, l:l + w], small)]
+
+
+def test_mosaic_titles_add_text_above_and_left_and_leave_panels_unchanged():
+    vols = _mosaic_volumes()
+    plain = utils.slices_mosaic(vols, window=(0, 100), min_panel=32)
+    assert plain.shape == ((4 + 2 + 4 + 2 + 6) * 4, (3 * 8 + 2 * 2) * 4)  # today's layout, unchanged
+    titled = utils.slices_mosaic(vols, window=(0, 100), min_panel=32, titles=["LR", "SR", "HR"],
+                                 header="sub-01  PSNR 31.20 dB  SSIM 0.9412")
+    assert titled.dtype == np.uint8
+    [(top, left)] = _find(plain, titled)
+    assert top > 0 and left > 0
+    assert titled[:top].max() == 255  # header and column titles, white on black
+    assert titled[top:, :left].max() == 255  # default row labels
+    assert titled[:top].min() == 0 and titled[top:, :left].min() == 0
+    # Each column title is centred over its column: text in the title band above each panel.
+    title_band = titled[top // 2:top, left:]
+    for j in range(3):
+        assert title_band[:, j * 40:(j + 1) * 40 - 8].max() > 0
+    # Header alone: text above, nothing to the left.
+    head = utils.slices_mosaic(vols, window=(0, 100), min_panel=32, header="sub-01")
+    assert _find(plain, head) == [(head.shape[0] - plain.shape[0], 0)] and head.shape[1] == plain.shape[1]
+    # A header wider than the panels widens the image.
+    tiny = utils.slices_mosaic(vols, window=(0, 100), min_panel=1, header="sub-ADNI002S0295_ses-M00  PSNR 31.2")
+    assert tiny.shape[1] > 3 * 8 + 2 * 2
+
+
+def test_mosaic_row_labels_and_bad_titles():
+    vols = _mosaic_volumes()
+    plain = utils.slices_mosaic(vols, window=(0, 100), min_panel=32)
+    labelled = utils.slices_mosaic(vols, window=(0, 100), min_panel=32, row_labels=["x", "y", "z"])
+    [(top, left)] = _find(plain, labelled)
+    assert top == 0 and left > 0 and labelled[:, :left].max() == 255
+    with pytest.raises(ValueError, match="2 titles for 3 columns"):
+        utils.slices_mosaic(vols, titles=["LR", "SR"])
+    with pytest.raises(ValueError, match="row_labels needs 3"):
+        utils.slices_mosaic(vols, titles=["LR", "SR", "HR"], row_labels=["a", "b"])
