@@ -12,10 +12,14 @@ functions below take plain arguments and read no global state.
 """
 
 import argparse
-import csv
-import io
+import contextlib
+import dataclasses
+import gc
+import hashlib
 import json
 import logging
+import pathlib
+import re
 import os
 import shutil
 import sys
@@ -113,6 +117,11 @@ DEFAULTS = {
     "run_eagerly": False,
     "mixed_precision": "none",
     "verbose": False,
+    # Data layouts and inference options (evaluation and -super_resolve).
+    "bids_filter": None,
+    "output_layout": "auto",
+    "blend": "crop",
+    "tta": "none",
 }
 
 # The two boolean flags of the original that choose the upsampling mode; the
@@ -140,6 +149,7 @@ PERSISTED = {
     "data_path": RUN,
     "image_name": RUN,
     "mask_name": RUN,
+    "bids_filter": RUN,
     "train_fraction": RUN,
     "seed": RUN,
     "batch_size": RUN,
@@ -293,9 +303,11 @@ def build_parser():
     add_bool("subpixel_NN", "checkerboard-free sub-pixel upsampling (wins over -nn)")
     add_bool("nn", "resize-convolution upsampling (nearest neighbour + conv)")
     add_bool("evaluate", "evaluate -checkpoint_dir_restore on the test split")
-    add("data_path", "dataset root: one folder per subject, or NIfTI files directly", metavar="DIR")
+    add("data_path", "dataset: a folder (one sub-folder per subject, NIfTI files, or a BIDS "
+        "dataset) or a .csv file list", metavar="PATH")
     add("image_name", "image file name inside each subject folder", metavar="NAME")
-    add("mask_name", "brain mask file name inside each subject folder (absent: image > 0)", metavar="NAME")
+    add("mask_name", "brain mask file name inside each subject folder (absent: image > 0); for "
+        "BIDS a pattern in anat/ (default: the *_desc-brain_mask convention)", metavar="NAME")
     add("epochs", "total epochs to reach (a resumed run continues up to this)", type=_positive(int), metavar="N")
     add("batch_size", "patches per batch (8 patches per volume: 4 batches)", type=_positive(int), metavar="N")
     add("volume_shape", "canonical volume every scan is padded/cropped to", type=parse_shape, metavar="X,Y,Z")
@@ -311,12 +323,22 @@ def build_parser():
         "0 = the original recipe", type=_non_negative_int, metavar="N")
     add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
     add("log_dir", "TensorBoard folder", shown="<checkpoint_dir>/logs", metavar="DIR")
-    add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
+    add("super_resolve", "super-resolve these low-resolution NIfTI scans as they are (files, "
+        "folders, BIDS datasets or .csv lists)", nargs="+", metavar="PATH")
     add_bool("demo", "make phantoms in ./demo and run a small train + evaluate end to end")
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
     add("mixed_precision", "compute in float16 (with loss scaling) or bfloat16 on GPUs that "
         "support it; weights, losses and outputs stay float32", choices=tuple(PRECISION_POLICIES))
     add_bool("verbose", "show TensorFlow's own start-up and warning lines")
+    add("bids_filter", "BIDS data: keep the T1w files whose names carry all these entities, "
+        "comma-separated, e.g. desc-brain or acq-mprage,run-01", shown="none", metavar="ENTITIES")
+    add("output_layout", "names of the evaluation and -super_resolve outputs: bids (a BIDS "
+        "derivatives dataset), plain (<subject>_sr.nii.gz), auto (bids for BIDS input)",
+        choices=OUTPUT_LAYOUTS)
+    add("blend", "-evaluate/-super_resolve: merge overlapping patches by crop (the original's) "
+        "or gaussian weights", choices=td.BLEND_MODES)
+    add("tta", "-evaluate/-super_resolve test-time augmentation: flip also super-resolves the "
+        "left-right mirrored volume and averages", choices=TTA_MODES)
     return parser
 
 
@@ -504,8 +526,7 @@ def check_config(cfg):
                         "and would corrupt the run. Use -mixed_precision none (or float16) here.")
     if not 0 < cfg["train_fraction"] <= 1:
         raise UserError(f"-train_fraction {cfg['train_fraction']} must be in (0, 1]")
-    if action == "super_resolve" and not os.path.isfile(cfg["super_resolve"]):
-        raise UserError(f"-super_resolve file {cfg['super_resolve']!r} does not exist")
+    _check_inference_options(cfg)
     if action == "train" and not cfg["demo"]:
         if not os.path.exists(cfg["data_path"]):
             raise UserError(f"-data_path {cfg['data_path']!r} does not exist; pass the folder that "
@@ -931,14 +952,50 @@ def restore_generator(generator, checkpoint_dir):
     path = tf.train.latest_checkpoint(checkpoint_dir)
     if path is None:
         raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
-    try:
-        status = tf.train.Checkpoint(generator=generator).restore(path)
-        status.expect_partial()
-        status.assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as err:
-        raise UserError(f"the generator in {path} does not fit the architecture flags: "
-                        f"{str(err).splitlines()[0]}")
+    problem = _generator_restore_problem(keras.models.clone_model(generator), path)
+    if problem is not None:
+        raise UserError(f"the generator in {path} does not fit the architecture flags: {problem}")
+    status = tf.train.Checkpoint(generator=generator).restore(path)
+    status.expect_partial()
     return path
+
+
+def _generator_restore_problem(probe, path):
+    """Tries a generator restore on a throwaway copy; returns the first error line or None.
+
+    A restore that fails half-way leaves TensorFlow's bookkeeping attached to
+    the model, which logs one warning per checkpoint value (~170 lines) when
+    the model is finally deleted, after the error message. The copy is deleted
+    here, with TensorFlow's loggers quiet, so a mismatch prints one line.
+    """
+    checkpoint = tf.train.Checkpoint(generator=probe)
+    problem = None
+    with _quiet_tensorflow_logs():
+        try:
+            status = checkpoint.restore(path)
+            status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as err:
+            problem = str(err).splitlines()[0]
+        del probe, checkpoint
+        gc.collect()
+    return problem
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logs():
+    """TensorFlow's Python and absl loggers show errors only, for the duration."""
+    from absl import logging as absl_logging
+
+    tf_logger = tf.get_logger()
+    level, verbosity = tf_logger.level, absl_logging.get_verbosity()
+    tf_logger.setLevel(logging.ERROR)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_logger.setLevel(level)
+        absl_logging.set_verbosity(verbosity)
 
 
 # --------------------------------------------------------------------------- #
@@ -995,7 +1052,8 @@ def training_split(cfg, log):
     Raises:
         UserError: when no subject is left for training.
     """
-    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
+    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
+                                   bids_filter=cfg.get("bids_filter"))
     if cfg.get("restore"):
         train_subjects, test_subjects = _saved_split(cfg["restore"], subjects, cfg, log)
     else:
@@ -1249,6 +1307,16 @@ def train(cfg, log=print):
 # Inference
 # --------------------------------------------------------------------------- #
 
+__version__ = "1.0.0"
+# The port's name in BIDS derivatives (GeneratedBy) and in metrics.csv.
+PROGRAM_NAME = "srgan3d-tf2"
+BIDS_VERSION = "1.9.0"
+METRICS_NAME = "metrics.csv"
+DESCRIPTION_NAME = "dataset_description.json"
+# -output_layout: auto means bids when every input is BIDS, plain otherwise.
+OUTPUT_LAYOUTS = ("auto", "plain", "bids")
+TTA_MODES = ("none", "flip")
+
 
 def make_predictor(generator):
     """A compiled inference function, traced once for any patch size."""
@@ -1256,13 +1324,84 @@ def make_predictor(generator):
                        input_signature=[tf.TensorSpec((None, None, None, None, 1), tf.float32)])
 
 
-def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2):
-    """Super-resolves a whole volume patch by patch and stitches the result.
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of super-resolving a volume: a patch blending and whether to flip.
+
+    Attributes:
+        blend: one of ``td.BLEND_MODES`` ("crop": the original's; "gaussian").
+        flip: bool, average with the pass on the left-right mirrored volume.
+    """
+
+    blend: str = "crop"
+    flip: bool = False
+
+    @property
+    def label(self):
+        """str, e.g. ``"crop"`` or ``"gaussian+flip"`` (reports, mosaic titles)."""
+        return self.blend + ("+flip" if self.flip else "")
+
+    @property
+    def key(self):
+        """str, the metrics.csv column stem, e.g. ``"sr_gaussian_flip"``."""
+        return "sr_" + self.label.replace("+", "_")
+
+
+def inference_variants(blend="crop", tta="none"):
+    """The variants an evaluation computes so that each option's effect shows in one run.
+
+    Always the original's (crop, no flip) first; then the -blend alone when it
+    is not crop; then the -blend with the flip when -tta is flip. The last one
+    has every option and is the one written as ``_sr``.
+
+    Args:
+        blend: one of ``td.BLEND_MODES``.
+        tta: one of ``TTA_MODES``.
+
+    Returns:
+        tuple of :class:`Variant`, 1 to 3 of them.
+
+    Raises:
+        ValueError: for an unknown blend or tta.
+    """
+    if blend not in td.BLEND_MODES:
+        raise ValueError(f"-blend {blend!r} must be one of {', '.join(td.BLEND_MODES)}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"-tta {tta!r} must be one of {', '.join(TTA_MODES)}")
+    variants = [Variant("crop", False)]
+    if blend != "crop":
+        variants.append(Variant(blend, False))
+    if tta == "flip":
+        variants.append(Variant(blend, True))
+    return tuple(variants)
+
+
+def _predict_patches(predict, lr, upsampling_factor, patch_shape, margin, batch_size):
+    """Runs the generator over the LR patches of a volume.
+
+    Returns:
+        (sr_patches float32 (n, f·px', f·py', f·pz', 1), hr_margin int,
+        hr_shape (3,) ints) for :func:`td.stitch_patches`.
+    """
+    f = upsampling_factor
+    lr_patch = tuple(min(p // f, n) for p, n in zip(patch_shape, lr.shape))
+    lr_margin = min(margin // f, (min(lr_patch) - 1) // 2)
+    patches = td.extract_patches(lr, lr_patch, lr_margin)
+    outputs = [np.asarray(predict(tf.constant(patches[i:i + batch_size])))
+               for i in range(0, len(patches), batch_size)]
+    return np.concatenate(outputs, axis=0), lr_margin * f, tuple(n * f for n in lr.shape)
+
+
+def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,
+                           variants=(Variant(),), flip_axis=None):
+    """Super-resolves a volume patch by patch, once per variant, sharing the network passes.
 
     The low-resolution patches use the training geometry divided by the factor
-    (``patch_shape / f``, ``margin / f``), so the stitched result keeps from each
-    patch the half of every overlap nearest its centre, as the training patches.
-    An axis shorter than a patch is processed whole.
+    (``patch_shape / f``, ``margin / f``); an axis shorter than a patch is
+    processed whole. The network runs at most twice (the volume, and its
+    mirror along ``flip_axis`` when a variant flips); each blending stitches
+    those outputs. A flip variant is the mean of the plain result and the
+    mirrored volume's result mirrored back.
 
     Args:
         predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
@@ -1271,24 +1410,79 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
         patch_shape: HR patch (px, py, pz), divisible by f.
         margin: HR margin, divisible by f.
         batch_size: patches per generator call.
+        variants: sequence of :class:`Variant`.
+        flip_axis: int in {0, 1, 2}, the voxel axis that is left-right
+            (``utils.left_right_axis`` of the volume's affine); needed when a
+            variant flips.
+
+    Returns:
+        dict :class:`Variant` -> float32 (f·x, f·y, f·z).
+
+    Raises:
+        ValueError: if a variant flips and ``flip_axis`` is not 0, 1 or 2.
+    """
+    lr = np.asarray(lr, dtype=np.float32)
+    if any(v.flip for v in variants) and flip_axis not in (0, 1, 2):
+        raise ValueError(f"flip_axis {flip_axis!r} must be 0, 1 or 2 for a flip variant")
+    passes = {}
+
+    def network_pass(flipped):
+        if flipped not in passes:
+            source = np.ascontiguousarray(np.flip(lr, flip_axis)) if flipped else lr
+            passes[flipped] = _predict_patches(predict, source, upsampling_factor, patch_shape,
+                                               margin, batch_size)
+        return passes[flipped]
+
+    stitched = {}
+
+    def stitch(blend, flipped):
+        if (blend, flipped) not in stitched:
+            patches, hr_margin, hr_shape = network_pass(flipped)
+            volume = td.stitch_patches(patches, hr_shape, hr_margin, blend=blend)
+            stitched[blend, flipped] = np.flip(volume, flip_axis) if flipped else volume
+        return stitched[blend, flipped]
+
+    out = {}
+    for variant in variants:
+        plain = stitch(variant.blend, False)
+        out[variant] = (0.5 * (plain + stitch(variant.blend, True))).astype(np.float32) \
+            if variant.flip else plain
+    return out
+
+
+def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,
+                         blend="crop", flip_axis=None):
+    """Super-resolves a whole volume patch by patch and stitches the result.
+
+    With the defaults, the original's way: each patch keeps the half of every
+    overlap nearest its centre, as the training patches.
+
+    Args:
+        predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
+        lr: float32 (x, y, z) in [-1, 1].
+        upsampling_factor: int f.
+        patch_shape: HR patch (px, py, pz), divisible by f.
+        margin: HR margin, divisible by f.
+        batch_size: patches per generator call.
+        blend: "crop" or "gaussian" (``td.stitch_patches``).
+        flip_axis: None, or the left-right voxel axis: then also the mirrored
+            volume is super-resolved, mirrored back and averaged in (TTA).
 
     Returns:
         float32 (f·x, f·y, f·z).
     """
-    f = upsampling_factor
-    lr = np.asarray(lr, dtype=np.float32)
-    lr_patch = tuple(min(p // f, n) for p, n in zip(patch_shape, lr.shape))
-    lr_margin = min(margin // f, (min(lr_patch) - 1) // 2)
-    patches = td.extract_patches(lr, lr_patch, lr_margin)
-    outputs = [np.asarray(predict(tf.constant(patches[i:i + batch_size])))
-               for i in range(0, len(patches), batch_size)]
-    sr = np.concatenate(outputs, axis=0)
-    return td.stitch_patches(sr, tuple(n * f for n in lr.shape), lr_margin * f)
+    variant = Variant(blend, flip_axis is not None)
+    return super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, batch_size,
+                                  (variant,), flip_axis)[variant]
 
 
 def _restored_predictor(cfg, log):
-    """Checks the output folder, then builds and restores the generator for inference."""
-    _check_writable(cfg["path_volumes"], "-path_volumes")
+    """Builds the generator, restores it from ``cfg["source_checkpoint"]`` and returns its predict callable.
+
+    Every inference pass goes through the returned callable, float32
+    (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1), so it may be swapped for one
+    that spreads each batch over several devices.
+    """
     generator = networks.build_generator(
         **_architecture(cfg), dtype_policy=PRECISION_POLICIES[cfg["mixed_precision"]])
     path = restore_generator(generator, cfg["source_checkpoint"])
@@ -1296,47 +1490,432 @@ def _restored_predictor(cfg, log):
     return make_predictor(generator)
 
 
-def _overwrite_note(folder, names, log):
-    existing = [n for n in names if os.path.exists(os.path.join(folder, n))]
+def checkpoint_identity(checkpoint_dir):
+    """What identifies the checkpoint an inference run uses.
+
+    Args:
+        checkpoint_dir: a folder holding a training run's checkpoints.
+
+    Returns:
+        dict: ``path`` (real path of the latest ``ckpt-N`` prefix), ``step``
+        (int, the training step; None when unknown) and ``sha256`` (16 hex
+        digits of its ``.index`` file, which holds a checksum of every tensor:
+        it tells apart two checkpoints saved under the same name).
+
+    Raises:
+        UserError: if the folder holds no checkpoint.
+    """
+    path = tf.train.latest_checkpoint(checkpoint_dir)
+    if path is None:
+        raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
+    try:
+        with open(path + ".index", "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    except OSError as err:
+        raise UserError(f"cannot read the checkpoint {path}: {err.strerror or err}")
+    step = None
+    try:
+        step = int(tf.train.load_checkpoint(path).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (ValueError, KeyError, tf.errors.OpError):
+        match = re.search(r"-(\d+)$", path)
+        step = int(match.group(1)) if match else None
+    return {"path": os.path.realpath(path), "step": step, "sha256": digest}
+
+
+def _overwrite_note(paths, log):
+    existing = [p for p in paths if os.path.exists(p)]
     if existing:
-        shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
-        log(f"note: replacing {len(existing)} existing file(s) in {folder}: {shown}")
+        shown = ", ".join(os.path.basename(p) for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+        log(f"note: replacing {len(existing)} existing file(s) in {os.path.dirname(existing[0])}: {shown}")
 
 
-def _evaluation_subjects(cfg, log):
-    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log)
-    split = _read_json(os.path.join(cfg["source_checkpoint"], SPLIT_NAME))
-    same_data = split is not None and os.path.abspath(cfg["data_path"]) == split.get("data_path")
-    if not same_data:
-        if split is not None:
-            log(f"note: {cfg['data_path']} is not the training data; evaluating all its subjects")
-        else:
-            _, test = td.split_subjects(subjects, cfg["train_fraction"])
-            log(f"note: no {SPLIT_NAME} next to the checkpoint; using the last "
-                f"{1 - cfg['train_fraction']:.0%} of the sorted subjects")
-            return test
-        return subjects
-    return _subjects_named(split["test"], subjects, "test", log)
+# --------------------------------------------------------------------------- #
+# Inference: inputs and the output folder
+# --------------------------------------------------------------------------- #
 
 
-def _summary_lines(rows):
-    lines = []
-    for key, label in (("psnr", "PSNR"), ("ssim", "SSIM")):
-        values = np.array([r[key] for r in rows], dtype=np.float64)
-        lines.append(f"{label}: mean {values.mean():.4f}  variance {values.var():.4f}  "
-                     f"max {values.max():.4f}  min {values.min():.4f}  median {np.median(values):.4f}")
-    for method in ("nearest", "trilinear", "tricubic"):
-        p = np.mean([r[f"psnr_{method}"] for r in rows])
-        s = np.mean([r[f"ssim_{method}"] for r in rows])
-        lines.append(f"baseline {method:<9}: mean PSNR {p:.4f}  mean SSIM {s:.4f}")
-    lines.append("with one data range for every method (the reference's max - min):")
-    for method in METHODS:
-        suffix = "" if method == "sr" else f"_{method}"
-        p = np.mean([r[f"psnr{suffix}_fair"] for r in rows])
-        s = np.mean([r[f"ssim{suffix}_fair"] for r in rows])
-        lines.append(f"  {'SR' if method == 'sr' else method:<9}: mean PSNR {p:.4f}  mean SSIM {s:.4f}")
-    return lines
+@dataclasses.dataclass(frozen=True)
+class InputScan:
+    """One scan to super-resolve (or evaluate) and where it comes from.
 
+    Attributes:
+        subject: the :class:`train_dataset.Subject` (name, image, mask,
+            BIDS entities).
+        root: absolute path of its dataset (the BIDS dataset root, the data
+            folder, the list's folder), or None for a file given alone.
+        bids: bool, the scan belongs to a BIDS dataset (``root`` is its root).
+    """
+
+    subject: td.Subject
+    root: "str | None" = None
+    bids: bool = False
+
+
+def _check_inference_options(cfg):
+    """Checks the data-layout and inference settings before any work starts.
+
+    Raises:
+        UserError: a malformed -bids_filter, or a -super_resolve path that
+            does not exist or is neither a NIfTI file, a folder nor a list.
+    """
+    try:
+        td.parse_bids_filter(cfg.get("bids_filter"))
+    except ValueError as err:
+        raise UserError(str(err))
+    if cfg["action"] != "super_resolve":
+        return
+    for path in cfg["super_resolve"]:
+        if not os.path.exists(path):
+            raise UserError(f"-super_resolve {path!r} does not exist")
+        if os.path.isfile(path) and not path.lower().endswith((".nii", ".nii.gz", ".csv", ".tsv")):
+            raise UserError(f"-super_resolve {path!r} is not a .nii/.nii.gz scan, a folder or a "
+                            ".csv file list")
+
+
+def _bids_filter_for(cfg, data_path, log):
+    """The -bids_filter to read ``data_path`` with.
+
+    A filter taken from the checkpoint (the training data were BIDS) is not
+    applied to other data that are not BIDS; one given on the command line is
+    (and ``find_subjects`` refuses it for such data).
+    """
+    bids_filter = cfg.get("bids_filter")
+    if bids_filter and "bids_filter" not in cfg.get("explicit", ()) \
+            and td.detect_layout(data_path, cfg["image_name"]) != "bids":
+        log(f"note: the training's -bids_filter {bids_filter} is not used for {data_path} (not BIDS)")
+        return None
+    return bids_filter
+
+
+def _data_root(data_path, layout):
+    """The folder a layout's scans live in: the folder itself, or a list's folder."""
+    path = os.path.abspath(data_path)
+    return os.path.dirname(path) if layout == "csv" else path
+
+
+def _bids_file_scan(path):
+    """An :class:`InputScan` for a T1w file inside a BIDS dataset, or None when it is not one.
+
+    The file must be ``<root>/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_..._T1w.nii[.gz]``.
+    """
+    path = os.path.abspath(path)
+    anat = os.path.dirname(path)
+    entities, suffix = td._bids_entities(os.path.basename(path))
+    labels = dict(entities)
+    if suffix != "T1w" or "sub" not in labels or os.path.basename(anat) != "anat":
+        return None
+    parent = os.path.dirname(anat)
+    session = None
+    if os.path.basename(parent).startswith("ses-"):
+        session, parent = os.path.basename(parent)[4:], os.path.dirname(parent)
+    if os.path.basename(parent) != f"sub-{labels['sub']}" or labels.get("ses") != session:
+        return None
+    name = f"sub-{labels['sub']}" + (f"_ses-{session}" if session else "")
+    ordered = (("sub", labels["sub"]),) + ((("ses", session),) if session else ()) + tuple(
+        (k, v) for k, v in entities if k not in ("sub", "ses"))
+    return InputScan(td.Subject(name, path, entities=ordered), os.path.dirname(parent), True)
+
+
+def _super_resolve_inputs(cfg, log):
+    """The scans of -super_resolve: files as they are, folders and lists through ``find_subjects``.
+
+    Returns:
+        list of :class:`InputScan`, in the order given (a folder's in name order).
+
+    Raises:
+        UserError, td.DataError: an unusable path or dataset.
+    """
+    scans = []
+    max_voxels = td.max_voxels_for(cfg["volume_shape"])
+    for path in cfg["super_resolve"]:
+        if os.path.isfile(path) and not path.lower().endswith((".csv", ".tsv")):
+            bids = _bids_file_scan(path)
+            name = td._strip_nifti_suffix(os.path.basename(path))
+            scans.append(bids or InputScan(td.Subject(name, os.path.abspath(path))))
+            continue
+        layout = td.detect_layout(path, cfg["image_name"])
+        subjects, _ = td.find_subjects(path, cfg["image_name"], cfg["mask_name"], log=log,
+                                       bids_filter=_bids_filter_for(cfg, path, log),
+                                       max_voxels=max_voxels)
+        root = _data_root(path, layout)
+        scans += [InputScan(s, root, layout == "bids") for s in subjects]
+    return scans
+
+
+def _output_scheme(cfg, scans):
+    """"bids" or "plain": -output_layout, where auto means bids when every scan is BIDS."""
+    if cfg["output_layout"] != "auto":
+        return cfg["output_layout"]
+    return "bids" if scans and all(s.bids for s in scans) else "plain"
+
+
+def _check_output_folder(folder, sources):
+    """Refuses an output folder that is a file, lies under a file, or lies inside input data.
+
+    Outputs inside a data folder would be read as new subjects by the next
+    run. A BIDS dataset only reads its ``sub-*`` folders, so its
+    ``derivatives/`` (the BIDS place for outputs) is allowed.
+
+    Args:
+        folder: the -path_volumes.
+        sources: iterable of (root, layout) of the inputs, layout one of
+            ``td.LAYOUTS`` or None for single files (never refused).
+
+    Raises:
+        UserError: naming the folder and the reason.
+    """
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.isfile(probe):
+        where = "" if probe == os.path.abspath(folder) else f": {probe!r}"
+        raise UserError(f"-path_volumes {folder!r}{where} is a file, not a folder")
+    real = os.path.realpath(folder)
+    for root, layout in set(sources):
+        if root is None or layout not in ("folders", "bids"):
+            continue
+        root_real = os.path.realpath(root)
+        relative = os.path.relpath(real, root_real)
+        if relative.startswith(os.pardir) or os.path.isabs(relative):
+            continue
+        first = relative.split(os.sep)[0]
+        if layout == "bids" and relative != os.curdir and not first.startswith("sub-"):
+            continue
+        hint = (f"; BIDS outputs belong in e.g. {os.path.join(root, 'derivatives', PROGRAM_NAME)}"
+                if layout == "bids" else "")
+        raise UserError(f"-path_volumes {folder!r} is inside the data {root!r}: its outputs would be "
+                        f"read as new subjects by the next run. Choose a folder outside it{hint}")
+    _check_writable(folder, "-path_volumes")
+
+
+# --------------------------------------------------------------------------- #
+# Inference: output names (plain and BIDS derivatives)
+# --------------------------------------------------------------------------- #
+
+# BIDS entity order (specification 1.9, appendix "Entity table"): file names
+# list their entities in this order; unknown keys go just before desc.
+BIDS_ENTITY_ORDER = ("sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc",
+                     "stain", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc",
+                     "hemi", "space", "split", "recording", "chunk", "seg", "res", "den", "label", "desc")
+_BIDS_RANK = {key: rank for rank, key in enumerate(BIDS_ENTITY_ORDER)}
+
+
+def bids_stem(entities, **changes):
+    """A BIDS file name stem (no suffix) from entities, some replaced or added.
+
+    Args:
+        entities: ordered ``(key, value)`` pairs, e.g. ``(("sub", "01"), ("desc", "brain"))``.
+        **changes: entities to set, e.g. ``rec="SRx2"``.
+
+    Returns:
+        str, e.g. ``"sub-01_rec-SRx2_desc-brain"``, entities in BIDS order.
+    """
+    merged = dict(entities)
+    merged.update(changes)
+    ordered = sorted(merged.items(), key=lambda kv: _BIDS_RANK.get(kv[0], _BIDS_RANK["desc"] - 0.5))
+    return "_".join(f"{k}-{v}" for k, v in ordered)
+
+
+def _sidecar_path(nifti_path):
+    return nifti_path[: -len(utils.nifti_suffix(nifti_path))] + ".json"
+
+
+class PlainOutputs:
+    """The original's output names, all in one folder.
+
+    ``<subject>_sr.nii.gz`` (with a ``<subject>_sr.json`` sidecar: factor,
+    mode, checkpoint, options, metrics), ``<subject>_hr.nii.gz``,
+    ``<subject>_lr.nii.gz`` and ``<subject>_slices.png``.
+
+    Args:
+        folder: the -path_volumes.
+        upsampling_factor: int f.
+    """
+
+    scheme = "plain"
+    # The volumes that get a JSON sidecar.
+    SIDECAR_KINDS = ("sr",)
+
+    def __init__(self, folder, upsampling_factor):
+        self.folder = folder
+        self.factor = int(upsampling_factor)
+
+    def path(self, subject, kind):
+        """str, the NIfTI path of a subject's ``kind`` ("sr", "lr" or "hr") volume."""
+        return os.path.join(self.folder, f"{subject.name}_{kind}.nii.gz")
+
+    def slices_path(self, subject):
+        """str, the PNG path of a subject's slice mosaic."""
+        return os.path.join(self.folder, f"{subject.name}_slices.png")
+
+    def source(self, scan):
+        """str, how a sidecar names the input file (its absolute path)."""
+        return os.path.abspath(scan.subject.image_path)
+
+    def start(self, generated_by, scans):
+        """Prepares the folder before the first output (nothing to do for plain names)."""
+
+    def check_unique(self, scans):
+        """Refuses inputs that would write the same file.
+
+        Raises:
+            UserError: naming both inputs and the file.
+        """
+        seen = {}
+        for scan in scans:
+            path = self.path(scan.subject, "sr")
+            if path in seen:
+                raise UserError(f"{seen[path]} and {scan.subject.image_path} would both be written to "
+                                f"{path}; super-resolve them into different -path_volumes")
+            seen[path] = scan.subject.image_path
+
+    def write_volume(self, subject, kind, data, affine, header=None, zooms=None, sidecar=None):
+        """Writes one volume (and its sidecar when this scheme gives ``kind`` one).
+
+        Args:
+            subject: a :class:`train_dataset.Subject`.
+            kind: "sr", "lr" or "hr".
+            data: float32 (x, y, z).
+            affine: (4, 4) voxel-to-world matrix.
+            header: optional nibabel header to copy metadata from.
+            zooms: optional (3,) voxel sizes.
+            sidecar: optional JSON-serialisable dict.
+
+        Returns:
+            str, the NIfTI path.
+
+        Raises:
+            utils.OutputError: a file could not be written.
+        """
+        path = self.path(subject, kind)
+        utils.save_nifti(path, data, affine, header, zooms=zooms)
+        if sidecar is not None and kind in self.SIDECAR_KINDS:
+            utils.write_json(_sidecar_path(path), sidecar)
+        return path
+
+    def write_slices(self, subject, image):
+        """Writes a subject's slice mosaic (uint8 (h, w)); returns its path."""
+        path = self.slices_path(subject)
+        utils.save_png(path, image)
+        return path
+
+
+class BidsOutputs(PlainOutputs):
+    """A BIDS derivatives dataset.
+
+    ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_rec-SRx<f>_T1w.nii.gz`` (super-resolved),
+    ``..._rec-LRx<f>_T1w.nii.gz`` (the degraded input) and
+    ``..._desc-reference_T1w.nii.gz`` (the reference), each with a JSON
+    sidecar; the other entities of the source file (acq, run, desc...) are
+    kept. The mosaic goes to ``sub-X/[ses-Y/]figures/..._rec-SRx<f>_slices.png``;
+    ``dataset_description.json`` and ``.bidsignore`` (metrics.csv, figures)
+    at the top. A subject that is not from a BIDS dataset becomes
+    ``sub-<its name without non-alphanumerics>``.
+    """
+
+    scheme = "bids"
+    SIDECAR_KINDS = ("sr", "lr", "hr")
+
+    def __init__(self, folder, upsampling_factor):
+        super().__init__(folder, upsampling_factor)
+        self.links = {}
+
+    def _entities(self, subject):
+        if subject.entities:
+            return subject.entities
+        label = re.sub(r"[^A-Za-z0-9]", "", subject.name)
+        if not label:
+            raise UserError(f"subject {subject.name!r} has no letter or digit to name a BIDS "
+                            f"subject with; use -output_layout plain")
+        return (("sub", label),)
+
+    def _changes(self, kind):
+        return {"sr": {"rec": f"SRx{self.factor}"}, "lr": {"rec": f"LRx{self.factor}"},
+                "hr": {"desc": "reference"}}[kind]
+
+    def _subject_folder(self, subject, datatype):
+        labels = dict(self._entities(subject))
+        parts = [f"sub-{labels['sub']}"] + ([f"ses-{labels['ses']}"] if labels.get("ses") else [])
+        return os.path.join(self.folder, *parts, datatype)
+
+    def path(self, subject, kind):
+        stem = bids_stem(self._entities(subject), **self._changes(kind))
+        return os.path.join(self._subject_folder(subject, "anat"), f"{stem}_T1w.nii.gz")
+
+    def slices_path(self, subject):
+        stem = bids_stem(self._entities(subject), **self._changes("sr"))
+        return os.path.join(self._subject_folder(subject, "figures"), f"{stem}_slices.png")
+
+    def source(self, scan):
+        """str, a BIDS URI ``bids:<link>:<path in the dataset>`` for BIDS inputs, else a file URI."""
+        path = os.path.abspath(scan.subject.image_path)
+        if not scan.bids:
+            return pathlib.Path(path).as_uri()
+        key = self._link_key(scan.root)
+        return f"bids:{key}:{pathlib.Path(os.path.relpath(path, scan.root)).as_posix()}"
+
+    def _link_key(self, root):
+        uri = pathlib.Path(os.path.abspath(root)).as_uri()
+        for key, value in self.links.items():
+            if value == uri:
+                return key
+        n = len(self.links) + 1
+        key = "raw" if n == 1 else f"raw{n}"
+        while key in self.links:
+            n += 1
+            key = f"raw{n}"
+        self.links[key] = uri
+        return key
+
+    def start(self, generated_by, scans):
+        """Writes (or extends) ``dataset_description.json`` and ``.bidsignore``.
+
+        Args:
+            generated_by: the ``GeneratedBy`` list of this run.
+            scans: the :class:`InputScan` list (their datasets become
+                ``SourceDatasets`` and ``DatasetLinks``).
+
+        Raises:
+            UserError: the folder already describes another dataset (another
+                checkpoint or program, or not a derivative).
+            utils.OutputError: a file could not be written.
+        """
+        path = os.path.join(self.folder, DESCRIPTION_NAME)
+        existing = _read_json(path)
+        if existing is not None:
+            if not isinstance(existing, dict) or existing.get("DatasetType") != "derivative" \
+                    or existing.get("GeneratedBy") != generated_by:
+                before = existing.get("GeneratedBy") if isinstance(existing, dict) else existing
+                raise UserError(f"{path} describes another dataset (GeneratedBy {before}); this run "
+                                f"({generated_by[0]['Description']}) would mix its outputs with it. "
+                                "Choose another -path_volumes")
+            self.links = dict(existing.get("DatasetLinks", {}))
+        for scan in scans:
+            self.source(scan)
+        sources = list(existing.get("SourceDatasets", [])) if existing else []
+        for root in dict.fromkeys(s.root for s in scans if s.root is not None):
+            entry = {"URL": pathlib.Path(root).as_uri()}
+            if entry not in sources:
+                sources.append(entry)
+        description = {
+            "Name": f"{PROGRAM_NAME} super-resolution x{self.factor}",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": generated_by,
+            "SourceDatasets": sources,
+        }
+        if self.links:
+            description["DatasetLinks"] = self.links
+        if description != existing:
+            utils.write_json(path, description)
+        ignore = os.path.join(self.folder, ".bidsignore")
+        if not os.path.exists(ignore):
+            utils.write_text(ignore, f"{METRICS_NAME}\n**/figures/\n")
+
+
+# --------------------------------------------------------------------------- #
+# Inference: metrics
+# --------------------------------------------------------------------------- #
 
 # The super-resolved volume and the interpolation baselines it is compared with.
 METHODS = ("sr", "nearest", "trilinear", "tricubic")
@@ -1348,6 +1927,23 @@ METRIC_COLUMNS = (("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "p
                    "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
                   + tuple(f"{m}{'' if s == 'sr' else '_' + s}_fair"
                           for s in METHODS for m in ("psnr", "ssim")))
+# metrics.csv header lines that only inform; the others must match to resume.
+_INFORMATIONAL_SETTINGS = ("program", "checkpoint")
+
+
+def metric_columns(variants=(Variant(),)):
+    """The metrics.csv columns of an evaluation computing ``variants``.
+
+    ``psnr``/``ssim`` (and their ``_fair`` pair) are the last variant's, the
+    one written as ``_sr``; every other variant adds ``psnr_<key>``,
+    ``ssim_<key>``, ``psnr_<key>_fair``, ``ssim_<key>_fair`` (key e.g.
+    ``sr_crop``). With the default options: exactly ``METRIC_COLUMNS``.
+
+    Returns:
+        tuple of str.
+    """
+    return METRIC_COLUMNS + tuple(f"{m}_{v.key}{t}" for v in variants[:-1]
+                                  for t in ("", "_fair") for m in ("psnr", "ssim"))
 
 
 def subject_metrics(hr, estimates, mask):
@@ -1355,11 +1951,12 @@ def subject_metrics(hr, estimates, mask):
 
     Args:
         hr: float32 (x, y, z), the reference in source intensities.
-        estimates: dict method -> float32 (x, y, z) estimate, the ``METHODS``.
+        estimates: dict method -> float32 (x, y, z) estimate: the ``METHODS``,
+            and variant keys such as ``"sr_crop"``.
         mask: bool (x, y, z) brain mask.
 
     Returns:
-        dict with the ``METRIC_COLUMNS`` keys but ``subject`` (NaN for an
+        dict with the ``metric_columns`` keys but ``subject`` (NaN for an
         empty mask).
     """
     reference_range = float(hr.max() - hr.min()) or 1.0
@@ -1372,103 +1969,445 @@ def subject_metrics(hr, estimates, mask):
     return row
 
 
+def _read_header_lines(path):
+    """The ``# key: value`` lines at the top of a CSV file, as a dict ({} when there are none)."""
+    settings = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.startswith("#"):
+                    break
+                key, sep, value = line[1:].strip().partition(": ")
+                if sep:
+                    settings[key] = value
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}")
+    return settings
+
+
+class MetricsFile:
+    """metrics.csv: one row per subject, appended and flushed as each subject ends.
+
+    Its ``# key: value`` header lines record what the rows depend on (the
+    checkpoint, the data, sigma, the options); a later evaluation into the
+    same folder with the same settings resumes (skips the subjects it holds),
+    one with other settings is refused.
+
+    Args:
+        path: the CSV file.
+        columns: its columns (:func:`metric_columns`).
+        settings: dict of str -> str, its header lines.
+    """
+
+    def __init__(self, path, columns, settings):
+        self.path = path
+        self.columns = tuple(columns)
+        self.settings = dict(settings)
+
+    def done(self):
+        """The subjects already in the file.
+
+        Returns:
+            set of subject names (empty for a new file).
+
+        Raises:
+            UserError: the file holds rows of an evaluation with other
+                settings or columns (it is left untouched).
+        """
+        if not os.path.exists(self.path):
+            return set()
+        old = _read_header_lines(self.path)
+        different = [f"{key}: {old.get(key, '(none)')} here, {value} now"
+                     for key, value in self.settings.items()
+                     if key not in _INFORMATIONAL_SETTINGS and old.get(key) != value]
+        try:
+            fieldnames, rows = utils.read_csv_rows(self.path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {self.path}: {err}")
+        if not different and fieldnames is not None and tuple(fieldnames) != self.columns:
+            different.append(f"columns {','.join(fieldnames)} here")
+        if different:
+            raise UserError(f"{self.path} holds the results of another evaluation ("
+                            + "; ".join(different) + "); its rows cannot be mixed with this run's. "
+                            "Choose another -path_volumes, or move that metrics.csv away to start afresh")
+        return {row["subject"] for row in rows}
+
+    def append(self, row):
+        """Appends one subject's row durably (creating the file with its header lines).
+
+        Raises:
+            utils.OutputError: the row could not be written.
+        """
+        lines = [f"{key}: {value}" for key, value in self.settings.items()]
+        utils.append_csv_row(self.path, self.columns, row, header_lines=lines)
+
+    def rows(self):
+        """Every row in the file, numbers as floats (NaN kept)."""
+        _, rows = utils.read_csv_rows(self.path)
+        return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
+
+
+def _stats_line(label, values):
+    return (f"{label}: mean {values.mean():.4f}  variance {values.var():.4f}  "
+            f"max {values.max():.4f}  min {values.min():.4f}  median {np.median(values):.4f}")
+
+
+def _summary_lines(rows, variants=(Variant(),)):
+    """The evaluation's closing report.
+
+    Subjects whose metrics are not finite (an empty brain mask: NaN) are
+    named and left out of every statistic.
+
+    Args:
+        rows: list of per-subject dicts (floats), as :meth:`MetricsFile.rows`.
+        variants: the evaluation's variants; with more than one, a line each.
+
+    Returns:
+        list of str.
+    """
+    finite = [bool(np.isfinite(r["psnr"]) and np.isfinite(r["ssim"])) for r in rows]
+    usable = [r for r, ok in zip(rows, finite) if ok]
+    left_out = [r["subject"] for r, ok in zip(rows, finite) if not ok]
+    lines = []
+    if left_out:
+        lines.append(f"left out of the summary, metrics not finite (empty brain mask): "
+                     f"{len(left_out)} subject(s): " + ", ".join(left_out[:10])
+                     + (" ..." if len(left_out) > 10 else ""))
+    if not usable:
+        lines.append("no subject with finite metrics to summarise")
+        return lines
+
+    def mean(key):
+        return float(np.mean([r[key] for r in usable]))
+
+    lines.append(f"{len(usable)} subject(s):")
+    for key, label in (("psnr", "PSNR"), ("ssim", "SSIM")):
+        lines.append(_stats_line(label, np.array([r[key] for r in usable], dtype=np.float64)))
+    for method in ("nearest", "trilinear", "tricubic"):
+        lines.append(f"baseline {method:<9}: mean PSNR {mean(f'psnr_{method}'):.4f}  "
+                     f"mean SSIM {mean(f'ssim_{method}'):.4f}")
+    lines.append("with one data range for every method (the reference's max - min):")
+    for method in METHODS:
+        suffix = "" if method == "sr" else f"_{method}"
+        lines.append(f"  {'SR' if method == 'sr' else method:<9}: mean PSNR {mean(f'psnr{suffix}_fair'):.4f}"
+                     f"  mean SSIM {mean(f'ssim{suffix}_fair'):.4f}")
+    if len(variants) > 1:
+        lines.append("inference options (mean PSNR / SSIM; the original's rule | one data range):")
+        for v in variants:
+            suffix = "" if v == variants[-1] else f"_{v.key}"
+            lines.append(f"  SR {v.label:<14}: {mean(f'psnr{suffix}'):.4f} / {mean(f'ssim{suffix}'):.4f}"
+                         f"  | {mean(f'psnr{suffix}_fair'):.4f} / {mean(f'ssim{suffix}_fair'):.4f}"
+                         + ("  (written as _sr)" if v == variants[-1] else ""))
+    return lines
+
+
+# --------------------------------------------------------------------------- #
+# Inference: evaluation
+# --------------------------------------------------------------------------- #
+
+
+def _evaluation_subjects(cfg, log):
+    """The test subjects: split.json's for the training data, else the data's own test split or all."""
+    bids_filter = _bids_filter_for(cfg, cfg["data_path"], log)
+    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
+                                   bids_filter=bids_filter,
+                                   max_voxels=td.max_voxels_for(cfg["volume_shape"]))
+    split = _read_json(os.path.join(cfg["source_checkpoint"], SPLIT_NAME))
+    if split is not None and os.path.abspath(cfg["data_path"]) == split.get("data_path"):
+        return _subjects_named(split["test"], subjects, "test", log)
+    if all(s.split is not None for s in subjects):
+        log(f"note: using the test rows of the split column of {cfg['data_path']}")
+        return td.split_subjects(subjects)[1]
+    if split is not None:
+        log(f"note: {cfg['data_path']} is not the training data; evaluating all its subjects")
+        return subjects
+    _, test = td.split_subjects(subjects, cfg["train_fraction"])
+    log(f"note: no {SPLIT_NAME} next to the checkpoint; using the last "
+        f"{1 - cfg['train_fraction']:.0%} of the sorted subjects")
+    return test
+
+
+def evaluation_settings(cfg, checkpoint, variants):
+    """What an evaluation's rows depend on: metrics.csv's header lines.
+
+    Returns:
+        dict str -> str; ``program`` and ``checkpoint`` (its path) inform,
+        the others must match for a later run to resume the file.
+    """
+    return {
+        "program": f"{PROGRAM_NAME} {__version__}",
+        "checkpoint": f"{checkpoint['path']} (step {checkpoint['step']})",
+        "checkpoint_sha256": checkpoint["sha256"],
+        "data_path": os.path.abspath(cfg["data_path"]),
+        "bids_filter": cfg.get("bids_filter") or "none",
+        "upsampling_factor": str(cfg["upsampling_factor"]),
+        "sigma": str(float(cfg["sigma"])),
+        "volume_shape": ",".join(map(str, cfg["volume_shape"])),
+        "blend": cfg["blend"],
+        "tta": cfg["tta"],
+        "sr": variants[-1].label,
+    }
+
+
+def _provenance(cfg, checkpoint):
+    """The sidecar entries every output of a run shares."""
+    return {
+        "UpsamplingFactor": cfg["upsampling_factor"],
+        "UpsamplingMode": cfg["upsampling_mode"],
+        "Checkpoint": checkpoint["path"],
+        "CheckpointStep": checkpoint["step"],
+        "CheckpointSHA256": checkpoint["sha256"],
+        "Blend": cfg["blend"],
+        "TTA": cfg["tta"],
+        "SoftwareName": PROGRAM_NAME,
+        "SoftwareVersion": __version__,
+    }
+
+
+def _generated_by(cfg, checkpoint):
+    """The BIDS ``GeneratedBy`` list of a run: the port, its version and the checkpoint."""
+    return [{
+        "Name": PROGRAM_NAME,
+        "Version": __version__,
+        "Description": (f"3D SRGAN generator x{cfg['upsampling_factor']} ({cfg['upsampling_mode']}), "
+                        f"checkpoint {checkpoint['path']} (step {checkpoint['step']}, "
+                        f"sha256 {checkpoint['sha256']})"),
+    }]
+
+
+def _make_outputs(scheme, cfg):
+    return (BidsOutputs if scheme == "bids" else PlainOutputs)(cfg["path_volumes"], cfg["upsampling_factor"])
+
+
+def _mosaic(subject, row, lr_nearest, tricubic, srs, hr):
+    """The subject's slice mosaic: LR, tricubic, each SR variant, HR; titled, PSNR/SSIM on top."""
+    if len(srs) == 1:
+        titles = ["SR"]
+    else:
+        titles = [f"SR {v.label}" for v in srs]
+    quality = (f"PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}" if np.isfinite(row["psnr"])
+               else "empty brain mask: no PSNR/SSIM")
+    return utils.slices_mosaic([lr_nearest, tricubic, *srs.values(), hr],
+                               titles=["LR", "tricubic", *titles, "HR"],
+                               header=f"{subject.name}  {quality}")
+
+
+def _evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
+    """Evaluates one subject and writes its outputs; returns its metrics row (None: skipped).
+
+    The volumes, mosaic and sidecars are written before the row is returned,
+    so a subject with a row in metrics.csv has all its outputs.
+
+    Raises:
+        td.PipelineError: the data folder has disappeared.
+        utils.OutputError: an output could not be written.
+    """
+    subject, f = scan.subject, cfg["upsampling_factor"]
+    try:
+        image, affine, header = td.load_volume(subject.image_path, log=log,
+                                               max_voxels=td.max_voxels_for(cfg["volume_shape"]))
+        td.check_intensity(image, subject.image_path)
+        mask = td.load_mask(subject, image, log=log)
+    except td.PipelineError:
+        raise
+    except td.DataError as err:
+        log(f"skipping {subject.name}: {err}")
+        return None
+    hr, grid = td.to_canonical(image, cfg["volume_shape"])
+    mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
+    hr_n, nf = utils.normalize(hr)
+    lr_n = np.asarray(td.degrade(hr_n, f, cfg["sigma"]))
+    # to_canonical pads/crops without reordering axes: the source's left-right axis.
+    flip_axis = utils.left_right_axis(affine) if any(v.flip for v in variants) else None
+    estimates = super_resolve_variants(predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"],
+                                       cfg["batch_size"], variants, flip_axis)
+    srs = {v: utils.denormalize(estimates[v], nf) for v in variants}
+    sr = srs[variants[-1]]
+    lr = utils.denormalize(lr_n, nf)
+    baselines = {method: utils.upsample_baseline(lr, f, order, hr.shape)
+                 for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+    others = {v.key: srs[v] for v in variants[:-1]}
+    row = {"subject": subject.name, **subject_metrics(hr, {"sr": sr, **baselines, **others}, mask_c)}
+    if not mask_c.any():
+        log(f"{subject.name}: its brain mask is empty inside the canonical volume: metrics NaN, "
+            "left out of the summary")
+
+    source = outputs.source(scan)
+    sr_sidecar = {"Description": f"super-resolved x{f} from the _lr volume ({variants[-1].label})",
+                  "Sources": [source], **provenance, "Sigma": float(cfg["sigma"]),
+                  "Metrics": {k: v for k, v in row.items() if k != "subject"}}
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    outputs.write_volume(subject, "sr", td.from_canonical(sr, grid), affine, header, sidecar=sr_sidecar)
+    outputs.write_volume(subject, "hr", td.from_canonical(hr, grid), affine, header, sidecar={
+        "Description": "the reference: the source image on its own grid, zero outside the canonical "
+                       f"{'x'.join(map(str, cfg['volume_shape']))} region", "Sources": [source]})
+    lr_affine = td.canonical_affine(affine, grid) @ np.diag([f, f, f, 1.0])
+    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * f, sidecar={
+        "Description": f"the network's input: the canonical reference blurred (sigma {cfg['sigma']} "
+                       f"voxels) and decimated by {f}", "Sources": [source],
+        "UpsamplingFactor": f, "Sigma": float(cfg["sigma"])})
+    outputs.write_slices(subject, _mosaic(subject, row, baselines["nearest"], baselines["tricubic"], srs, hr))
+    return row
+
+
 def evaluate(cfg, log=print):
     """Evaluates a checkpoint on the test subjects (SPEC section 4, patch-stitched).
 
-    Writes ``<subject>_sr/_hr/_lr.nii.gz``, ``<subject>_slices.png`` and
-    ``metrics.csv`` to ``cfg["path_volumes"]``.
+    Writes to ``cfg["path_volumes"]`` per subject the SR, reference and LR
+    volumes and a slice mosaic (plain or BIDS-derivatives names, see
+    :class:`PlainOutputs`, :class:`BidsOutputs`), and ``metrics.csv``, one row
+    appended as each subject ends. A folder whose metrics.csv was written with
+    the same settings is resumed: the subjects it holds are skipped. With
+    -blend/-tta, every variant of :func:`inference_variants` is measured and
+    the last is written.
 
     Returns:
-        list of per-subject dicts with the ``METRIC_COLUMNS`` keys.
+        list of per-subject dicts (every row of metrics.csv, numbers as floats).
 
     Raises:
-        UserError: unusable checkpoint, data or output folder.
+        UserError: unusable checkpoint, data or output folder; metrics.csv of
+            an evaluation with other settings; no subject could be evaluated.
+        utils.LockedError: another run writes into the folder.
+        utils.OutputError: an output could not be written.
     """
-    f = cfg["upsampling_factor"]
     out_dir = cfg["path_volumes"]
-    predict = _restored_predictor(cfg, log)
+    layout = td.detect_layout(cfg["data_path"], cfg["image_name"])
+    root = _data_root(cfg["data_path"], layout)
     subjects = _evaluation_subjects(cfg, log)
     if not subjects:
         raise UserError(f"no test subject to evaluate in {cfg['data_path']!r}")
-    rows = []
-    _overwrite_note(out_dir, ["metrics.csv"] + [f"{s.name}_sr.nii.gz" for s in subjects], log)
-    for subject in tqdm(subjects, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True):
-        start = time.time()
-        try:
-            image, affine, header = td.load_volume(subject.image_path, log=log)
-            mask = td.load_mask(subject, image, log=log)
-        except td.DataError as err:
-            log(f"skipping {subject.name}: {err}")
-            continue
-        hr, grid = td.to_canonical(image, cfg["volume_shape"])
-        mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
-        hr_n, nf = utils.normalize(hr)
-        lr_n = np.asarray(td.degrade(hr_n, f, cfg["sigma"]))
-        sr = utils.denormalize(super_resolve_volume(
-            predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"], cfg["batch_size"]), nf)
-        lr = utils.denormalize(lr_n, nf)
-        baselines = {method: utils.upsample_baseline(lr, f, order, hr.shape)
-                     for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
-        row = {"subject": subject.name, **subject_metrics(hr, {"sr": sr, **baselines}, mask_c)}
-        rows.append(row)
+    scans = [InputScan(s, root, layout == "bids") for s in subjects]
+    _check_output_folder(out_dir, [(root, layout)])
+    with utils.RunLock(out_dir, "evaluation"):
+        utils.remove_stale_temporaries(out_dir)
+        return _evaluate_locked(cfg, scans, log)
 
-        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
-        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_sr.nii.gz"),
-                         td.from_canonical(sr, grid), affine, header)
-        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_hr.nii.gz"),
-                         td.from_canonical(hr, grid), affine, header)
-        lr_affine = td.canonical_affine(affine, grid) @ np.diag([f, f, f, 1.0])
-        utils.save_nifti(os.path.join(out_dir, f"{subject.name}_lr.nii.gz"), lr, lr_affine,
-                         header, zooms=zooms * f)
-        mosaic = utils.slices_mosaic([baselines["nearest"], baselines["tricubic"], sr, hr])
-        utils.save_png(os.path.join(out_dir, f"{subject.name}_slices.png"), mosaic)
-        tqdm.write(f"{subject.name}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
-                   f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
-                   f"{time.time() - start:.1f} s", file=sys.stderr)
+
+def _evaluate_locked(cfg, scans, log):
+    """:func:`evaluate` once the output folder is locked."""
+    variants = inference_variants(cfg["blend"], cfg["tta"])
+    checkpoint = checkpoint_identity(cfg["source_checkpoint"])
+    outputs = _make_outputs(_output_scheme(cfg, scans), cfg)
+    metrics = MetricsFile(os.path.join(outputs.folder, METRICS_NAME), metric_columns(variants),
+                          evaluation_settings(cfg, checkpoint, variants))
+    outputs.check_unique(scans)
+    done = metrics.done()
+    todo = [s for s in scans if s.subject.name not in done]
+    log(f"evaluation: {len(scans)} subject(s), {outputs.scheme} outputs in {outputs.folder}; "
+        f"SR variants: {', '.join(v.label for v in variants)} (written: {variants[-1].label})")
+    if len(todo) < len(scans):
+        log(f"resuming: {len(scans) - len(todo)} of {len(scans)} subject(s) already in "
+            f"{metrics.path} are skipped")
+    if todo:
+        if not done:
+            _overwrite_note([outputs.path(s.subject, "sr") for s in todo], log)
+        predict = _restored_predictor(cfg, log)
+        outputs.start(_generated_by(cfg, checkpoint), scans)
+        provenance = _provenance(cfg, checkpoint)
+        for scan in tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True):
+            start = time.time()
+            row = _evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log)
+            if row is None:
+                continue
+            metrics.append(row)
+            tqdm.write(f"{row['subject']}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
+                       f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
+                       f"{time.time() - start:.1f} s", file=sys.stderr)
+    rows = metrics.rows() if os.path.exists(metrics.path) else []
     if not rows:
-        raise UserError("no test subject could be read; see the messages above")
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    text = buffer.getvalue()
-    utils.atomic_write(os.path.join(out_dir, "metrics.csv"),
-                       lambda tmp: open(tmp, "w", newline="").write(text), suffix=".csv")
-    for line in _summary_lines(rows):
+        raise UserError("no test subject could be evaluated; see the messages above")
+    for line in _summary_lines(rows, variants):
         log(line)
-    log(f"volumes, slices PNGs and metrics.csv written to {out_dir}")
+    log(f"volumes, slices PNGs and {METRICS_NAME} written to {outputs.folder}")
     return rows
 
 
-def super_resolve_file(cfg, log=print):
-    """Super-resolves one low-resolution NIfTI scan as it is (no degradation).
+# --------------------------------------------------------------------------- #
+# Inference: -super_resolve
+# --------------------------------------------------------------------------- #
 
-    Writes ``<name>_sr.nii.gz`` with shape f × the input's and affine
-    ``input_affine @ diag(1/f, 1/f, 1/f, 1)`` so it overlays the input.
 
-    Returns:
-        path of the written file.
+def _super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
+    """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
+
+    Raises:
+        td.DataError: the scan cannot be read or its maximum is <= 0.
+        utils.OutputError: the output could not be written.
     """
     f = cfg["upsampling_factor"]
-    out_dir = cfg["path_volumes"]
-    predict = _restored_predictor(cfg, log)
-    image, affine, header = td.load_volume(cfg["super_resolve"], log=log)
+    path = scan.subject.image_path
+    image, affine, header = td.load_volume(path, log=log, max_voxels=td.max_voxels_for(cfg["volume_shape"]))
+    td.check_intensity(image, path)
     lr_n, nf = utils.normalize(image)
-    sr = utils.denormalize(super_resolve_volume(
-        predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"],
-        cfg["batch_size"]), nf)
-    name = os.path.basename(cfg["super_resolve"])
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    out = os.path.join(out_dir, f"{name}_sr.nii.gz")
-    _overwrite_note(out_dir, [os.path.basename(out)], log)
+    variant = inference_variants(cfg["blend"], cfg["tta"])[-1]
+    flip_axis = utils.left_right_axis(affine) if variant.flip else None
+    sr = utils.denormalize(super_resolve_variants(
+        predict, lr_n, f, cfg["patch_shape"], cfg["patch_margin"], cfg["batch_size"], (variant,),
+        flip_axis)[variant], nf)
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / f
-    utils.save_nifti(out, sr, affine @ np.diag([1.0 / f, 1.0 / f, 1.0 / f, 1.0]), header, zooms=zooms)
-    log(f"{cfg['super_resolve']} {image.shape} -> {out} {sr.shape}")
+    sidecar = {"Description": f"super-resolved x{f} from the source as it is ({variant.label})",
+               "Sources": [outputs.source(scan)], **provenance}
+    out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([1.0 / f, 1.0 / f, 1.0 / f, 1.0]),
+                               header, zooms=zooms, sidecar=sidecar)
+    tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
     return out
+
+
+def super_resolve_file(cfg, log=print):
+    """-super_resolve: super-resolves low-resolution scans as they are (no degradation).
+
+    ``cfg["super_resolve"]`` lists NIfTI files, folders (any layout
+    ``find_subjects`` reads, BIDS included) and .csv lists. Each scan gives an
+    SR volume of f × its shape with affine ``input_affine @ diag(1/f, 1/f,
+    1/f, 1)`` so it overlays the input, and a JSON sidecar (factor, mode,
+    checkpoint, options); plain names (``<name>_sr.nii.gz``) or BIDS
+    derivatives (``..._rec-SRx<f>_T1w.nii.gz``) as :func:`_output_scheme`
+    says. A progress bar runs over the scans. With several scans an
+    unreadable one (or one whose maximum is <= 0) is reported and skipped.
+
+    Returns:
+        list of the SR paths written.
+
+    Raises:
+        UserError: unusable checkpoint, output folder or inputs; the only scan
+            is unusable; no scan could be read.
+        td.DataError: a single scan that cannot be read or has a maximum <= 0.
+        utils.LockedError: another run writes into the folder.
+        utils.OutputError: an output could not be written.
+    """
+    scans = _super_resolve_inputs(cfg, log)
+    outputs = _make_outputs(_output_scheme(cfg, scans), cfg)
+    outputs.check_unique(scans)
+    sources = [(s.root, "bids" if s.bids else None) for s in scans if s.root is not None]
+    sources += [(os.path.abspath(p), td.detect_layout(p, cfg["image_name"]))
+                for p in cfg["super_resolve"] if os.path.isdir(p)]
+    _check_output_folder(outputs.folder, sources)
+    with utils.RunLock(outputs.folder, "super-resolution"):
+        utils.remove_stale_temporaries(outputs.folder)
+        checkpoint = checkpoint_identity(cfg["source_checkpoint"])
+        _overwrite_note([outputs.path(s.subject, "sr") for s in scans], log)
+        predict = _restored_predictor(cfg, log)
+        outputs.start(_generated_by(cfg, checkpoint), scans)
+        provenance = _provenance(cfg, checkpoint)
+        written, skipped = [], []
+        for scan in tqdm(scans, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
+                         disable=len(scans) == 1):
+            try:
+                written.append(_super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
+            except td.PipelineError:
+                raise
+            except td.DataError as err:
+                if len(scans) == 1:
+                    raise
+                log(f"skipping: {err}")
+                skipped.append(scan)
+    if not written:
+        raise UserError("no scan could be super-resolved; see the messages above")
+    log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
+        + (f"; {len(skipped)} skipped" if skipped else ""))
+    return written
 
 
 # --------------------------------------------------------------------------- #
@@ -1486,6 +2425,11 @@ def run_demo(cfg, log=print):
     if tf.train.latest_checkpoint(ckpt) is not None and "checkpoint_dir" not in cfg["explicit"]:
         log(f"note: replacing the previous demo run in {ckpt}")
         shutil.rmtree(ckpt)
+    volumes = cfg["path_volumes"]
+    if os.path.isdir(volumes) and "path_volumes" not in cfg["explicit"]:
+        # Its metrics.csv belongs to the previous demo checkpoint: not to be resumed.
+        log(f"note: replacing the previous demo outputs in {volumes}")
+        shutil.rmtree(volumes)
     started = time.time()
     result = train(cfg, log=log)
     eval_cfg = dict(cfg, action="evaluate", source_checkpoint=ckpt)
@@ -1518,7 +2462,7 @@ def main(argv=None):
             evaluate(cfg)
         else:
             train(cfg)
-    except (UserError, td.DataError) as err:
+    except (UserError, td.DataError, utils.OutputError, utils.LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
