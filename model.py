@@ -12,13 +12,16 @@ functions below take plain arguments and read no global state.
 """
 
 import argparse
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 
@@ -35,30 +38,40 @@ def _verbose_requested(argv):
     return False
 
 
-def _import_tensorflow_quietly(verbose):
-    """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``.
+@contextlib.contextmanager
+def native_stderr_hidden(hidden=True):
+    """Hides what native code writes to file descriptor 2 inside the block.
 
     TensorFlow 2.21 prints absl lines (oneDNN notices, "could not find cuda
-    drivers", "failed call to cuInit") straight to file descriptor 2 while it
-    loads and while it first lists its devices, whatever TF_CPP_MIN_LOG_LEVEL
-    says; only redirecting the descriptor for those two moments silences them.
+    drivers", "failed call to cuInit") straight to the descriptor while it
+    loads, lists its devices or starts a runtime for a strategy, whatever
+    TF_CPP_MIN_LOG_LEVEL says; only redirecting the descriptor silences them.
+    Python's own sys.stderr is flushed first and works again afterwards.
     """
-    if verbose:
-        import tensorflow as tf
-        return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not hidden:
+        yield
+        return
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         sys.stderr.flush()
         os.dup2(devnull, 2)
-        import tensorflow as tf
-        tf.config.list_physical_devices()
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    tf.get_logger().setLevel(logging.ERROR)
+
+
+def _import_tensorflow_quietly(verbose):
+    """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_hidden(not verbose):
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    if not verbose:
+        tf.get_logger().setLevel(logging.ERROR)
     return tf
 
 
@@ -112,6 +125,8 @@ DEFAULTS = {
     "demo": False,
     "run_eagerly": False,
     "mixed_precision": "none",
+    "gpus": None,
+    "xla": False,
     "verbose": False,
 }
 
@@ -316,6 +331,11 @@ def build_parser():
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
     add("mixed_precision", "compute in float16 (with loss scaling) or bfloat16 on GPUs that "
         "support it; weights, losses and outputs stay float32", choices=tuple(PRECISION_POLICIES))
+    add("gpus", "devices to use: GPU indices such as 0,1 (several: MirroredStrategy), cpu, or "
+        "cpu:N (N CPU replicas, to try the distributed path without GPUs); TF_CONFIG or a "
+        "SLURM step of several tasks trains on several machines",
+        shown="every visible GPU", type=parse_gpus, metavar="LIST")
+    add_bool("xla", "compile the training step with XLA (jit_compile; one device only)")
     add_bool("verbose", "show TensorFlow's own start-up and warning lines")
     return parser
 
@@ -546,33 +566,283 @@ def _check_writable(folder, flag):
 
 
 # --------------------------------------------------------------------------- #
+# Devices and strategies (tf.distribute)
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run computes: one device, the GPUs of this machine, or several machines.
+
+    Attributes:
+        strategy: None (one device: no strategy, the plain path) or a
+            ``tf.distribute.MirroredStrategy`` / ``MultiWorkerMirroredStrategy``.
+        devices: the local devices the strategy mirrors over.
+        workers: number of machines (processes) training together.
+        worker_index: this process's index among them; 0 is the chief, which
+            alone writes checkpoints, logs and previews.
+    """
+
+    strategy: object = None
+    devices: tuple = ()
+    workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def replicas(self):
+        """int, replicas in sync (devices over every worker)."""
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+    @property
+    def is_chief(self):
+        return self.worker_index == 0
+
+    @property
+    def name(self):
+        if self.strategy is None:
+            return "none (one device)"
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return "MultiWorkerMirroredStrategy"  # its class is CollectiveAllReduceStrategy
+        return type(self.strategy).__name__
+
+    def describe(self):
+        """One line for the start of a run."""
+        if self.strategy is None:
+            return "strategy: none (one device)"
+        where = f" over {', '.join(self.devices)}" if self.devices else ""
+        workers = f", worker {self.worker_index} of {self.workers}" if self.workers > 1 else ""
+        return f"strategy: {self.name}{where}, {self.replicas} replicas{workers}"
+
+
+def parse_gpus(value):
+    """Parses -gpus: ``"0,1"`` (GPU indices), ``"cpu"`` or ``"cpu:N"`` (N CPU replicas).
+
+    Returns:
+        ("gpu", tuple of indices) or ("cpu", replicas).
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else.
+    """
+    text = str(value).strip().lower()
+    try:
+        if text.startswith("cpu"):
+            count = int(text[4:]) if text.startswith("cpu:") else 1
+            if text not in ("cpu", f"cpu:{count}") or count < 1:
+                raise ValueError
+            return "cpu", count
+        indices = tuple(int(p) for p in text.split(","))
+        if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+            raise ValueError
+        return "gpu", indices
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected GPU indices such as 0,1, or cpu, or cpu:N, got {value!r}") from None
+
+
+def read_tf_config(text):
+    """Checks a TF_CONFIG value (the multi-worker cluster description).
+
+    Returns:
+        (workers, task_index): the number of training processes and this one's
+        index, the chief first.
+
+    Raises:
+        UserError: naming what is wrong with it.
+    """
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"TF_CONFIG is not valid JSON ({err}); expected e.g. "
+                        '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                        '"task": {"type": "worker", "index": 0}}')
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError("TF_CONFIG needs a \"cluster\" object and a \"task\" object, got "
+                        f"{text[:200]!r}")
+    jobs = {name: hosts for name, hosts in cluster.items() if name in ("chief", "worker")}
+    if not jobs or any(not isinstance(h, list) or not h for h in jobs.values()):
+        raise UserError(f"TF_CONFIG's cluster needs a non-empty \"worker\" (and optionally "
+                        f"\"chief\") list of host:port, got {cluster!r}")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in jobs or not isinstance(index, int) or not 0 <= index < len(jobs[kind]):
+        raise UserError(f"TF_CONFIG's task {task!r} does not name one of its cluster's "
+                        f"{', '.join(f'{k}[0..{len(v) - 1}]' for k, v in jobs.items())}")
+    chiefs = len(jobs.get("chief", []))
+    workers = chiefs + len(jobs.get("worker", []))
+    return workers, (index if kind == "chief" else chiefs + index)
+
+
+def _slurm_tasks(environ):
+    try:
+        return int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    except ValueError:
+        return 1
+
+
+def choose_placement(gpus=None, multi_worker=True, environ=None, log=print, verbose=False):
+    """Chooses the strategy from the machine and the environment.
+
+    One visible device: no strategy (the plain path). Several visible GPUs:
+    ``MirroredStrategy`` over them (``gpus`` picks which). ``TF_CONFIG`` set,
+    or a SLURM step of several tasks: ``MultiWorkerMirroredStrategy`` (only
+    when ``multi_worker``: evaluation uses this machine alone). Must run before
+    TensorFlow starts its runtime (device visibility is fixed then).
+
+    Args:
+        gpus: None (all visible GPUs) or a :func:`parse_gpus` result.
+        multi_worker: bool, allow a multi-worker strategy.
+        environ: the environment (default ``os.environ``).
+        log: callable for notes.
+        verbose: bool, let TensorFlow's start-up lines through.
+
+    Returns:
+        A :class:`Placement`.
+
+    Raises:
+        UserError: a missing GPU, a malformed TF_CONFIG, a runtime already started.
+    """
+    with native_stderr_hidden(not verbose):
+        return _choose_placement(gpus, multi_worker, os.environ if environ is None else environ, log)
+
+
+def _choose_placement(gpus, multi_worker, environ, log):
+    physical = tf.config.list_physical_devices("GPU")
+    try:
+        if gpus is not None and gpus[0] == "cpu":
+            if physical:
+                tf.config.set_visible_devices([], "GPU")
+            return _cpu_placement(gpus[1])
+        if gpus is not None:
+            missing = [i for i in gpus[1] if i >= len(physical)]
+            if missing:
+                raise UserError(f"-gpus {','.join(map(str, gpus[1]))}: no GPU {missing[0]} on this "
+                                f"machine (it has {len(physical)} GPU(s)"
+                                f"{': ' + ','.join(map(str, range(len(physical)))) if physical else ''}; "
+                                "-gpus cpu forces the CPU)")
+            tf.config.set_visible_devices([physical[i] for i in gpus[1]], "GPU")
+            physical = [physical[i] for i in gpus[1]]
+    except RuntimeError as err:
+        raise UserError(f"-gpus must take effect before TensorFlow starts its runtime: {err}")
+    if multi_worker and environ.get("TF_CONFIG"):
+        workers, index = read_tf_config(environ["TF_CONFIG"])
+        if workers > 1:
+            return _multi_worker_placement(
+                tf.distribute.cluster_resolver.TFConfigClusterResolver(), workers, index)
+        log("note: TF_CONFIG describes one process; training on this machine alone")
+    elif multi_worker and environ.get("SLURM_JOB_ID") and _slurm_tasks(environ) > 1:
+        try:
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            index = int(environ.get("SLURM_PROCID", 0))
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            raise UserError(f"cannot read the SLURM allocation for multi-worker training: {err}")
+        return _multi_worker_placement(resolver, _slurm_tasks(environ), index)
+    elif environ.get("TF_CONFIG") and not multi_worker:
+        log("note: TF_CONFIG is ignored: evaluation and -super_resolve use this machine's GPUs only")
+    if len(physical) > 1:
+        devices = tuple(f"/gpu:{i}" for i in range(len(physical)))
+        return Placement(_mirrored_strategy(devices), devices)
+    return Placement()
+
+
+# One MirroredStrategy per set of devices and process: two strategies over the
+# same devices in one process draw colliding collective keys (TF 2.21 aborts
+# with "Shape mismatch in the collective instance"), which happens to a Python
+# session or a test suite that trains twice.
+_MIRRORED = {}
+
+
+def _mirrored_strategy(devices):
+    if devices not in _MIRRORED:
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[devices]
+
+
+def _cpu_placement(replicas):
+    """No strategy for one CPU replica; a MirroredStrategy over logical CPUs for more.
+
+    Several CPU replicas exercise the distributed code on a machine without
+    GPUs (slower than one; for testing and debugging).
+    """
+    if replicas == 1:
+        return Placement()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu) or []
+    if len(current) != replicas:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
+        except RuntimeError as err:
+            raise UserError(f"-gpus cpu:{replicas} must take effect before TensorFlow starts its "
+                            f"runtime (it runs with {max(len(current), 1)} CPU device(s)): {err}")
+    devices = tuple(f"/cpu:{i}" for i in range(replicas))
+    return Placement(_mirrored_strategy(devices), devices)
+
+
+def _multi_worker_placement(resolver, workers, index):
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"cannot start multi-worker training: {err}")
+    devices = tuple(d.name for d in tf.config.list_logical_devices("GPU")) or ("/cpu:0",)
+    return Placement(strategy, devices, workers, index)
+
+
+# --------------------------------------------------------------------------- #
 # Losses (SPEC section 3)
 # --------------------------------------------------------------------------- #
 
 
-def draw_targets(rng, shape):
-    """Least-squares GAN targets with label smoothing and 10 % label flips.
+def draw_targets(seed, step, batch_size):
+    """Least-squares GAN targets with label smoothing and 10 % label flips, for one step.
+
+    A stateless draw from ``(seed, step)``: every replica of a distributed step
+    computes the same targets for the global batch and takes its own rows, and
+    a resumed run draws exactly what the uninterrupted run would have.
 
     Args:
-        rng: ``tf.random.Generator``, drawn from at every step.
-        shape: shape of the discriminator output, (b, 1).
+        seed: int scalar, the run's seed.
+        step: int scalar, the number of steps taken before this one.
+        batch_size: int scalar, the global batch size b.
 
     Returns:
-        (t_real, t_fake, flipped): float32 tensors of ``shape`` drawn from
-        U(0.7, 1.2) and U(0, 0.3), swapped with probability 0.1; ``flipped`` a
-        bool scalar.
+        (t_real, t_fake, flipped, t_gen): float32 (b, 1) targets drawn from
+        U(0.7, 1.2) and U(0, 0.3), swapped when ``flipped`` (a bool scalar, true
+        with probability 0.1); t_gen float32 (b, 1) from U(0.7, 1.2), the
+        generator's adversarial target.
     """
-    t_real = rng.uniform(shape, 0.7, 1.2)
-    t_fake = rng.uniform(shape, 0.0, 0.3)
-    flipped = rng.uniform(()) < 0.1
-    t_real, t_fake = (tf.where(flipped, t_fake, t_real), tf.where(flipped, t_real, t_fake))
-    return t_real, t_fake, flipped
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+    keys = tf.random.experimental.stateless_split(key, 4)
+    shape = tf.stack([tf.cast(batch_size, tf.int32), 1])
+    t_real = tf.random.stateless_uniform(shape, keys[0], 0.7, 1.2)
+    t_fake = tf.random.stateless_uniform(shape, keys[1], 0.0, 0.3)
+    flipped = tf.random.stateless_uniform((), keys[2]) < 0.1
+    t_gen = tf.random.stateless_uniform(shape, keys[3], 0.7, 1.2)
+    t_real, t_fake = tf.where(flipped, t_fake, t_real), tf.where(flipped, t_real, t_fake)
+    return t_real, t_fake, flipped, t_gen
 
 
-def discriminator_loss(d_real, d_fake, t_real, t_fake):
-    """``mean((D(HR) - t_real)^2) + mean((D(G) - t_fake)^2)`` on logits (b, 1)."""
-    return (tf.reduce_mean(tf.square(d_real - t_real))
-            + tf.reduce_mean(tf.square(d_fake - t_fake)))
+def _mean(squares, global_batch):
+    # One replica's share of a mean over the global batch: the replicas' shares
+    # (and their gradients, which tf.distribute sums) add up to the mean.
+    if global_batch is None:
+        return tf.reduce_mean(squares)
+    return tf.reduce_sum(squares) / tf.cast(global_batch, squares.dtype)
+
+
+def discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch=None):
+    """``mean((D(HR) - t_real)^2) + mean((D(G) - t_fake)^2)`` on logits (b, 1).
+
+    Args:
+        d_real, d_fake, t_real, t_fake: float32 (b, 1).
+        global_batch: None on one device; under a strategy, the global batch
+            size, so that this replica's loss is its share of the mean.
+
+    Returns:
+        float32 scalar.
+    """
+    return (_mean(tf.square(d_real - t_real), global_batch)
+            + _mean(tf.square(d_fake - t_fake), global_batch))
 
 
 def gradient_difference_loss(hr, sr):
@@ -593,13 +863,17 @@ def gradient_difference_loss(hr, sr):
     return total
 
 
-def generator_losses(hr, sr, d_fake, t):
+def generator_losses(hr, sr, d_fake, t, global_batch=None):
     """Generator loss of the original: ``sum((G - HR)^2) + gdl + 0.1 * mean((D(G) - t)^2)``.
+
+    The two sums need no scaling under a strategy (the replicas' sums add up
+    to the global sum); the mean divides by ``global_batch``.
 
     Args:
         hr, sr: float32 (b, x, y, z, 1) in [-1, 1].
         d_fake: float32 (b, 1), discriminator logits of ``sr``.
         t: float32 (b, 1), targets drawn from U(0.7, 1.2).
+        global_batch: None on one device, else the global batch size.
 
     Returns:
         dict of float32 scalars: ``g_loss``, ``mse`` (the sum, as the original),
@@ -607,8 +881,30 @@ def generator_losses(hr, sr, d_fake, t):
     """
     mse = tf.reduce_sum(tf.square(sr - hr))
     gdl = gradient_difference_loss(hr, sr)
-    adv = 0.1 * tf.reduce_mean(tf.square(d_fake - t))
+    adv = 0.1 * _mean(tf.square(d_fake - t), global_batch)
     return {"g_loss": mse + gdl + adv, "mse": mse, "gdl": gdl, "adv": adv}
+
+
+def replica_rows(local_batch):
+    """Where this replica's patches sit in the step's global batch.
+
+    Args:
+        local_batch: int32 scalar, the patches this replica got (0 is possible
+            at the end of an uneven epoch).
+
+    Returns:
+        (global_batch, first_row): int32 scalars; (local_batch, 0) on one device.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return local_batch, 0
+    sizes = ctx.all_gather(tf.reshape(local_batch, [1]), axis=0)
+    return tf.reduce_sum(sizes), tf.reduce_sum(sizes[:ctx.replica_id_in_sync_group])
+
+
+def _int(variable):
+    """The value of an integer variable, also a mirrored one (which int() refuses)."""
+    return int(variable.numpy())
 
 
 # --------------------------------------------------------------------------- #
@@ -622,13 +918,21 @@ class SRGANTrainer:
     The checkpoint holds everything a bit-identical resume needs: both networks,
     both optimisers (moments, iteration counts; loss-scale state under
     float16), the epoch, the batches done in the current epoch, the step, the
-    data seed, the label-noise generator and the current epoch's loss sums.
+    data seed (data order and label noise are functions of it, the epoch and
+    the step) and the current epoch's loss sums. It does not depend on the
+    number of replicas: a run started on N replicas resumes on M.
+
+    Under a ``tf.distribute`` strategy each step runs on every replica with its
+    share of the global batch; sums need no scaling and means divide by the
+    global batch, so the summed gradients are those of the whole batch on one
+    device (batch norm must then be synchronised: ``synchronized_bn=True``).
 
     Args:
-        generator: ``keras.Model`` from :func:`networks.build_generator`.
+        generator: ``keras.Model`` from :func:`networks.build_generator`, built
+            under ``strategy.scope()`` when a strategy is given.
         discriminator: ``keras.Model`` from :func:`networks.build_discriminator`.
         learning_rate: initial learning rate of both optimisers.
-        seed: int, seeds the label-noise generator and the data order.
+        seed: int, seeds the label noise and the data order.
         run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
         loss_scale: bool, wrap both optimisers in dynamic loss scaling (needed
             when the networks compute in float16, ``mixed_precision="float16"``).
@@ -639,6 +943,10 @@ class SRGANTrainer:
             content loss (``mse + gdl``, the original's generator loss without
             its adversarial term); the discriminator is not updated. 0 (the
             original's recipe) trains the GAN from the first step.
+        strategy: None (one device) or a ``tf.distribute.Strategy``.
+        is_chief: bool; a non-chief worker of a multi-worker run writes its
+            checkpoints to a temporary folder that is removed at once.
+        xla: bool, compile the step with XLA (``jit_compile``; one device only).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -648,9 +956,38 @@ class SRGANTrainer:
     HISTORY = 256
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
-                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0):
+                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
+                 strategy=None, is_chief=True, xla=False):
         self.generator = generator
         self.discriminator = discriminator
+        self.strategy = strategy
+        self.replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+        self.is_chief = is_chief
+        if xla and self.replicas > 1:
+            raise ValueError("xla=True is supported on one device only")
+        with self._scope():
+            self._build_state(learning_rate, seed, loss_scale)
+        self.manager = None
+        self.checkpoint_dir = checkpoint_dir
+        if checkpoint_dir is not None and is_chief:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
+                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
+        self.run_eagerly = run_eagerly
+        self.pretrain_steps = int(pretrain_steps)
+        self._host_step = None
+        if run_eagerly:
+            compile_ = lambda fn: fn  # noqa: E731
+        else:
+            compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla))  # noqa: E731
+        self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
+        self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
+        self._end_epoch = tf.function(self._end_epoch_fn)
+
+    def _scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def _build_state(self, learning_rate, seed, loss_scale):
+        generator, discriminator = self.generator, self.discriminator
         self.schedule = keras.optimizers.schedules.InverseTimeDecay(
             learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=False)
         adam = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-8)
@@ -675,7 +1012,6 @@ class SRGANTrainer:
         self.epoch_batches = tf.Variable(0, name="epoch_batches", **counter)
         self.step = tf.Variable(0, name="step", **counter)
         self.data_seed = tf.Variable(seed, name="data_seed", **counter)
-        self.rng = tf.random.Generator.from_seed(seed)
         # The current epoch's loss sums and batch count: in the checkpoint, so
         # the epoch's summary after a mid-epoch resume covers the whole epoch.
         self.loss_sums = tf.Variable(tf.zeros(len(self.LOSS_NAMES)), trainable=False, name="loss_sums")
@@ -687,19 +1023,8 @@ class SRGANTrainer:
         self.checkpoint = tf.train.Checkpoint(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
-            step=self.step, data_seed=self.data_seed, rng=self.rng, loss_sums=self.loss_sums,
+            step=self.step, data_seed=self.data_seed, loss_sums=self.loss_sums,
             loss_count=self.loss_count, **extra)
-        self.manager = None
-        if checkpoint_dir is not None:
-            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
-                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
-        self.run_eagerly = run_eagerly
-        self.pretrain_steps = int(pretrain_steps)
-        self._host_step = None
-        compile_ = (lambda fn: fn) if run_eagerly else tf.function
-        self._compiled = compile_(self._train_step)
-        self._compiled_pretrain = compile_(self._pretrain_step)
-        self._end_epoch = tf.function(self._end_epoch_fn)
 
     # ------------------------------------------------------------------ state
 
@@ -724,7 +1049,11 @@ class SRGANTrainer:
         if path is None:
             raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
         try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            status = self.checkpoint.restore(path)
+            # Checkpoints of earlier versions also hold a label-noise generator
+            # that the stateless draws no longer need.
+            status.expect_partial()
+            status.assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as err:
             raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
         self._host_step = None
@@ -733,16 +1062,26 @@ class SRGANTrainer:
     def save(self):
         """Writes a checkpoint numbered by the step (numbers are never reused).
 
+        Every worker of a multi-worker run must call it (the variables are read
+        collectively); only the chief's copy is kept.
+
         Returns:
-            str, the checkpoint path.
+            str, the checkpoint path (the chief's).
         """
-        if self.manager is None:
+        if self.checkpoint_dir is None:
             raise ValueError("this trainer was built without a checkpoint_dir")
-        return self.manager.save(checkpoint_number=int(self.step))
+        if self.is_chief:
+            return self.manager.save(checkpoint_number=_int(self.step))
+        scratch = tempfile.mkdtemp(prefix="srgan-worker-")
+        try:
+            self.checkpoint.write(os.path.join(scratch, "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return os.path.join(self.checkpoint_dir, f"ckpt-{_int(self.step)}")
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""
-        count = float(self.loss_count)
+        count = float(self.loss_count.numpy())
         sums = self.loss_sums.numpy()
         return {name: float(sums[i]) / max(count, 1.0) for i, name in enumerate(self.LOSS_NAMES)}
 
@@ -777,25 +1116,66 @@ class SRGANTrainer:
         """One discriminator update, then one generator update.
 
         Args:
-            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches.
+            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches
+                (under a strategy: a distributed value, each replica's share).
             hr: float32 (b, x, y, z, 1) in [-1, 1], the reference patches.
 
         Returns:
             dict of float32 scalar tensors (no host synchronisation): d_loss,
-            g_loss, mse, gdl, adv (this step's), flipped (1.0 when the labels
-            were swapped) and learning_rate (the one this step used). During
-            pre-training d_loss, adv and flipped are 0.
+            g_loss, mse, gdl, adv (this step's, over the global batch), flipped
+            (1.0 when the labels were swapped) and learning_rate (the one this
+            step used). During pre-training d_loss, adv and flipped are 0.
         """
         # A host-side mirror of the step counter: reading self.step would make
         # the host wait for the device at every step.
         if self._host_step is None:
-            self._host_step = int(self.step)
+            self._host_step = _int(self.step)
         pretraining = self._host_step < self.pretrain_steps
         out = (self._compiled_pretrain if pretraining else self._compiled)(lr, hr)
         self._host_step += 1
         return out
 
-    def _pretrain_step(self, lr, hr):
+    def _step(self, replica_step, lr, hr):
+        """Runs ``replica_step`` on every replica, sums the shares, records the step."""
+        if self.strategy is None:
+            out = replica_step(lr, hr)
+        else:
+            shares = self.strategy.run(replica_step, args=(lr, hr))
+            out = {name: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM if name in self.LOSS_NAMES else tf.distribute.ReduceOp.MEAN,
+                value, axis=None) for name, value in shares.items()}
+        self._record(out)
+        return out
+
+    def _gan_replica_step(self, lr, hr):
+        g, d = self.generator, self.discriminator
+        local = tf.shape(hr)[0]
+        batch, first = replica_rows(local)
+        global_batch = batch if self.replicas > 1 else None
+        t_real, t_fake, flipped, t_gen = [
+            t if t.shape.rank == 0 else t[first:first + local]
+            for t in draw_targets(self.data_seed, self.step, batch)]
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
+        sr = g(lr, training=True)
+        with tf.GradientTape() as tape:
+            d_real = d(hr, training=True)
+            d_fake = d(sr, training=True)
+            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch)
+            scaled = self._scale(self._d_apply, d_loss)
+        grads = tape.gradient(scaled, d.trainable_variables)
+        self._d_apply.apply(grads, d.trainable_variables)
+
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            d_fake = d(sr, training=True)
+            losses = generator_losses(hr, sr, d_fake, t_gen, global_batch)
+            scaled = self._scale(self._g_apply, losses["g_loss"])
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
+        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
+                "learning_rate": learning_rate}
+
+    def _pretrain_replica_step(self, lr, hr):
         g = self.generator
         learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
         with tf.GradientTape() as tape:
@@ -806,36 +1186,8 @@ class SRGANTrainer:
         grads = tape.gradient(scaled, g.trainable_variables)
         self._g_apply.apply(grads, g.trainable_variables)
         zero = tf.zeros((), tf.float32)
-        out = {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
-               "flipped": zero, "learning_rate": learning_rate}
-        self._record(out)
-        return out
-
-    def _train_step(self, lr, hr):
-        g, d = self.generator, self.discriminator
-        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
-        sr = g(lr, training=True)
-        with tf.GradientTape() as tape:
-            d_real = d(hr, training=True)
-            d_fake = d(sr, training=True)
-            t_real, t_fake, flipped = draw_targets(self.rng, tf.shape(d_real))
-            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake)
-            scaled = self._scale(self._d_apply, d_loss)
-        grads = tape.gradient(scaled, d.trainable_variables)
-        self._d_apply.apply(grads, d.trainable_variables)
-
-        with tf.GradientTape() as tape:
-            sr = g(lr, training=True)
-            d_fake = d(sr, training=True)
-            t = self.rng.uniform(tf.shape(d_fake), 0.7, 1.2)
-            losses = generator_losses(hr, sr, d_fake, t)
-            scaled = self._scale(self._g_apply, losses["g_loss"])
-        grads = tape.gradient(scaled, g.trainable_variables)
-        self._g_apply.apply(grads, g.trainable_variables)
-        out = {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
-               "learning_rate": learning_rate}
-        self._record(out)
-        return out
+        return {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
+                "flipped": zero, "learning_rate": learning_rate}
 
     def _record(self, out):
         # The counters, trackers and history move in the same graph call as the
@@ -853,6 +1205,12 @@ class SRGANTrainer:
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             return optimizer.scale_loss(loss)
         return loss
+
+    def local_batch(self, batch):
+        """The first replica's part of a (possibly distributed) batch, for previews."""
+        if self.strategy is None:
+            return batch
+        return tuple(self.strategy.experimental_local_results(t)[0] for t in batch)
 
     # ------------------------------------------------------------------ loop
 
@@ -875,8 +1233,8 @@ class SRGANTrainer:
         reporter = reporter or NullReporter()
         losses = {}
         try:
-            while int(self.epoch) < epochs:
-                epoch, skip = int(self.epoch), int(self.epoch_batches)
+            while _int(self.epoch) < epochs:
+                epoch, skip = _int(self.epoch), _int(self.epoch_batches)
                 self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter)
                 losses = self.epoch_losses()
                 self.end_epoch()
@@ -884,8 +1242,8 @@ class SRGANTrainer:
                 reporter.end_epoch(epoch, losses, path)
         except KeyboardInterrupt:
             path = self.save()
-            log(f"\ninterrupted: saved {path} (epoch {int(self.epoch) + 1}, "
-                f"{int(self.epoch_batches)} batches in); resume with -restore {self.manager.directory}")
+            log(f"\ninterrupted: saved {path} (epoch {_int(self.epoch) + 1}, "
+                f"{_int(self.epoch_batches)} batches in); resume with -restore {self.checkpoint_dir}")
             raise
         finally:
             reporter.close()
@@ -897,7 +1255,7 @@ class SRGANTrainer:
         Returns:
             int, the number of steps run.
         """
-        step = int(self.step)
+        step = _int(self.step)
         reporter.start_epoch(epoch, skip)
         done = 0
         for batch in batches:
@@ -905,20 +1263,31 @@ class SRGANTrainer:
             self.train_step(lr, hr)
             step += 1
             done += 1
-            reporter.after_step(self, step, batch)
+            reporter.after_step(self, step, self.local_batch(batch))
         reporter.flush(self, step)
         return done
 
 
-def build_networks(cfg):
+def build_networks(cfg, placement=None):
     """The generator and discriminator a configuration describes.
+
+    Args:
+        cfg: the run's configuration.
+        placement: a :class:`Placement`; under a strategy the networks are
+            built in its scope, with batch norm over the global batch.
 
     Returns:
         (generator, discriminator) ``keras.Model`` pair.
     """
+    placement = placement or Placement()
     policy = PRECISION_POLICIES[cfg["mixed_precision"]]
-    generator = networks.build_generator(**_architecture(cfg), dtype_policy=policy)
-    discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,), dtype_policy=policy)
+    synchronized = placement.replicas > 1
+    scope = placement.strategy.scope() if placement.strategy is not None else contextlib.nullcontext()
+    with scope:
+        generator = networks.build_generator(**_architecture(cfg), dtype_policy=policy,
+                                             synchronized_bn=synchronized)
+        discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,),
+                                                     dtype_policy=policy, synchronized_bn=synchronized)
     return generator, discriminator
 
 
@@ -952,10 +1321,14 @@ def _architecture(cfg):
                                 "upsampling_mode")}
 
 
-def saved_settings(cfg):
-    """The config.json of a run: every ``PERSISTED`` setting plus the versions."""
+def saved_settings(cfg, placement=None):
+    """The config.json of a run: every ``PERSISTED`` setting, the strategy and the versions."""
+    placement = placement or Placement()
     out = {k: _to_json(cfg[k]) for k in PERSISTED}
     out["data_path"] = os.path.abspath(cfg["data_path"])
+    out["strategy"] = placement.name
+    out["replicas"] = placement.replicas
+    out["workers"] = placement.workers
     out["tensorflow"] = tf.__version__
     out["keras"] = keras.__version__
     return out
@@ -1010,29 +1383,62 @@ def training_split(cfg, log):
 class TrainingStream:
     """The training batches of one epoch at a time, resumable at any batch.
 
+    On one device, one stream of global batches. Under a strategy, each worker
+    streams its own shard of the epoch's subjects (whole subjects) in batches
+    of ``batch_size / replicas`` patches, one per local replica and step; with
+    one worker the global batches are exactly those of one device. Several
+    workers cycle their shards so that every worker runs the epoch's number of
+    steps. A resumed epoch skips the batches already trained, whatever the
+    replica count was.
+
     Args:
         subjects: the training :class:`train_dataset.Subject` list.
         cfg: the run's configuration (geometry, factor, sigma, batch size, seed).
+        placement: a :class:`Placement` (None: one device).
         log: callable for the dataset's reports.
     """
 
-    def __init__(self, subjects, cfg, log=print):
+    def __init__(self, subjects, cfg, placement=None, log=print):
         self.subjects = list(subjects)
         self.cfg = cfg
+        self.placement = placement or Placement()
         self.log = log
         self.batches_per_epoch = td.batches_per_epoch(
             len(self.subjects), cfg["batch_size"], cfg["volume_shape"], cfg["patch_shape"],
             cfg["patch_margin"])
 
     def __call__(self, epoch, skip=0):
-        """Returns the ``tf.data.Dataset`` of ``(lr, hr, nf)`` batches of ``epoch`` after ``skip``."""
+        """The batches of ``epoch`` after its first ``skip`` global batches.
+
+        Returns:
+            ``tf.data.Dataset`` of ``(lr, hr, nf)`` (see
+            :func:`train_dataset.make_train_dataset`), or its distributed
+            version under a strategy.
+        """
+        strategy = self.placement.strategy
+        if strategy is None:
+            dataset = self._dataset(epoch, self.cfg["batch_size"])
+            return dataset.skip(skip) if skip else dataset
+        return strategy.distribute_datasets_from_function(
+            lambda context: self._worker_dataset(context, epoch, skip))
+
+    def _dataset(self, epoch, batch_size, shard=(0, 1)):
         cfg = self.cfg
-        dataset = td.make_train_dataset(
-            self.subjects, cfg["upsampling_factor"], batch_size=cfg["batch_size"],
+        return td.make_train_dataset(
+            self.subjects, cfg["upsampling_factor"], batch_size=batch_size,
             volume_shape=cfg["volume_shape"], patch_shape=cfg["patch_shape"],
             margin=cfg["patch_margin"], seed=cfg["seed"], epoch=epoch, sigma=cfg["sigma"],
-            with_norm_factor=True, log=self.log)
-        return dataset.skip(skip) if skip else dataset
+            with_norm_factor=True, log=self.log, shard=shard)
+
+    def _worker_dataset(self, context, epoch, skip):
+        workers = context.num_input_pipelines
+        local_replicas = context.num_replicas_in_sync // workers
+        per_replica = context.get_per_replica_batch_size(self.cfg["batch_size"])
+        dataset = self._dataset(epoch, per_replica, (context.input_pipeline_id, workers))
+        if workers > 1:
+            # Collective steps need every worker to run the same number of them.
+            dataset = dataset.repeat().take(self.batches_per_epoch * local_replicas)
+        return dataset.skip(skip * local_replicas) if skip else dataset
 
 
 class NullReporter:
@@ -1168,8 +1574,13 @@ def _display_slices(lr, sr, hr, f):
     return np.clip((row[None, ..., None] + 1) / 2, 0, 1)
 
 
-def _prepare_run_folder(cfg):
+def _prepare_run_folder(cfg, write=True):
     """Refuses to train into another run's folder; checks the output folders.
+
+    Args:
+        cfg: the run's configuration.
+        write: bool, whether this process writes there (the chief); other
+            workers only check.
 
     Returns:
         bool, whether the run resumes into the folder it was restored from.
@@ -1180,69 +1591,96 @@ def _prepare_run_folder(cfg):
     if not same_folder and os.path.isdir(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir) is not None:
         raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
                         f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
-    _check_writable(ckpt_dir, "-checkpoint_dir")
-    _check_writable(cfg["path_prediction"], "-path_prediction")
-    _check_writable(cfg["log_dir"], "-log_dir")
+    if write:
+        _check_writable(ckpt_dir, "-checkpoint_dir")
+        _check_writable(cfg["path_prediction"], "-path_prediction")
+        _check_writable(cfg["log_dir"], "-log_dir")
     return same_folder
 
 
 def _resume(trainer, cfg, log):
     """Restores a run's whole state; returns cfg with the seed the run really uses."""
     path = trainer.restore(cfg["restore"])
-    log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
+    log(f"resumed {path}: epoch {_int(trainer.epoch)} done, step {_int(trainer.step)}, "
         f"learning rate {trainer.learning_rate:.3g}")
-    if int(trainer.data_seed) != cfg["seed"]:
-        log(f"note: the data order and label noise keep the checkpoint's seed {int(trainer.data_seed)}")
-        cfg = dict(cfg, seed=int(trainer.data_seed))
+    if _int(trainer.data_seed) != cfg["seed"]:
+        log(f"note: the data order and label noise keep the checkpoint's seed {_int(trainer.data_seed)}")
+        cfg = dict(cfg, seed=_int(trainer.data_seed))
     return cfg
 
 
-def _write_run_files(cfg, train_subjects, test_subjects, keep_split):
+def _write_run_files(cfg, train_subjects, test_subjects, keep_split, placement=None):
     folder = cfg["checkpoint_dir"]
-    _write_json(os.path.join(folder, CONFIG_NAME), saved_settings(cfg))
+    _write_json(os.path.join(folder, CONFIG_NAME), saved_settings(cfg, placement))
     if not keep_split:  # a resumed run keeps the split.json it was trained with
         _write_json(os.path.join(folder, SPLIT_NAME), {
             "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
             "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
 
 
-def train(cfg, log=print):
+def check_placement(cfg, placement):
+    """Checks that a configuration can run on a placement.
+
+    Raises:
+        UserError: naming the flag and the numbers.
+    """
+    if cfg["batch_size"] % placement.replicas:
+        raise UserError(f"-batch_size {cfg['batch_size']} must be divisible by the {placement.replicas} "
+                        f"replicas ({placement.describe()}): -batch_size is the global number of "
+                        "patches per step, and each replica takes an equal share")
+    if cfg.get("xla") and placement.replicas > 1:
+        raise UserError(f"-xla True runs on one device only; this run has {placement.replicas} replicas "
+                        "(XLA-compiled replica steps cannot reach the mirrored variables). "
+                        "Drop -xla, or choose one device with -gpus 0")
+
+
+def train(cfg, log=print, placement=None):
     """Trains the GAN as the original, checkpointing every epoch.
 
     Wires the pieces together: the run folder, the subjects, the networks and
     their :class:`SRGANTrainer` (which restores, loops and saves), the
-    :class:`TrainingStream` and the :class:`TrainingReporter`.
+    :class:`TrainingStream` and the :class:`TrainingReporter`. Under a
+    multi-worker strategy only the chief writes files and reports.
 
     Args:
         cfg: configuration from :func:`resolve_config`.
         log: callable for messages.
+        placement: a :class:`Placement` (None: one device).
 
     Returns:
         dict with the last epoch's mean losses and the checkpoint path.
 
     Raises:
         UserError: bad data path, non-writable output folders, a checkpoint
-            folder that already holds a run without ``-restore``.
+            folder that already holds a run without ``-restore``, a batch size
+            the replicas cannot share.
     """
-    same_folder = _prepare_run_folder(cfg)
-    train_subjects, test_subjects = training_split(cfg, log)
+    placement = placement or Placement()
+    check_placement(cfg, placement)
+    chief = placement.is_chief
+    say = log if chief else (lambda *_: None)
+    same_folder = _prepare_run_folder(cfg, write=chief)
+    train_subjects, test_subjects = training_split(cfg, say)
+    say(placement.describe())
     keras.utils.set_random_seed(cfg["seed"])
-    generator, discriminator = build_networks(cfg)
+    generator, discriminator = build_networks(cfg, placement)
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                            run_eagerly=cfg["run_eagerly"],
                            loss_scale=cfg["mixed_precision"] == "float16",
-                           checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
+                           checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"],
+                           strategy=placement.strategy, is_chief=chief, xla=cfg.get("xla", False))
     if cfg.get("restore"):
-        cfg = _resume(trainer, cfg, log)
-    if int(trainer.epoch) >= cfg["epochs"]:
-        log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
+        cfg = _resume(trainer, cfg, say)
+    if _int(trainer.epoch) >= cfg["epochs"]:
+        say(f"the checkpoint already has {_int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
             "nothing to train")
         return {"checkpoint": tf.train.latest_checkpoint(cfg["restore"]), "losses": {}}
-    _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder)
-    stream = TrainingStream(train_subjects, cfg, log)
-    reporter = TrainingReporter(cfg, stream.batches_per_epoch, log)
-    losses = trainer.fit(stream, cfg["epochs"], reporter, log)
-    return {"checkpoint": trainer.manager.latest_checkpoint, "losses": losses}
+    if chief:
+        _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
+    stream = TrainingStream(train_subjects, cfg, placement, say)
+    reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else NullReporter()
+    losses = trainer.fit(stream, cfg["epochs"], reporter, say)
+    return {"checkpoint": tf.train.latest_checkpoint(cfg["checkpoint_dir"]), "losses": losses}
 
 
 # --------------------------------------------------------------------------- #
@@ -1476,7 +1914,7 @@ def super_resolve_file(cfg, log=print):
 # --------------------------------------------------------------------------- #
 
 
-def run_demo(cfg, log=print):
+def run_demo(cfg, log=print, placement=None):
     """Phantoms (made once), a small training run and its evaluation, end to end."""
     data = cfg["data_path"]
     if not (os.path.isdir(data) and os.listdir(data)):
@@ -1487,7 +1925,7 @@ def run_demo(cfg, log=print):
         log(f"note: replacing the previous demo run in {ckpt}")
         shutil.rmtree(ckpt)
     started = time.time()
-    result = train(cfg, log=log)
+    result = train(cfg, log=log, placement=placement)
     eval_cfg = dict(cfg, action="evaluate", source_checkpoint=ckpt)
     rows = evaluate(eval_cfg, log=log)
     log("")
@@ -1509,15 +1947,18 @@ def main(argv=None):
     """Runs the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
+        # First: the strategy fixes which devices TensorFlow's runtime starts with.
+        placement = choose_placement(args.gpus, multi_worker=_action(given_settings(args)) == "train",
+                                     verbose=bool(args.verbose))
         cfg = resolve_config(args)
         if cfg["demo"]:
-            run_demo(cfg)
+            run_demo(cfg, placement=placement)
         elif cfg["action"] == "super_resolve":
             super_resolve_file(cfg)
         elif cfg["action"] == "evaluate":
             evaluate(cfg)
         else:
-            train(cfg)
+            train(cfg, placement=placement)
     except (UserError, td.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
