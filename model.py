@@ -18,10 +18,13 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 
@@ -118,6 +121,9 @@ DEFAULTS = {
     "train_fraction": 0.8,
     "learning_rate": 1e-4,
     "pretrain_steps": 0,
+    "checkpoint_minutes": 30.0,
+    "checkpoint_steps": 0,
+    "keep_checkpoints": 3,
     "seed": 0,
     "image_name": td.IMAGE_NAME,
     "mask_name": td.MASK_NAME,
@@ -160,6 +166,9 @@ PERSISTED = {
     "batch_size": RUN,
     "learning_rate": RUN,
     "pretrain_steps": RUN,
+    "checkpoint_minutes": RUN,
+    "checkpoint_steps": RUN,
+    "keep_checkpoints": RUN,
     "epochs": RUN,
 }
 
@@ -184,6 +193,25 @@ DEMO_SHAPE = (72, 76, 56)
 
 class UserError(Exception):
     """A mistake in the command line or the files it names; reported without a traceback."""
+
+
+# Exit codes besides 0: 2 a user's mistake or a failed read/write (the message
+# says what to fix), 3 training diverged, 128 + N a stop signal N (143 for
+# SIGTERM, 138 for SIGUSR1), 130 Ctrl-C.
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+class RunStopped(Exception):
+    """A run that stopped on purpose: a stop signal, divergence, a failed read or write.
+
+    Its message is the paragraph a person reads: what happened, what was
+    saved, how to continue. ``exit_code`` is the process's exit status.
+    """
+
+    def __init__(self, message, exit_code=EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------- #
@@ -221,33 +249,37 @@ def parse_shape(value):
     return shape
 
 
-def _positive(kind):
+def _number(kind, minimum, strict, maximum=None):
+    """An argparse type for finite numbers of ``kind`` above ``minimum`` (and up to ``maximum``)."""
+    words = f"a {'positive' if strict else 'non-negative'} {'number' if kind is float else 'integer'}"
+    if maximum is not None:
+        words += f" up to {maximum}"
+
     def parse(value):
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+            number = None
+        ok = number is not None and math.isfinite(number) and (
+            number > minimum if strict else number >= minimum) and (maximum is None or number <= maximum)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {value!r}")
         return number
     parse.__name__ = kind.__name__
     return parse
+
+
+def _positive(kind):
+    return _number(kind, 0, strict=True)
 
 
 def _non_negative(kind):
-    def parse(value):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
-        if not number >= 0:
-            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
-        return number
-    parse.__name__ = kind.__name__
-    return parse
+    return _number(kind, 0, strict=False)
 
 
 _non_negative_int = _non_negative(int)
+# numpy's and TensorFlow's seeds are 32-bit.
+_seed = _number(int, 0, strict=False, maximum=2 ** 32 - 1)
 
 
 def upsampling_mode_from_flags(subpixel_NN=False, nn=False):
@@ -324,7 +356,13 @@ def build_parser():
     add("pretrain_steps", "first N steps train the generator alone on the content loss (sum of "
         "squared errors + gradient difference, no adversarial term, discriminator untouched); "
         "0 = the original recipe", type=_non_negative_int, metavar="N")
-    add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
+    add("checkpoint_minutes", "also checkpoint inside an epoch every this many minutes of training "
+        "(0: off); every epoch ends with one anyway", type=_non_negative(float), metavar="MIN")
+    add("checkpoint_steps", "also checkpoint every this many steps (0: off)", type=_non_negative_int,
+        metavar="N")
+    add("keep_checkpoints", "checkpoints kept in -checkpoint_dir (the newest)", type=_positive(int),
+        metavar="N")
+    add("seed", "random seed (weights, data order, label noise), 0 to 2**32-1", type=_seed, metavar="N")
     add("log_dir", "TensorBoard folder", shown="<checkpoint_dir>/logs", metavar="DIR")
     add("super_resolve", "super-resolve this low-resolution NIfTI scan as it is", metavar="FILE")
     add_bool("demo", "make phantoms in ./demo and run a small train + evaluate end to end")
@@ -351,8 +389,7 @@ def _read_json(path):
 
 
 def _write_json(path, data):
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    utils.atomic_write(path, lambda tmp: open(tmp, "w").write(text), suffix=".json")
+    utils.write_json(path, data)
 
 
 def _flag(name, value):
@@ -789,6 +826,72 @@ def _multi_worker_placement(resolver, workers, index):
 
 
 # --------------------------------------------------------------------------- #
+# Checkpoint schedule and stop requests
+# --------------------------------------------------------------------------- #
+
+
+class CheckpointPolicy:
+    """When to checkpoint inside an epoch: every ``minutes`` of training and/or every ``steps`` steps.
+
+    The end of every epoch is a checkpoint anyway; this adds the ones inside
+    long epochs, so a killed run loses minutes, not an epoch.
+
+    Args:
+        minutes: float >= 0; 0 turns the timer off.
+        steps: int >= 0; 0 turns the step interval off.
+        clock: callable returning seconds (monotonic), for tests.
+    """
+
+    def __init__(self, minutes=30.0, steps=0, clock=time.monotonic):
+        self.seconds = float(minutes) * 60.0
+        self.steps = int(steps)
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, step):
+        """bool, whether a checkpoint is due after ``step`` (1-based)."""
+        by_steps = self.steps > 0 and step % self.steps == 0
+        by_time = self.seconds > 0 and self.clock() - self.last >= self.seconds
+        return by_steps or by_time
+
+    def saved(self):
+        """Restarts the timer (a checkpoint was just written)."""
+        self.last = self.clock()
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 as a request to checkpoint and stop, inside a ``with`` block.
+
+    SLURM and Kubernetes send SIGTERM before they kill a pre-empted job;
+    ``sbatch --signal=USR1@120`` sends SIGUSR1 ahead of the time limit. The
+    handler only records the signal: the training loop checkpoints at the next
+    step boundary and stops. Handlers are installed in the main thread only
+    and the previous ones restored on exit.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+
+# --------------------------------------------------------------------------- #
 # Losses (SPEC section 3)
 # --------------------------------------------------------------------------- #
 
@@ -947,6 +1050,8 @@ class SRGANTrainer:
         is_chief: bool; a non-chief worker of a multi-worker run writes its
             checkpoints to a temporary folder that is removed at once.
         xla: bool, compile the step with XLA (``jit_compile``; one device only).
+        workers: int, processes training together (they agree on checkpoints
+            and stop requests every ``CHECK_EVERY`` steps).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -957,12 +1062,13 @@ class SRGANTrainer:
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
                  loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
-                 strategy=None, is_chief=True, xla=False):
+                 strategy=None, is_chief=True, xla=False, workers=1):
         self.generator = generator
         self.discriminator = discriminator
         self.strategy = strategy
         self.replicas = strategy.num_replicas_in_sync if strategy is not None else 1
         self.is_chief = is_chief
+        self.workers = int(workers)
         if xla and self.replicas > 1:
             raise ValueError("xla=True is supported on one device only")
         with self._scope():
@@ -1070,14 +1176,25 @@ class SRGANTrainer:
         """
         if self.checkpoint_dir is None:
             raise ValueError("this trainer was built without a checkpoint_dir")
-        if self.is_chief:
-            return self.manager.save(checkpoint_number=_int(self.step))
-        scratch = tempfile.mkdtemp(prefix="srgan-worker-")
+        step = _int(self.step)
         try:
-            self.checkpoint.write(os.path.join(scratch, "ckpt"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return os.path.join(self.checkpoint_dir, f"ckpt-{_int(self.step)}")
+            if self.is_chief:
+                return self.manager.save(checkpoint_number=step)
+            scratch = tempfile.mkdtemp(prefix="srgan-worker-")
+            try:
+                self.checkpoint.write(os.path.join(scratch, "ckpt"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return os.path.join(self.checkpoint_dir, f"ckpt-{step}")
+        except (tf.errors.OpError, OSError) as err:
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+            kept = (f"The last complete checkpoint is {latest}" if latest else
+                    "No checkpoint of this run was completed")
+            raise RunStopped(
+                f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
+                f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
+                f"resume with -restore {self.checkpoint_dir}.") from err
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""
@@ -1214,8 +1331,15 @@ class SRGANTrainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self, epoch_data, epochs, reporter=None, log=print):
-        """Trains up to ``epochs`` epochs, saving after each; Ctrl-C saves too.
+    # Steps between two looks at the device: the finiteness guard, and on
+    # several workers the agreement on checkpoints and stop requests.
+    CHECK_EVERY = 10
+
+    def fit(self, epoch_data, epochs, reporter=None, log=print, policy=None):
+        """Trains up to ``epochs`` epochs, checkpointing by ``policy`` and after each epoch.
+
+        SIGTERM/SIGUSR1 and Ctrl-C checkpoint and stop; losses that turn
+        non-finite stop the run without saving.
 
         Args:
             epoch_data: callable ``(epoch, skip) -> iterable of (lr, hr, nf)``
@@ -1223,33 +1347,44 @@ class SRGANTrainer:
             epochs: total epochs to reach.
             reporter: a :class:`TrainingReporter` (or None for silence).
             log: callable for messages.
+            policy: a :class:`CheckpointPolicy` for checkpoints inside epochs
+                (None: only at epoch ends).
 
         Returns:
             dict, the last epoch's mean losses ({} when nothing was trained).
 
         Raises:
             KeyboardInterrupt: after saving a checkpoint.
+            RunStopped: on a stop signal (after saving), on divergence (without
+                saving) or when a checkpoint cannot be written.
         """
         reporter = reporter or NullReporter()
+        policy = policy or CheckpointPolicy(minutes=0, steps=0)
         losses = {}
-        try:
-            while _int(self.epoch) < epochs:
-                epoch, skip = _int(self.epoch), _int(self.epoch_batches)
-                self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter)
-                losses = self.epoch_losses()
-                self.end_epoch()
+        self._checked_step = _int(self.step)
+        with StopSignals() as signals:
+            try:
+                while _int(self.epoch) < epochs:
+                    epoch, skip = _int(self.epoch), _int(self.epoch_batches)
+                    self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter, policy, signals)
+                    self._guard_finite(_int(self.step))
+                    losses = self.epoch_losses()
+                    self.end_epoch()
+                    path = self.save()
+                    policy.saved()
+                    reporter.end_epoch(epoch, losses, path)
+                    self._stop_if_requested(signals, path)
+            except KeyboardInterrupt:
+                self._guard_finite(_int(self.step))
                 path = self.save()
-                reporter.end_epoch(epoch, losses, path)
-        except KeyboardInterrupt:
-            path = self.save()
-            log(f"\ninterrupted: saved {path} (epoch {_int(self.epoch) + 1}, "
-                f"{_int(self.epoch_batches)} batches in); resume with -restore {self.checkpoint_dir}")
-            raise
-        finally:
-            reporter.close()
+                log(f"\ninterrupted: saved {path} (epoch {_int(self.epoch) + 1}, "
+                    f"{_int(self.epoch_batches)} batches in); resume with -restore {self.checkpoint_dir}")
+                raise
+            finally:
+                reporter.close()
         return losses
 
-    def train_epoch(self, batches, epoch, skip, reporter):
+    def train_epoch(self, batches, epoch, skip, reporter, policy=None, signals=None):
         """Runs the steps of one epoch (from batch ``skip`` on).
 
         Returns:
@@ -1257,15 +1392,86 @@ class SRGANTrainer:
         """
         step = _int(self.step)
         reporter.start_epoch(epoch, skip)
-        done = 0
+        done, pending = 0, None
         for batch in batches:
+            # Checks for the previous step once the next batch is there: after
+            # an epoch's last step the epoch's own checkpoint follows anyway.
+            if pending is not None:
+                self._between_steps(pending, policy, signals, reporter)
             lr, hr = batch[0], batch[1]
             self.train_step(lr, hr)
             step += 1
             done += 1
             reporter.after_step(self, step, self.local_batch(batch))
+            pending = step if policy is not None else None
         reporter.flush(self, step)
         return done
+
+    def _between_steps(self, step, policy, signals, reporter):
+        """Checkpoints when due and stops on request, every worker at the same step."""
+        several_workers = self.workers > 1
+        at_check = step % self.CHECK_EVERY == 0
+        requested = signals is not None and signals.received is not None
+        if several_workers:
+            if not at_check:
+                return  # workers decide together, at steps every one of them knows
+        elif not (at_check or requested or policy.due(step)):
+            return
+        self._guard_finite(step)
+        save, stop = policy.due(step), requested
+        if several_workers:
+            save, stop = self._agree(save, stop)
+        if not (save or stop):
+            return
+        path = self.save()
+        policy.saved()
+        reporter.checkpointed(step, path)
+        if stop:
+            self._stopped(signals, path)
+
+    def _stop_if_requested(self, signals, path):
+        """After a checkpoint at ``path``: stops if a signal asked for it (on any worker)."""
+        stop = signals is not None and signals.received is not None
+        if self.workers > 1:
+            (stop,) = self._agree(stop)
+        if stop:
+            self._stopped(signals, path)
+
+    def _stopped(self, signals, path):
+        signum = (signals.received if signals is not None else None) or signal.SIGTERM
+        name = signal.Signals(signum).name
+        raise RunStopped(
+            f"received {name} at step {_int(self.step)} (epoch {_int(self.epoch) + 1}, "
+            f"{_int(self.epoch_batches)} batches in): saved {path}. Resume with "
+            f"-restore {self.checkpoint_dir}", exit_code=128 + int(signum))
+
+    def _agree(self, *flags):
+        """Each flag true on any worker becomes true on all (a tiny all-reduce)."""
+        local = tf.constant([float(bool(f)) for f in flags])
+        shares = self.strategy.run(lambda: tf.identity(local))
+        agreed = self.strategy.reduce(tf.distribute.ReduceOp.MAX, shares, axis=None).numpy()
+        return tuple(bool(v) for v in agreed)
+
+    def _guard_finite(self, step):
+        """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
+
+        Raises:
+            RunStopped: naming the first non-finite step and the last good checkpoint.
+        """
+        first = getattr(self, "_checked_step", step) + 1
+        for s, values in self.recent_scalars(first, step):
+            bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+            if bad:
+                latest = (tf.train.latest_checkpoint(self.checkpoint_dir)
+                          if self.checkpoint_dir else None)
+                where = (f"the last good checkpoint is {latest}; resume from it with a lower "
+                         f"-learning_rate (-restore {self.checkpoint_dir} -learning_rate ...)"
+                         if latest else "no checkpoint had been written yet")
+                shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+                raise RunStopped(
+                    f"training diverged: the losses turned non-finite at step {s} ({shown}). "
+                    f"The non-finite weights were not saved; {where}.", exit_code=EXIT_DIVERGED)
+        self._checked_step = max(step, getattr(self, "_checked_step", 0))
 
 
 def build_networks(cfg, placement=None):
@@ -1391,6 +1597,11 @@ class TrainingStream:
     steps. A resumed epoch skips the batches already trained, whatever the
     replica count was.
 
+    A subject whose file is bad is reported and skipped; anything else that
+    stops the stream (memory, a vanished data folder, an I/O error) stops the
+    run with a message, and so does an epoch that trained fewer batches than
+    its usable subjects give.
+
     Args:
         subjects: the training :class:`train_dataset.Subject` list.
         cfg: the run's configuration (geometry, factor, sigma, batch size, seed).
@@ -1406,15 +1617,25 @@ class TrainingStream:
         self.batches_per_epoch = td.batches_per_epoch(
             len(self.subjects), cfg["batch_size"], cfg["volume_shape"], cfg["patch_shape"],
             cfg["patch_margin"])
+        self.skipped = []  # (path, reason) of the subjects skipped this epoch
+        self._failures = []
 
     def __call__(self, epoch, skip=0):
         """The batches of ``epoch`` after its first ``skip`` global batches.
 
         Returns:
-            ``tf.data.Dataset`` of ``(lr, hr, nf)`` (see
-            :func:`train_dataset.make_train_dataset`), or its distributed
-            version under a strategy.
+            an iterator of ``(lr, hr, nf)`` batches (see
+            :func:`train_dataset.make_train_dataset`; distributed values under
+            a strategy).
+
+        Raises (while iterated):
+            RunStopped or train_dataset.DataError: the stream failed, or the
+                epoch ended short.
         """
+        self.skipped, self._failures = [], []
+        return self._checked(self._batches(epoch, skip), epoch, skip)
+
+    def _batches(self, epoch, skip):
         strategy = self.placement.strategy
         if strategy is None:
             dataset = self._dataset(epoch, self.cfg["batch_size"])
@@ -1428,7 +1649,9 @@ class TrainingStream:
             self.subjects, cfg["upsampling_factor"], batch_size=batch_size,
             volume_shape=cfg["volume_shape"], patch_shape=cfg["patch_shape"],
             margin=cfg["patch_margin"], seed=cfg["seed"], epoch=epoch, sigma=cfg["sigma"],
-            with_norm_factor=True, log=self.log, shard=shard)
+            with_norm_factor=True, log=self.log, shard=shard,
+            on_skip=lambda path, reason: self.skipped.append((path, reason)),
+            failures=self._failures)
 
     def _worker_dataset(self, context, epoch, skip):
         workers = context.num_input_pipelines
@@ -1439,6 +1662,55 @@ class TrainingStream:
             # Collective steps need every worker to run the same number of them.
             dataset = dataset.repeat().take(self.batches_per_epoch * local_replicas)
         return dataset.skip(skip * local_replicas) if skip else dataset
+
+    def _checked(self, dataset, epoch, skip):
+        iterator = iter(dataset)
+        done = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except tf.errors.OpError as err:
+                raise self._failure(err, epoch) from None
+            done += 1
+            yield batch
+        self._account(epoch, skip, done)
+
+    def _failure(self, error, epoch):
+        """The exception that explains a failed stream (the original one where known)."""
+        original = td.unwrap_pipeline_error(error, self._failures)
+        where = f"while reading the training data of epoch {epoch + 1}"
+        if isinstance(original, td.DataError):
+            return original
+        if isinstance(original, MemoryError):
+            return RunStopped(f"out of memory {where} ({original}). A -volume_shape of "
+                              f"{'x'.join(map(str, self.cfg['volume_shape']))} and the scans' own "
+                              "size set the memory each volume needs; free memory or use smaller "
+                              "volumes, then resume with -restore (the last checkpoint is kept)")
+        return RunStopped(f"the training data failed {where}: {type(original).__name__}: {original}. "
+                          "Fix the cause, then resume with -restore (the last checkpoint is kept)")
+
+    def _account(self, epoch, skip, done):
+        """Stops the run when an epoch trained less than its usable subjects give."""
+        cfg = self.cfg
+        if self.placement.workers > 1:
+            expected = self.batches_per_epoch - skip  # shards cycle to the full count
+        else:
+            usable = len(self.subjects) - len(self.skipped)
+            patches = usable * td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"],
+                                                     cfg["patch_margin"])
+            expected = -(-patches // cfg["batch_size"]) - skip
+        planned = self.batches_per_epoch - skip
+        if planned > 0 and done == 0:
+            raise RunStopped(f"epoch {epoch + 1} trained nothing: none of its "
+                             f"{len(self.subjects)} training subjects could be read "
+                             f"({len(self.skipped)} reported above). Nothing was saved for it; fix "
+                             "the data, then resume with -restore")
+        if done < expected:
+            raise RunStopped(f"epoch {epoch + 1} ended after {done} of its {expected} batches: the "
+                             "data stream stopped early without a reason. Nothing was saved for this "
+                             "epoch; resume with -restore to run it again")
 
 
 class NullReporter:
@@ -1451,6 +1723,9 @@ class NullReporter:
         pass
 
     def flush(self, trainer, step):
+        pass
+
+    def checkpointed(self, step, path):
         pass
 
     def end_epoch(self, epoch, losses, path):
@@ -1509,19 +1784,33 @@ class TrainingReporter(NullReporter):
                 tf.summary.image("lr_sr_hr_axial", _display_slices(
                     np.asarray(lr)[:1], sr, np.asarray(hr)[:1], f))
         if self.batch_index % self.preview_every == 0 and len(batch) > 2:
-            tag = f"e{self.epoch + 1}_s{step}"
-            psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
-                                        self.cfg["path_prediction"], tag, f)
-            with self.writer.as_default(step=step):
-                tf.summary.scalar("preview/psnr", psnr)
-                tf.summary.scalar("preview/ssim", ssim)
-            self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
-                           f"SSIM {ssim:.4f} -> {self.cfg['path_prediction']}")
+            self._preview(trainer, step, batch)
         self.batch_index += 1
         self.done += 1
         self.bar.update(1)
         if step % self.log_every == 0:
             self.flush(trainer, step)
+
+    def _preview(self, trainer, step, batch):
+        lr, hr = batch[0], batch[1]
+        f = self.cfg["upsampling_factor"]
+        tag = f"e{self.epoch + 1}_s{step}"
+        try:
+            psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
+                                        self.cfg["path_prediction"], tag, f)
+        except utils.OutputError as err:
+            # Previews are for looking at; a full disk stops the run at the
+            # next checkpoint, with the message that matters.
+            self.bar.write(f"warning: preview not written: {err}")
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("preview/psnr", psnr)
+            tf.summary.scalar("preview/ssim", ssim)
+        self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
+                       f"SSIM {ssim:.4f} -> {self.cfg['path_prediction']}")
+
+    def checkpointed(self, step, path):
+        self.bar.write(f"step {step}: saved {path}")
 
     def flush(self, trainer, step):
         if self.logged_step is None or step <= self.logged_step:
@@ -1657,9 +1946,20 @@ def train(cfg, log=print, placement=None):
     """
     placement = placement or Placement()
     check_placement(cfg, placement)
+    check_outside_data(cfg, ("checkpoint_dir", "path_prediction", "log_dir"))
     chief = placement.is_chief
     say = log if chief else (lambda *_: None)
     same_folder = _prepare_run_folder(cfg, write=chief)
+    # The chief alone writes the folder, and holds it while the run lives.
+    lock = utils.RunLock(cfg["checkpoint_dir"], "training") if chief else contextlib.nullcontext()
+    with lock:
+        if chief:
+            _remove_leftovers(cfg, say)
+        return _train_locked(cfg, placement, same_folder, say, log)
+
+
+def _train_locked(cfg, placement, same_folder, say, log):
+    chief = placement.is_chief
     train_subjects, test_subjects = training_split(cfg, say)
     say(placement.describe())
     keras.utils.set_random_seed(cfg["seed"])
@@ -1667,8 +1967,9 @@ def train(cfg, log=print, placement=None):
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                            run_eagerly=cfg["run_eagerly"],
                            loss_scale=cfg["mixed_precision"] == "float16",
-                           checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"],
-                           strategy=placement.strategy, is_chief=chief, xla=cfg.get("xla", False))
+                           checkpoint_dir=cfg["checkpoint_dir"], max_to_keep=cfg["keep_checkpoints"],
+                           pretrain_steps=cfg["pretrain_steps"], strategy=placement.strategy,
+                           is_chief=chief, xla=cfg.get("xla", False), workers=placement.workers)
     if cfg.get("restore"):
         cfg = _resume(trainer, cfg, say)
     if _int(trainer.epoch) >= cfg["epochs"]:
@@ -1679,8 +1980,37 @@ def train(cfg, log=print, placement=None):
         _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
     stream = TrainingStream(train_subjects, cfg, placement, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else NullReporter()
-    losses = trainer.fit(stream, cfg["epochs"], reporter, say)
+    policy = CheckpointPolicy(cfg["checkpoint_minutes"], cfg["checkpoint_steps"])
+    losses = trainer.fit(stream, cfg["epochs"], reporter, say, policy)
     return {"checkpoint": tf.train.latest_checkpoint(cfg["checkpoint_dir"]), "losses": losses}
+
+
+def check_outside_data(cfg, keys):
+    """Refuses output folders inside a data folder (their files would become subjects).
+
+    Raises:
+        UserError: naming the flag and both folders.
+    """
+    data = cfg["data_path"]
+    if not os.path.isdir(data):
+        return
+    root = os.path.realpath(data)
+    for key in keys:
+        folder = os.path.realpath(cfg[key])
+        if folder == root or folder.startswith(root + os.sep):
+            raise UserError(f"-{key} {cfg[key]!r} is inside -data_path {data!r}: what is written there "
+                            "would be read as data by the next run. Choose a folder outside the data")
+
+
+def _remove_leftovers(cfg, log):
+    """Removes the temporaries a killed run left behind (its own kind only)."""
+    removed = []
+    for folder in {cfg["checkpoint_dir"], cfg["path_prediction"]}:
+        if os.path.isdir(folder):
+            removed += utils.remove_stale_temporaries(folder)
+    if removed:
+        shown = ", ".join(os.path.basename(p) for p in removed[:4]) + (" ..." if len(removed) > 4 else "")
+        log(f"removed {len(removed)} temporary file(s) of an interrupted run: {shown}")
 
 
 # --------------------------------------------------------------------------- #
@@ -1959,9 +2289,13 @@ def main(argv=None):
             evaluate(cfg)
         else:
             train(cfg, placement=placement)
-    except (UserError, td.DataError) as err:
+    except RunStopped as err:
+        word = "error" if err.exit_code == EXIT_ERROR else "stopped"
+        print(f"{word}: {err}", file=sys.stderr)
+        return err.exit_code
+    except (UserError, td.DataError, utils.OutputError, utils.LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     return 0
