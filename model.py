@@ -18,11 +18,15 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import pathlib
 import re
 import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 
@@ -39,30 +43,40 @@ def _verbose_requested(argv):
     return False
 
 
-def _import_tensorflow_quietly(verbose):
-    """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``.
+@contextlib.contextmanager
+def native_stderr_hidden(hidden=True):
+    """Hides what native code writes to file descriptor 2 inside the block.
 
     TensorFlow 2.21 prints absl lines (oneDNN notices, "could not find cuda
-    drivers", "failed call to cuInit") straight to file descriptor 2 while it
-    loads and while it first lists its devices, whatever TF_CPP_MIN_LOG_LEVEL
-    says; only redirecting the descriptor for those two moments silences them.
+    drivers", "failed call to cuInit") straight to the descriptor while it
+    loads, lists its devices or starts a runtime for a strategy, whatever
+    TF_CPP_MIN_LOG_LEVEL says; only redirecting the descriptor silences them.
+    Python's own sys.stderr is flushed first and works again afterwards.
     """
-    if verbose:
-        import tensorflow as tf
-        return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not hidden:
+        yield
+        return
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         sys.stderr.flush()
         os.dup2(devnull, 2)
-        import tensorflow as tf
-        tf.config.list_physical_devices()
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    tf.get_logger().setLevel(logging.ERROR)
+
+
+def _import_tensorflow_quietly(verbose):
+    """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_hidden(not verbose):
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    if not verbose:
+        tf.get_logger().setLevel(logging.ERROR)
     return tf
 
 
@@ -109,6 +123,9 @@ DEFAULTS = {
     "train_fraction": 0.8,
     "learning_rate": 1e-4,
     "pretrain_steps": 0,
+    "checkpoint_minutes": 30.0,
+    "checkpoint_steps": 0,
+    "keep_checkpoints": 3,
     "seed": 0,
     "image_name": td.IMAGE_NAME,
     "mask_name": td.MASK_NAME,
@@ -116,6 +133,8 @@ DEFAULTS = {
     "demo": False,
     "run_eagerly": False,
     "mixed_precision": "none",
+    "gpus": None,
+    "xla": False,
     "verbose": False,
     # Data layouts and inference options (evaluation and -super_resolve).
     "bids_filter": None,
@@ -155,6 +174,9 @@ PERSISTED = {
     "batch_size": RUN,
     "learning_rate": RUN,
     "pretrain_steps": RUN,
+    "checkpoint_minutes": RUN,
+    "checkpoint_steps": RUN,
+    "keep_checkpoints": RUN,
     "epochs": RUN,
 }
 
@@ -179,6 +201,25 @@ DEMO_SHAPE = (72, 76, 56)
 
 class UserError(Exception):
     """A mistake in the command line or the files it names; reported without a traceback."""
+
+
+# Exit codes besides 0: 2 a user's mistake or a failed read/write (the message
+# says what to fix), 3 training diverged, 128 + N a stop signal N (143 for
+# SIGTERM, 138 for SIGUSR1), 130 Ctrl-C.
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+class RunStopped(Exception):
+    """A run that stopped on purpose: a stop signal, divergence, a failed read or write.
+
+    Its message is the paragraph a person reads: what happened, what was
+    saved, how to continue. ``exit_code`` is the process's exit status.
+    """
+
+    def __init__(self, message, exit_code=EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------- #
@@ -216,33 +257,37 @@ def parse_shape(value):
     return shape
 
 
-def _positive(kind):
+def _number(kind, minimum, strict, maximum=None):
+    """An argparse type for finite numbers of ``kind`` above ``minimum`` (and up to ``maximum``)."""
+    words = f"a {'positive' if strict else 'non-negative'} {'number' if kind is float else 'integer'}"
+    if maximum is not None:
+        words += f" up to {maximum}"
+
     def parse(value):
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {value!r}")
+            number = None
+        ok = number is not None and math.isfinite(number) and (
+            number > minimum if strict else number >= minimum) and (maximum is None or number <= maximum)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {words}, got {value!r}")
         return number
     parse.__name__ = kind.__name__
     return parse
+
+
+def _positive(kind):
+    return _number(kind, 0, strict=True)
 
 
 def _non_negative(kind):
-    def parse(value):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
-        if not number >= 0:
-            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {value!r}")
-        return number
-    parse.__name__ = kind.__name__
-    return parse
+    return _number(kind, 0, strict=False)
 
 
 _non_negative_int = _non_negative(int)
+# numpy's and TensorFlow's seeds are 32-bit.
+_seed = _number(int, 0, strict=False, maximum=2 ** 32 - 1)
 
 
 def upsampling_mode_from_flags(subpixel_NN=False, nn=False):
@@ -321,7 +366,13 @@ def build_parser():
     add("pretrain_steps", "first N steps train the generator alone on the content loss (sum of "
         "squared errors + gradient difference, no adversarial term, discriminator untouched); "
         "0 = the original recipe", type=_non_negative_int, metavar="N")
-    add("seed", "random seed (weights, data order, label noise)", type=_non_negative_int, metavar="N")
+    add("checkpoint_minutes", "also checkpoint inside an epoch every this many minutes of training "
+        "(0: off); every epoch ends with one anyway", type=_non_negative(float), metavar="MIN")
+    add("checkpoint_steps", "also checkpoint every this many steps (0: off)", type=_non_negative_int,
+        metavar="N")
+    add("keep_checkpoints", "checkpoints kept in -checkpoint_dir (the newest)", type=_positive(int),
+        metavar="N")
+    add("seed", "random seed (weights, data order, label noise), 0 to 2**32-1", type=_seed, metavar="N")
     add("log_dir", "TensorBoard folder", shown="<checkpoint_dir>/logs", metavar="DIR")
     add("super_resolve", "super-resolve these low-resolution NIfTI scans as they are (files, "
         "folders, BIDS datasets or .csv lists)", nargs="+", metavar="PATH")
@@ -329,6 +380,11 @@ def build_parser():
     add_bool("run_eagerly", "run the training step eagerly (debugging; slow)")
     add("mixed_precision", "compute in float16 (with loss scaling) or bfloat16 on GPUs that "
         "support it; weights, losses and outputs stay float32", choices=tuple(PRECISION_POLICIES))
+    add("gpus", "devices to use: GPU indices such as 0,1 (several: MirroredStrategy), cpu, or "
+        "cpu:N (N CPU replicas, to try the distributed path without GPUs); TF_CONFIG or a "
+        "SLURM step of several tasks trains on several machines",
+        shown="every visible GPU", type=parse_gpus, metavar="LIST")
+    add_bool("xla", "compile the training step with XLA (jit_compile; one device only)")
     add_bool("verbose", "show TensorFlow's own start-up and warning lines")
     add("bids_filter", "BIDS data: keep the T1w files whose names carry all these entities, "
         "comma-separated, e.g. desc-brain or acq-mprage,run-01", shown="none", metavar="ENTITIES")
@@ -353,8 +409,7 @@ def _read_json(path):
 
 
 def _write_json(path, data):
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    utils.atomic_write(path, lambda tmp: open(tmp, "w").write(text), suffix=".json")
+    utils.write_json(path, data)
 
 
 def _flag(name, value):
@@ -567,33 +622,349 @@ def _check_writable(folder, flag):
 
 
 # --------------------------------------------------------------------------- #
+# Devices and strategies (tf.distribute)
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run computes: one device, the GPUs of this machine, or several machines.
+
+    Attributes:
+        strategy: None (one device: no strategy, the plain path) or a
+            ``tf.distribute.MirroredStrategy`` / ``MultiWorkerMirroredStrategy``.
+        devices: the local devices the strategy mirrors over.
+        workers: number of machines (processes) training together.
+        worker_index: this process's index among them; 0 is the chief, which
+            alone writes checkpoints, logs and previews.
+    """
+
+    strategy: object = None
+    devices: tuple = ()
+    workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def replicas(self):
+        """int, replicas in sync (devices over every worker)."""
+        return self.strategy.num_replicas_in_sync if self.strategy is not None else 1
+
+    @property
+    def is_chief(self):
+        return self.worker_index == 0
+
+    @property
+    def name(self):
+        if self.strategy is None:
+            return "none (one device)"
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return "MultiWorkerMirroredStrategy"  # its class is CollectiveAllReduceStrategy
+        return type(self.strategy).__name__
+
+    def describe(self):
+        """One line for the start of a run."""
+        if self.strategy is None:
+            return "strategy: none (one device)"
+        where = f" over {', '.join(self.devices)}" if self.devices else ""
+        workers = f", worker {self.worker_index} of {self.workers}" if self.workers > 1 else ""
+        return f"strategy: {self.name}{where}, {self.replicas} replicas{workers}"
+
+
+def parse_gpus(value):
+    """Parses -gpus: ``"0,1"`` (GPU indices), ``"cpu"`` or ``"cpu:N"`` (N CPU replicas).
+
+    Returns:
+        ("gpu", tuple of indices) or ("cpu", replicas).
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else.
+    """
+    text = str(value).strip().lower()
+    try:
+        if text.startswith("cpu"):
+            count = int(text[4:]) if text.startswith("cpu:") else 1
+            if text not in ("cpu", f"cpu:{count}") or count < 1:
+                raise ValueError
+            return "cpu", count
+        indices = tuple(int(p) for p in text.split(","))
+        if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+            raise ValueError
+        return "gpu", indices
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected GPU indices such as 0,1, or cpu, or cpu:N, got {value!r}") from None
+
+
+def read_tf_config(text):
+    """Checks a TF_CONFIG value (the multi-worker cluster description).
+
+    Returns:
+        (workers, task_index): the number of training processes and this one's
+        index, the chief first.
+
+    Raises:
+        UserError: naming what is wrong with it.
+    """
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"TF_CONFIG is not valid JSON ({err}); expected e.g. "
+                        '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                        '"task": {"type": "worker", "index": 0}}')
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError("TF_CONFIG needs a \"cluster\" object and a \"task\" object, got "
+                        f"{text[:200]!r}")
+    jobs = {name: hosts for name, hosts in cluster.items() if name in ("chief", "worker")}
+    if not jobs or any(not isinstance(h, list) or not h for h in jobs.values()):
+        raise UserError(f"TF_CONFIG's cluster needs a non-empty \"worker\" (and optionally "
+                        f"\"chief\") list of host:port, got {cluster!r}")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in jobs or not isinstance(index, int) or not 0 <= index < len(jobs[kind]):
+        raise UserError(f"TF_CONFIG's task {task!r} does not name one of its cluster's "
+                        f"{', '.join(f'{k}[0..{len(v) - 1}]' for k, v in jobs.items())}")
+    chiefs = len(jobs.get("chief", []))
+    workers = chiefs + len(jobs.get("worker", []))
+    return workers, (index if kind == "chief" else chiefs + index)
+
+
+def _slurm_tasks(environ):
+    try:
+        return int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    except ValueError:
+        return 1
+
+
+def choose_placement(gpus=None, multi_worker=True, environ=None, log=print, verbose=False):
+    """Chooses the strategy from the machine and the environment.
+
+    One visible device: no strategy (the plain path). Several visible GPUs:
+    ``MirroredStrategy`` over them (``gpus`` picks which). ``TF_CONFIG`` set,
+    or a SLURM step of several tasks: ``MultiWorkerMirroredStrategy`` (only
+    when ``multi_worker``: evaluation uses this machine alone). Must run before
+    TensorFlow starts its runtime (device visibility is fixed then).
+
+    Args:
+        gpus: None (all visible GPUs) or a :func:`parse_gpus` result.
+        multi_worker: bool, allow a multi-worker strategy.
+        environ: the environment (default ``os.environ``).
+        log: callable for notes.
+        verbose: bool, let TensorFlow's start-up lines through.
+
+    Returns:
+        A :class:`Placement`.
+
+    Raises:
+        UserError: a missing GPU, a malformed TF_CONFIG, a runtime already started.
+    """
+    with native_stderr_hidden(not verbose):
+        return _choose_placement(gpus, multi_worker, os.environ if environ is None else environ, log)
+
+
+def _choose_placement(gpus, multi_worker, environ, log):
+    physical = tf.config.list_physical_devices("GPU")
+    try:
+        if gpus is not None and gpus[0] == "cpu":
+            if physical:
+                tf.config.set_visible_devices([], "GPU")
+            return _cpu_placement(gpus[1])
+        if gpus is not None:
+            missing = [i for i in gpus[1] if i >= len(physical)]
+            if missing:
+                raise UserError(f"-gpus {','.join(map(str, gpus[1]))}: no GPU {missing[0]} on this "
+                                f"machine (it has {len(physical)} GPU(s)"
+                                f"{': ' + ','.join(map(str, range(len(physical)))) if physical else ''}; "
+                                "-gpus cpu forces the CPU)")
+            tf.config.set_visible_devices([physical[i] for i in gpus[1]], "GPU")
+            physical = [physical[i] for i in gpus[1]]
+    except RuntimeError as err:
+        raise UserError(f"-gpus must take effect before TensorFlow starts its runtime: {err}")
+    if multi_worker and environ.get("TF_CONFIG"):
+        workers, index = read_tf_config(environ["TF_CONFIG"])
+        if workers > 1:
+            return _multi_worker_placement(
+                tf.distribute.cluster_resolver.TFConfigClusterResolver(), workers, index)
+        log("note: TF_CONFIG describes one process; training on this machine alone")
+    elif multi_worker and environ.get("SLURM_JOB_ID") and _slurm_tasks(environ) > 1:
+        try:
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            index = int(environ.get("SLURM_PROCID", 0))
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            raise UserError(f"cannot read the SLURM allocation for multi-worker training: {err}")
+        return _multi_worker_placement(resolver, _slurm_tasks(environ), index)
+    elif environ.get("TF_CONFIG") and not multi_worker:
+        log("note: TF_CONFIG is ignored: evaluation and -super_resolve use this machine's GPUs only")
+    if len(physical) > 1:
+        devices = tuple(f"/gpu:{i}" for i in range(len(physical)))
+        return Placement(_mirrored_strategy(devices), devices)
+    return Placement()
+
+
+# One MirroredStrategy per set of devices and process: two strategies over the
+# same devices in one process draw colliding collective keys (TF 2.21 aborts
+# with "Shape mismatch in the collective instance"), which happens to a Python
+# session or a test suite that trains twice.
+_MIRRORED = {}
+
+
+def _mirrored_strategy(devices):
+    if devices not in _MIRRORED:
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[devices]
+
+
+def _cpu_placement(replicas):
+    """No strategy for one CPU replica; a MirroredStrategy over logical CPUs for more.
+
+    Several CPU replicas exercise the distributed code on a machine without
+    GPUs (slower than one; for testing and debugging).
+    """
+    if replicas == 1:
+        return Placement()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu) or []
+    if len(current) != replicas:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
+        except RuntimeError as err:
+            raise UserError(f"-gpus cpu:{replicas} must take effect before TensorFlow starts its "
+                            f"runtime (it runs with {max(len(current), 1)} CPU device(s)): {err}")
+    devices = tuple(f"/cpu:{i}" for i in range(replicas))
+    return Placement(_mirrored_strategy(devices), devices)
+
+
+def _multi_worker_placement(resolver, workers, index):
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"cannot start multi-worker training: {err}")
+    devices = tuple(d.name for d in tf.config.list_logical_devices("GPU")) or ("/cpu:0",)
+    return Placement(strategy, devices, workers, index)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoint schedule and stop requests
+# --------------------------------------------------------------------------- #
+
+
+class CheckpointPolicy:
+    """When to checkpoint inside an epoch: every ``minutes`` of training and/or every ``steps`` steps.
+
+    The end of every epoch is a checkpoint anyway; this adds the ones inside
+    long epochs, so a killed run loses minutes, not an epoch.
+
+    Args:
+        minutes: float >= 0; 0 turns the timer off.
+        steps: int >= 0; 0 turns the step interval off.
+        clock: callable returning seconds (monotonic), for tests.
+    """
+
+    def __init__(self, minutes=30.0, steps=0, clock=time.monotonic):
+        self.seconds = float(minutes) * 60.0
+        self.steps = int(steps)
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, step):
+        """bool, whether a checkpoint is due after ``step`` (1-based)."""
+        by_steps = self.steps > 0 and step % self.steps == 0
+        by_time = self.seconds > 0 and self.clock() - self.last >= self.seconds
+        return by_steps or by_time
+
+    def saved(self):
+        """Restarts the timer (a checkpoint was just written)."""
+        self.last = self.clock()
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 as a request to checkpoint and stop, inside a ``with`` block.
+
+    SLURM and Kubernetes send SIGTERM before they kill a pre-empted job;
+    ``sbatch --signal=USR1@120`` sends SIGUSR1 ahead of the time limit. The
+    handler only records the signal: the training loop checkpoints at the next
+    step boundary and stops. Handlers are installed in the main thread only
+    and the previous ones restored on exit.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+
+# --------------------------------------------------------------------------- #
 # Losses (SPEC section 3)
 # --------------------------------------------------------------------------- #
 
 
-def draw_targets(rng, shape):
-    """Least-squares GAN targets with label smoothing and 10 % label flips.
+def draw_targets(seed, step, batch_size):
+    """Least-squares GAN targets with label smoothing and 10 % label flips, for one step.
+
+    A stateless draw from ``(seed, step)``: every replica of a distributed step
+    computes the same targets for the global batch and takes its own rows, and
+    a resumed run draws exactly what the uninterrupted run would have.
 
     Args:
-        rng: ``tf.random.Generator``, drawn from at every step.
-        shape: shape of the discriminator output, (b, 1).
+        seed: int scalar, the run's seed.
+        step: int scalar, the number of steps taken before this one.
+        batch_size: int scalar, the global batch size b.
 
     Returns:
-        (t_real, t_fake, flipped): float32 tensors of ``shape`` drawn from
-        U(0.7, 1.2) and U(0, 0.3), swapped with probability 0.1; ``flipped`` a
-        bool scalar.
+        (t_real, t_fake, flipped, t_gen): float32 (b, 1) targets drawn from
+        U(0.7, 1.2) and U(0, 0.3), swapped when ``flipped`` (a bool scalar, true
+        with probability 0.1); t_gen float32 (b, 1) from U(0.7, 1.2), the
+        generator's adversarial target.
     """
-    t_real = rng.uniform(shape, 0.7, 1.2)
-    t_fake = rng.uniform(shape, 0.0, 0.3)
-    flipped = rng.uniform(()) < 0.1
-    t_real, t_fake = (tf.where(flipped, t_fake, t_real), tf.where(flipped, t_real, t_fake))
-    return t_real, t_fake, flipped
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
+    keys = tf.random.experimental.stateless_split(key, 4)
+    shape = tf.stack([tf.cast(batch_size, tf.int32), 1])
+    t_real = tf.random.stateless_uniform(shape, keys[0], 0.7, 1.2)
+    t_fake = tf.random.stateless_uniform(shape, keys[1], 0.0, 0.3)
+    flipped = tf.random.stateless_uniform((), keys[2]) < 0.1
+    t_gen = tf.random.stateless_uniform(shape, keys[3], 0.7, 1.2)
+    t_real, t_fake = tf.where(flipped, t_fake, t_real), tf.where(flipped, t_real, t_fake)
+    return t_real, t_fake, flipped, t_gen
 
 
-def discriminator_loss(d_real, d_fake, t_real, t_fake):
-    """``mean((D(HR) - t_real)^2) + mean((D(G) - t_fake)^2)`` on logits (b, 1)."""
-    return (tf.reduce_mean(tf.square(d_real - t_real))
-            + tf.reduce_mean(tf.square(d_fake - t_fake)))
+def _mean(squares, global_batch):
+    # One replica's share of a mean over the global batch: the replicas' shares
+    # (and their gradients, which tf.distribute sums) add up to the mean.
+    if global_batch is None:
+        return tf.reduce_mean(squares)
+    return tf.reduce_sum(squares) / tf.cast(global_batch, squares.dtype)
+
+
+def discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch=None):
+    """``mean((D(HR) - t_real)^2) + mean((D(G) - t_fake)^2)`` on logits (b, 1).
+
+    Args:
+        d_real, d_fake, t_real, t_fake: float32 (b, 1).
+        global_batch: None on one device; under a strategy, the global batch
+            size, so that this replica's loss is its share of the mean.
+
+    Returns:
+        float32 scalar.
+    """
+    return (_mean(tf.square(d_real - t_real), global_batch)
+            + _mean(tf.square(d_fake - t_fake), global_batch))
 
 
 def gradient_difference_loss(hr, sr):
@@ -614,13 +985,17 @@ def gradient_difference_loss(hr, sr):
     return total
 
 
-def generator_losses(hr, sr, d_fake, t):
+def generator_losses(hr, sr, d_fake, t, global_batch=None):
     """Generator loss of the original: ``sum((G - HR)^2) + gdl + 0.1 * mean((D(G) - t)^2)``.
+
+    The two sums need no scaling under a strategy (the replicas' sums add up
+    to the global sum); the mean divides by ``global_batch``.
 
     Args:
         hr, sr: float32 (b, x, y, z, 1) in [-1, 1].
         d_fake: float32 (b, 1), discriminator logits of ``sr``.
         t: float32 (b, 1), targets drawn from U(0.7, 1.2).
+        global_batch: None on one device, else the global batch size.
 
     Returns:
         dict of float32 scalars: ``g_loss``, ``mse`` (the sum, as the original),
@@ -628,8 +1003,30 @@ def generator_losses(hr, sr, d_fake, t):
     """
     mse = tf.reduce_sum(tf.square(sr - hr))
     gdl = gradient_difference_loss(hr, sr)
-    adv = 0.1 * tf.reduce_mean(tf.square(d_fake - t))
+    adv = 0.1 * _mean(tf.square(d_fake - t), global_batch)
     return {"g_loss": mse + gdl + adv, "mse": mse, "gdl": gdl, "adv": adv}
+
+
+def replica_rows(local_batch):
+    """Where this replica's patches sit in the step's global batch.
+
+    Args:
+        local_batch: int32 scalar, the patches this replica got (0 is possible
+            at the end of an uneven epoch).
+
+    Returns:
+        (global_batch, first_row): int32 scalars; (local_batch, 0) on one device.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return local_batch, 0
+    sizes = ctx.all_gather(tf.reshape(local_batch, [1]), axis=0)
+    return tf.reduce_sum(sizes), tf.reduce_sum(sizes[:ctx.replica_id_in_sync_group])
+
+
+def _int(variable):
+    """The value of an integer variable, also a mirrored one (which int() refuses)."""
+    return int(variable.numpy())
 
 
 # --------------------------------------------------------------------------- #
@@ -643,13 +1040,21 @@ class SRGANTrainer:
     The checkpoint holds everything a bit-identical resume needs: both networks,
     both optimisers (moments, iteration counts; loss-scale state under
     float16), the epoch, the batches done in the current epoch, the step, the
-    data seed, the label-noise generator and the current epoch's loss sums.
+    data seed (data order and label noise are functions of it, the epoch and
+    the step) and the current epoch's loss sums. It does not depend on the
+    number of replicas: a run started on N replicas resumes on M.
+
+    Under a ``tf.distribute`` strategy each step runs on every replica with its
+    share of the global batch; sums need no scaling and means divide by the
+    global batch, so the summed gradients are those of the whole batch on one
+    device (batch norm must then be synchronised: ``synchronized_bn=True``).
 
     Args:
-        generator: ``keras.Model`` from :func:`networks.build_generator`.
+        generator: ``keras.Model`` from :func:`networks.build_generator`, built
+            under ``strategy.scope()`` when a strategy is given.
         discriminator: ``keras.Model`` from :func:`networks.build_discriminator`.
         learning_rate: initial learning rate of both optimisers.
-        seed: int, seeds the label-noise generator and the data order.
+        seed: int, seeds the label noise and the data order.
         run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
         loss_scale: bool, wrap both optimisers in dynamic loss scaling (needed
             when the networks compute in float16, ``mixed_precision="float16"``).
@@ -660,6 +1065,12 @@ class SRGANTrainer:
             content loss (``mse + gdl``, the original's generator loss without
             its adversarial term); the discriminator is not updated. 0 (the
             original's recipe) trains the GAN from the first step.
+        strategy: None (one device) or a ``tf.distribute.Strategy``.
+        is_chief: bool; a non-chief worker of a multi-worker run writes its
+            checkpoints to a temporary folder that is removed at once.
+        xla: bool, compile the step with XLA (``jit_compile``; one device only).
+        workers: int, processes training together (they agree on checkpoints
+            and stop requests every ``CHECK_EVERY`` steps).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -669,9 +1080,39 @@ class SRGANTrainer:
     HISTORY = 256
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
-                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0):
+                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
+                 strategy=None, is_chief=True, xla=False, workers=1):
         self.generator = generator
         self.discriminator = discriminator
+        self.strategy = strategy
+        self.replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+        self.is_chief = is_chief
+        self.workers = int(workers)
+        if xla and self.replicas > 1:
+            raise ValueError("xla=True is supported on one device only")
+        with self._scope():
+            self._build_state(learning_rate, seed, loss_scale)
+        self.manager = None
+        self.checkpoint_dir = checkpoint_dir
+        if checkpoint_dir is not None and is_chief:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
+                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
+        self.run_eagerly = run_eagerly
+        self.pretrain_steps = int(pretrain_steps)
+        self._host_step = None
+        if run_eagerly:
+            compile_ = lambda fn: fn  # noqa: E731
+        else:
+            compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla))  # noqa: E731
+        self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
+        self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
+        self._end_epoch = tf.function(self._end_epoch_fn)
+
+    def _scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def _build_state(self, learning_rate, seed, loss_scale):
+        generator, discriminator = self.generator, self.discriminator
         self.schedule = keras.optimizers.schedules.InverseTimeDecay(
             learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=False)
         adam = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-8)
@@ -696,7 +1137,6 @@ class SRGANTrainer:
         self.epoch_batches = tf.Variable(0, name="epoch_batches", **counter)
         self.step = tf.Variable(0, name="step", **counter)
         self.data_seed = tf.Variable(seed, name="data_seed", **counter)
-        self.rng = tf.random.Generator.from_seed(seed)
         # The current epoch's loss sums and batch count: in the checkpoint, so
         # the epoch's summary after a mid-epoch resume covers the whole epoch.
         self.loss_sums = tf.Variable(tf.zeros(len(self.LOSS_NAMES)), trainable=False, name="loss_sums")
@@ -708,19 +1148,8 @@ class SRGANTrainer:
         self.checkpoint = tf.train.Checkpoint(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
-            step=self.step, data_seed=self.data_seed, rng=self.rng, loss_sums=self.loss_sums,
+            step=self.step, data_seed=self.data_seed, loss_sums=self.loss_sums,
             loss_count=self.loss_count, **extra)
-        self.manager = None
-        if checkpoint_dir is not None:
-            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
-                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
-        self.run_eagerly = run_eagerly
-        self.pretrain_steps = int(pretrain_steps)
-        self._host_step = None
-        compile_ = (lambda fn: fn) if run_eagerly else tf.function
-        self._compiled = compile_(self._train_step)
-        self._compiled_pretrain = compile_(self._pretrain_step)
-        self._end_epoch = tf.function(self._end_epoch_fn)
 
     # ------------------------------------------------------------------ state
 
@@ -745,7 +1174,11 @@ class SRGANTrainer:
         if path is None:
             raise UserError(f"checkpoint folder {checkpoint_dir!r} holds no checkpoint")
         try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            status = self.checkpoint.restore(path)
+            # Checkpoints of earlier versions also hold a label-noise generator
+            # that the stateless draws no longer need.
+            status.expect_partial()
+            status.assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as err:
             raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
         self._host_step = None
@@ -754,16 +1187,37 @@ class SRGANTrainer:
     def save(self):
         """Writes a checkpoint numbered by the step (numbers are never reused).
 
+        Every worker of a multi-worker run must call it (the variables are read
+        collectively); only the chief's copy is kept.
+
         Returns:
-            str, the checkpoint path.
+            str, the checkpoint path (the chief's).
         """
-        if self.manager is None:
+        if self.checkpoint_dir is None:
             raise ValueError("this trainer was built without a checkpoint_dir")
-        return self.manager.save(checkpoint_number=int(self.step))
+        step = _int(self.step)
+        try:
+            if self.is_chief:
+                return self.manager.save(checkpoint_number=step)
+            scratch = tempfile.mkdtemp(prefix="srgan-worker-")
+            try:
+                self.checkpoint.write(os.path.join(scratch, "ckpt"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return os.path.join(self.checkpoint_dir, f"ckpt-{step}")
+        except (tf.errors.OpError, OSError) as err:
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+            kept = (f"The last complete checkpoint is {latest}" if latest else
+                    "No checkpoint of this run was completed")
+            raise RunStopped(
+                f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
+                f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
+                f"resume with -restore {self.checkpoint_dir}.") from err
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""
-        count = float(self.loss_count)
+        count = float(self.loss_count.numpy())
         sums = self.loss_sums.numpy()
         return {name: float(sums[i]) / max(count, 1.0) for i, name in enumerate(self.LOSS_NAMES)}
 
@@ -798,25 +1252,66 @@ class SRGANTrainer:
         """One discriminator update, then one generator update.
 
         Args:
-            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches.
+            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches
+                (under a strategy: a distributed value, each replica's share).
             hr: float32 (b, x, y, z, 1) in [-1, 1], the reference patches.
 
         Returns:
             dict of float32 scalar tensors (no host synchronisation): d_loss,
-            g_loss, mse, gdl, adv (this step's), flipped (1.0 when the labels
-            were swapped) and learning_rate (the one this step used). During
-            pre-training d_loss, adv and flipped are 0.
+            g_loss, mse, gdl, adv (this step's, over the global batch), flipped
+            (1.0 when the labels were swapped) and learning_rate (the one this
+            step used). During pre-training d_loss, adv and flipped are 0.
         """
         # A host-side mirror of the step counter: reading self.step would make
         # the host wait for the device at every step.
         if self._host_step is None:
-            self._host_step = int(self.step)
+            self._host_step = _int(self.step)
         pretraining = self._host_step < self.pretrain_steps
         out = (self._compiled_pretrain if pretraining else self._compiled)(lr, hr)
         self._host_step += 1
         return out
 
-    def _pretrain_step(self, lr, hr):
+    def _step(self, replica_step, lr, hr):
+        """Runs ``replica_step`` on every replica, sums the shares, records the step."""
+        if self.strategy is None:
+            out = replica_step(lr, hr)
+        else:
+            shares = self.strategy.run(replica_step, args=(lr, hr))
+            out = {name: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM if name in self.LOSS_NAMES else tf.distribute.ReduceOp.MEAN,
+                value, axis=None) for name, value in shares.items()}
+        self._record(out)
+        return out
+
+    def _gan_replica_step(self, lr, hr):
+        g, d = self.generator, self.discriminator
+        local = tf.shape(hr)[0]
+        batch, first = replica_rows(local)
+        global_batch = batch if self.replicas > 1 else None
+        t_real, t_fake, flipped, t_gen = [
+            t if t.shape.rank == 0 else t[first:first + local]
+            for t in draw_targets(self.data_seed, self.step, batch)]
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
+        sr = g(lr, training=True)
+        with tf.GradientTape() as tape:
+            d_real = d(hr, training=True)
+            d_fake = d(sr, training=True)
+            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch)
+            scaled = self._scale(self._d_apply, d_loss)
+        grads = tape.gradient(scaled, d.trainable_variables)
+        self._d_apply.apply(grads, d.trainable_variables)
+
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            d_fake = d(sr, training=True)
+            losses = generator_losses(hr, sr, d_fake, t_gen, global_batch)
+            scaled = self._scale(self._g_apply, losses["g_loss"])
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
+        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
+                "learning_rate": learning_rate}
+
+    def _pretrain_replica_step(self, lr, hr):
         g = self.generator
         learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
         with tf.GradientTape() as tape:
@@ -827,36 +1322,8 @@ class SRGANTrainer:
         grads = tape.gradient(scaled, g.trainable_variables)
         self._g_apply.apply(grads, g.trainable_variables)
         zero = tf.zeros((), tf.float32)
-        out = {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
-               "flipped": zero, "learning_rate": learning_rate}
-        self._record(out)
-        return out
-
-    def _train_step(self, lr, hr):
-        g, d = self.generator, self.discriminator
-        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
-        sr = g(lr, training=True)
-        with tf.GradientTape() as tape:
-            d_real = d(hr, training=True)
-            d_fake = d(sr, training=True)
-            t_real, t_fake, flipped = draw_targets(self.rng, tf.shape(d_real))
-            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake)
-            scaled = self._scale(self._d_apply, d_loss)
-        grads = tape.gradient(scaled, d.trainable_variables)
-        self._d_apply.apply(grads, d.trainable_variables)
-
-        with tf.GradientTape() as tape:
-            sr = g(lr, training=True)
-            d_fake = d(sr, training=True)
-            t = self.rng.uniform(tf.shape(d_fake), 0.7, 1.2)
-            losses = generator_losses(hr, sr, d_fake, t)
-            scaled = self._scale(self._g_apply, losses["g_loss"])
-        grads = tape.gradient(scaled, g.trainable_variables)
-        self._g_apply.apply(grads, g.trainable_variables)
-        out = {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
-               "learning_rate": learning_rate}
-        self._record(out)
-        return out
+        return {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
+                "flipped": zero, "learning_rate": learning_rate}
 
     def _record(self, out):
         # The counters, trackers and history move in the same graph call as the
@@ -875,10 +1342,23 @@ class SRGANTrainer:
             return optimizer.scale_loss(loss)
         return loss
 
+    def local_batch(self, batch):
+        """The first replica's part of a (possibly distributed) batch, for previews."""
+        if self.strategy is None:
+            return batch
+        return tuple(self.strategy.experimental_local_results(t)[0] for t in batch)
+
     # ------------------------------------------------------------------ loop
 
-    def fit(self, epoch_data, epochs, reporter=None, log=print):
-        """Trains up to ``epochs`` epochs, saving after each; Ctrl-C saves too.
+    # Steps between two looks at the device: the finiteness guard, and on
+    # several workers the agreement on checkpoints and stop requests.
+    CHECK_EVERY = 10
+
+    def fit(self, epoch_data, epochs, reporter=None, log=print, policy=None):
+        """Trains up to ``epochs`` epochs, checkpointing by ``policy`` and after each epoch.
+
+        SIGTERM/SIGUSR1 and Ctrl-C checkpoint and stop; losses that turn
+        non-finite stop the run without saving.
 
         Args:
             epoch_data: callable ``(epoch, skip) -> iterable of (lr, hr, nf)``
@@ -886,60 +1366,153 @@ class SRGANTrainer:
             epochs: total epochs to reach.
             reporter: a :class:`TrainingReporter` (or None for silence).
             log: callable for messages.
+            policy: a :class:`CheckpointPolicy` for checkpoints inside epochs
+                (None: only at epoch ends).
 
         Returns:
             dict, the last epoch's mean losses ({} when nothing was trained).
 
         Raises:
             KeyboardInterrupt: after saving a checkpoint.
+            RunStopped: on a stop signal (after saving), on divergence (without
+                saving) or when a checkpoint cannot be written.
         """
         reporter = reporter or NullReporter()
+        policy = policy or CheckpointPolicy(minutes=0, steps=0)
         losses = {}
-        try:
-            while int(self.epoch) < epochs:
-                epoch, skip = int(self.epoch), int(self.epoch_batches)
-                self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter)
-                losses = self.epoch_losses()
-                self.end_epoch()
+        self._checked_step = _int(self.step)
+        with StopSignals() as signals:
+            try:
+                while _int(self.epoch) < epochs:
+                    epoch, skip = _int(self.epoch), _int(self.epoch_batches)
+                    self.train_epoch(epoch_data(epoch, skip), epoch, skip, reporter, policy, signals)
+                    self._guard_finite(_int(self.step))
+                    losses = self.epoch_losses()
+                    self.end_epoch()
+                    path = self.save()
+                    policy.saved()
+                    reporter.end_epoch(epoch, losses, path)
+                    self._stop_if_requested(signals, path)
+            except KeyboardInterrupt:
+                self._guard_finite(_int(self.step))
                 path = self.save()
-                reporter.end_epoch(epoch, losses, path)
-        except KeyboardInterrupt:
-            path = self.save()
-            log(f"\ninterrupted: saved {path} (epoch {int(self.epoch) + 1}, "
-                f"{int(self.epoch_batches)} batches in); resume with -restore {self.manager.directory}")
-            raise
-        finally:
-            reporter.close()
+                log(f"\ninterrupted: saved {path} (epoch {_int(self.epoch) + 1}, "
+                    f"{_int(self.epoch_batches)} batches in); resume with -restore {self.checkpoint_dir}")
+                raise
+            finally:
+                reporter.close()
         return losses
 
-    def train_epoch(self, batches, epoch, skip, reporter):
+    def train_epoch(self, batches, epoch, skip, reporter, policy=None, signals=None):
         """Runs the steps of one epoch (from batch ``skip`` on).
 
         Returns:
             int, the number of steps run.
         """
-        step = int(self.step)
+        step = _int(self.step)
         reporter.start_epoch(epoch, skip)
-        done = 0
+        done, pending = 0, None
         for batch in batches:
+            # Checks for the previous step once the next batch is there: after
+            # an epoch's last step the epoch's own checkpoint follows anyway.
+            if pending is not None:
+                self._between_steps(pending, policy, signals, reporter)
             lr, hr = batch[0], batch[1]
             self.train_step(lr, hr)
             step += 1
             done += 1
-            reporter.after_step(self, step, batch)
+            reporter.after_step(self, step, self.local_batch(batch))
+            pending = step if policy is not None else None
         reporter.flush(self, step)
         return done
 
+    def _between_steps(self, step, policy, signals, reporter):
+        """Checkpoints when due and stops on request, every worker at the same step."""
+        several_workers = self.workers > 1
+        at_check = step % self.CHECK_EVERY == 0
+        requested = signals is not None and signals.received is not None
+        if several_workers:
+            if not at_check:
+                return  # workers decide together, at steps every one of them knows
+        elif not (at_check or requested or policy.due(step)):
+            return
+        self._guard_finite(step)
+        save, stop = policy.due(step), requested
+        if several_workers:
+            save, stop = self._agree(save, stop)
+        if not (save or stop):
+            return
+        path = self.save()
+        policy.saved()
+        reporter.checkpointed(step, path)
+        if stop:
+            self._stopped(signals, path)
 
-def build_networks(cfg):
+    def _stop_if_requested(self, signals, path):
+        """After a checkpoint at ``path``: stops if a signal asked for it (on any worker)."""
+        stop = signals is not None and signals.received is not None
+        if self.workers > 1:
+            (stop,) = self._agree(stop)
+        if stop:
+            self._stopped(signals, path)
+
+    def _stopped(self, signals, path):
+        signum = (signals.received if signals is not None else None) or signal.SIGTERM
+        name = signal.Signals(signum).name
+        raise RunStopped(
+            f"received {name} at step {_int(self.step)} (epoch {_int(self.epoch) + 1}, "
+            f"{_int(self.epoch_batches)} batches in): saved {path}. Resume with "
+            f"-restore {self.checkpoint_dir}", exit_code=128 + int(signum))
+
+    def _agree(self, *flags):
+        """Each flag true on any worker becomes true on all (a tiny all-reduce)."""
+        local = tf.constant([float(bool(f)) for f in flags])
+        shares = self.strategy.run(lambda: tf.identity(local))
+        agreed = self.strategy.reduce(tf.distribute.ReduceOp.MAX, shares, axis=None).numpy()
+        return tuple(bool(v) for v in agreed)
+
+    def _guard_finite(self, step):
+        """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
+
+        Raises:
+            RunStopped: naming the first non-finite step and the last good checkpoint.
+        """
+        first = getattr(self, "_checked_step", step) + 1
+        for s, values in self.recent_scalars(first, step):
+            bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+            if bad:
+                latest = (tf.train.latest_checkpoint(self.checkpoint_dir)
+                          if self.checkpoint_dir else None)
+                where = (f"the last good checkpoint is {latest}; resume from it with a lower "
+                         f"-learning_rate (-restore {self.checkpoint_dir} -learning_rate ...)"
+                         if latest else "no checkpoint had been written yet")
+                shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+                raise RunStopped(
+                    f"training diverged: the losses turned non-finite at step {s} ({shown}). "
+                    f"The non-finite weights were not saved; {where}.", exit_code=EXIT_DIVERGED)
+        self._checked_step = max(step, getattr(self, "_checked_step", 0))
+
+
+def build_networks(cfg, placement=None):
     """The generator and discriminator a configuration describes.
+
+    Args:
+        cfg: the run's configuration.
+        placement: a :class:`Placement`; under a strategy the networks are
+            built in its scope, with batch norm over the global batch.
 
     Returns:
         (generator, discriminator) ``keras.Model`` pair.
     """
+    placement = placement or Placement()
     policy = PRECISION_POLICIES[cfg["mixed_precision"]]
-    generator = networks.build_generator(**_architecture(cfg), dtype_policy=policy)
-    discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,), dtype_policy=policy)
+    synchronized = placement.replicas > 1
+    scope = placement.strategy.scope() if placement.strategy is not None else contextlib.nullcontext()
+    with scope:
+        generator = networks.build_generator(**_architecture(cfg), dtype_policy=policy,
+                                             synchronized_bn=synchronized)
+        discriminator = networks.build_discriminator(tuple(cfg["patch_shape"]) + (1,),
+                                                     dtype_policy=policy, synchronized_bn=synchronized)
     return generator, discriminator
 
 
@@ -1009,10 +1582,14 @@ def _architecture(cfg):
                                 "upsampling_mode")}
 
 
-def saved_settings(cfg):
-    """The config.json of a run: every ``PERSISTED`` setting plus the versions."""
+def saved_settings(cfg, placement=None):
+    """The config.json of a run: every ``PERSISTED`` setting, the strategy and the versions."""
+    placement = placement or Placement()
     out = {k: _to_json(cfg[k]) for k in PERSISTED}
     out["data_path"] = os.path.abspath(cfg["data_path"])
+    out["strategy"] = placement.name
+    out["replicas"] = placement.replicas
+    out["workers"] = placement.workers
     out["tensorflow"] = tf.__version__
     out["keras"] = keras.__version__
     return out
@@ -1068,29 +1645,128 @@ def training_split(cfg, log):
 class TrainingStream:
     """The training batches of one epoch at a time, resumable at any batch.
 
+    On one device, one stream of global batches. Under a strategy, each worker
+    streams its own shard of the epoch's subjects (whole subjects) in batches
+    of ``batch_size / replicas`` patches, one per local replica and step; with
+    one worker the global batches are exactly those of one device. Several
+    workers cycle their shards so that every worker runs the epoch's number of
+    steps. A resumed epoch skips the batches already trained, whatever the
+    replica count was.
+
+    A subject whose file is bad is reported and skipped; anything else that
+    stops the stream (memory, a vanished data folder, an I/O error) stops the
+    run with a message, and so does an epoch that trained fewer batches than
+    its usable subjects give.
+
     Args:
         subjects: the training :class:`train_dataset.Subject` list.
         cfg: the run's configuration (geometry, factor, sigma, batch size, seed).
+        placement: a :class:`Placement` (None: one device).
         log: callable for the dataset's reports.
     """
 
-    def __init__(self, subjects, cfg, log=print):
+    def __init__(self, subjects, cfg, placement=None, log=print):
         self.subjects = list(subjects)
         self.cfg = cfg
+        self.placement = placement or Placement()
         self.log = log
         self.batches_per_epoch = td.batches_per_epoch(
             len(self.subjects), cfg["batch_size"], cfg["volume_shape"], cfg["patch_shape"],
             cfg["patch_margin"])
+        self.skipped = []  # (path, reason) of the subjects skipped this epoch
+        self._failures = []
 
     def __call__(self, epoch, skip=0):
-        """Returns the ``tf.data.Dataset`` of ``(lr, hr, nf)`` batches of ``epoch`` after ``skip``."""
+        """The batches of ``epoch`` after its first ``skip`` global batches.
+
+        Returns:
+            an iterator of ``(lr, hr, nf)`` batches (see
+            :func:`train_dataset.make_train_dataset`; distributed values under
+            a strategy).
+
+        Raises (while iterated):
+            RunStopped or train_dataset.DataError: the stream failed, or the
+                epoch ended short.
+        """
+        self.skipped, self._failures = [], []
+        return self._checked(self._batches(epoch, skip), epoch, skip)
+
+    def _batches(self, epoch, skip):
+        strategy = self.placement.strategy
+        if strategy is None:
+            dataset = self._dataset(epoch, self.cfg["batch_size"])
+            return dataset.skip(skip) if skip else dataset
+        return strategy.distribute_datasets_from_function(
+            lambda context: self._worker_dataset(context, epoch, skip))
+
+    def _dataset(self, epoch, batch_size, shard=(0, 1)):
         cfg = self.cfg
-        dataset = td.make_train_dataset(
-            self.subjects, cfg["upsampling_factor"], batch_size=cfg["batch_size"],
+        return td.make_train_dataset(
+            self.subjects, cfg["upsampling_factor"], batch_size=batch_size,
             volume_shape=cfg["volume_shape"], patch_shape=cfg["patch_shape"],
             margin=cfg["patch_margin"], seed=cfg["seed"], epoch=epoch, sigma=cfg["sigma"],
-            with_norm_factor=True, log=self.log)
-        return dataset.skip(skip) if skip else dataset
+            with_norm_factor=True, log=self.log, shard=shard,
+            on_skip=lambda path, reason: self.skipped.append((path, reason)),
+            failures=self._failures)
+
+    def _worker_dataset(self, context, epoch, skip):
+        workers = context.num_input_pipelines
+        local_replicas = context.num_replicas_in_sync // workers
+        per_replica = context.get_per_replica_batch_size(self.cfg["batch_size"])
+        dataset = self._dataset(epoch, per_replica, (context.input_pipeline_id, workers))
+        if workers > 1:
+            # Collective steps need every worker to run the same number of them.
+            dataset = dataset.repeat().take(self.batches_per_epoch * local_replicas)
+        return dataset.skip(skip * local_replicas) if skip else dataset
+
+    def _checked(self, dataset, epoch, skip):
+        iterator = iter(dataset)
+        done = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except tf.errors.OpError as err:
+                raise self._failure(err, epoch) from None
+            done += 1
+            yield batch
+        self._account(epoch, skip, done)
+
+    def _failure(self, error, epoch):
+        """The exception that explains a failed stream (the original one where known)."""
+        original = td.unwrap_pipeline_error(error, self._failures)
+        where = f"while reading the training data of epoch {epoch + 1}"
+        if isinstance(original, td.DataError):
+            return original
+        if isinstance(original, MemoryError):
+            return RunStopped(f"out of memory {where} ({original}). A -volume_shape of "
+                              f"{'x'.join(map(str, self.cfg['volume_shape']))} and the scans' own "
+                              "size set the memory each volume needs; free memory or use smaller "
+                              "volumes, then resume with -restore (the last checkpoint is kept)")
+        return RunStopped(f"the training data failed {where}: {type(original).__name__}: {original}. "
+                          "Fix the cause, then resume with -restore (the last checkpoint is kept)")
+
+    def _account(self, epoch, skip, done):
+        """Stops the run when an epoch trained less than its usable subjects give."""
+        cfg = self.cfg
+        if self.placement.workers > 1:
+            expected = self.batches_per_epoch - skip  # shards cycle to the full count
+        else:
+            usable = len(self.subjects) - len(self.skipped)
+            patches = usable * td.patches_per_volume(cfg["volume_shape"], cfg["patch_shape"],
+                                                     cfg["patch_margin"])
+            expected = -(-patches // cfg["batch_size"]) - skip
+        planned = self.batches_per_epoch - skip
+        if planned > 0 and done == 0:
+            raise RunStopped(f"epoch {epoch + 1} trained nothing: none of its "
+                             f"{len(self.subjects)} training subjects could be read "
+                             f"({len(self.skipped)} reported above). Nothing was saved for it; fix "
+                             "the data, then resume with -restore")
+        if done < expected:
+            raise RunStopped(f"epoch {epoch + 1} ended after {done} of its {expected} batches: the "
+                             "data stream stopped early without a reason. Nothing was saved for this "
+                             "epoch; resume with -restore to run it again")
 
 
 class NullReporter:
@@ -1103,6 +1779,9 @@ class NullReporter:
         pass
 
     def flush(self, trainer, step):
+        pass
+
+    def checkpointed(self, step, path):
         pass
 
     def end_epoch(self, epoch, losses, path):
@@ -1161,19 +1840,33 @@ class TrainingReporter(NullReporter):
                 tf.summary.image("lr_sr_hr_axial", _display_slices(
                     np.asarray(lr)[:1], sr, np.asarray(hr)[:1], f))
         if self.batch_index % self.preview_every == 0 and len(batch) > 2:
-            tag = f"e{self.epoch + 1}_s{step}"
-            psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
-                                        self.cfg["path_prediction"], tag, f)
-            with self.writer.as_default(step=step):
-                tf.summary.scalar("preview/psnr", psnr)
-                tf.summary.scalar("preview/ssim", ssim)
-            self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
-                           f"SSIM {ssim:.4f} -> {self.cfg['path_prediction']}")
+            self._preview(trainer, step, batch)
         self.batch_index += 1
         self.done += 1
         self.bar.update(1)
         if step % self.log_every == 0:
             self.flush(trainer, step)
+
+    def _preview(self, trainer, step, batch):
+        lr, hr = batch[0], batch[1]
+        f = self.cfg["upsampling_factor"]
+        tag = f"e{self.epoch + 1}_s{step}"
+        try:
+            psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
+                                        self.cfg["path_prediction"], tag, f)
+        except utils.OutputError as err:
+            # Previews are for looking at; a full disk stops the run at the
+            # next checkpoint, with the message that matters.
+            self.bar.write(f"warning: preview not written: {err}")
+            return
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("preview/psnr", psnr)
+            tf.summary.scalar("preview/ssim", ssim)
+        self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
+                       f"SSIM {ssim:.4f} -> {self.cfg['path_prediction']}")
+
+    def checkpointed(self, step, path):
+        self.bar.write(f"step {step}: saved {path}")
 
     def flush(self, trainer, step):
         if self.logged_step is None or step <= self.logged_step:
@@ -1226,8 +1919,13 @@ def _display_slices(lr, sr, hr, f):
     return np.clip((row[None, ..., None] + 1) / 2, 0, 1)
 
 
-def _prepare_run_folder(cfg):
+def _prepare_run_folder(cfg, write=True):
     """Refuses to train into another run's folder; checks the output folders.
+
+    Args:
+        cfg: the run's configuration.
+        write: bool, whether this process writes there (the chief); other
+            workers only check.
 
     Returns:
         bool, whether the run resumes into the folder it was restored from.
@@ -1238,69 +1936,134 @@ def _prepare_run_folder(cfg):
     if not same_folder and os.path.isdir(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir) is not None:
         raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
                         f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
-    _check_writable(ckpt_dir, "-checkpoint_dir")
-    _check_writable(cfg["path_prediction"], "-path_prediction")
-    _check_writable(cfg["log_dir"], "-log_dir")
+    if write:
+        _check_writable(ckpt_dir, "-checkpoint_dir")
+        _check_writable(cfg["path_prediction"], "-path_prediction")
+        _check_writable(cfg["log_dir"], "-log_dir")
     return same_folder
 
 
 def _resume(trainer, cfg, log):
     """Restores a run's whole state; returns cfg with the seed the run really uses."""
     path = trainer.restore(cfg["restore"])
-    log(f"resumed {path}: epoch {int(trainer.epoch)} done, step {int(trainer.step)}, "
+    log(f"resumed {path}: epoch {_int(trainer.epoch)} done, step {_int(trainer.step)}, "
         f"learning rate {trainer.learning_rate:.3g}")
-    if int(trainer.data_seed) != cfg["seed"]:
-        log(f"note: the data order and label noise keep the checkpoint's seed {int(trainer.data_seed)}")
-        cfg = dict(cfg, seed=int(trainer.data_seed))
+    if _int(trainer.data_seed) != cfg["seed"]:
+        log(f"note: the data order and label noise keep the checkpoint's seed {_int(trainer.data_seed)}")
+        cfg = dict(cfg, seed=_int(trainer.data_seed))
     return cfg
 
 
-def _write_run_files(cfg, train_subjects, test_subjects, keep_split):
+def _write_run_files(cfg, train_subjects, test_subjects, keep_split, placement=None):
     folder = cfg["checkpoint_dir"]
-    _write_json(os.path.join(folder, CONFIG_NAME), saved_settings(cfg))
+    _write_json(os.path.join(folder, CONFIG_NAME), saved_settings(cfg, placement))
     if not keep_split:  # a resumed run keeps the split.json it was trained with
         _write_json(os.path.join(folder, SPLIT_NAME), {
             "data_path": os.path.abspath(cfg["data_path"]), "train_fraction": cfg["train_fraction"],
             "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
 
 
-def train(cfg, log=print):
+def check_placement(cfg, placement):
+    """Checks that a configuration can run on a placement.
+
+    Raises:
+        UserError: naming the flag and the numbers.
+    """
+    if cfg["batch_size"] % placement.replicas:
+        raise UserError(f"-batch_size {cfg['batch_size']} must be divisible by the {placement.replicas} "
+                        f"replicas ({placement.describe()}): -batch_size is the global number of "
+                        "patches per step, and each replica takes an equal share")
+    if cfg.get("xla") and placement.replicas > 1:
+        raise UserError(f"-xla True runs on one device only; this run has {placement.replicas} replicas "
+                        "(XLA-compiled replica steps cannot reach the mirrored variables). "
+                        "Drop -xla, or choose one device with -gpus 0")
+
+
+def train(cfg, log=print, placement=None):
     """Trains the GAN as the original, checkpointing every epoch.
 
     Wires the pieces together: the run folder, the subjects, the networks and
     their :class:`SRGANTrainer` (which restores, loops and saves), the
-    :class:`TrainingStream` and the :class:`TrainingReporter`.
+    :class:`TrainingStream` and the :class:`TrainingReporter`. Under a
+    multi-worker strategy only the chief writes files and reports.
 
     Args:
         cfg: configuration from :func:`resolve_config`.
         log: callable for messages.
+        placement: a :class:`Placement` (None: one device).
 
     Returns:
         dict with the last epoch's mean losses and the checkpoint path.
 
     Raises:
         UserError: bad data path, non-writable output folders, a checkpoint
-            folder that already holds a run without ``-restore``.
+            folder that already holds a run without ``-restore``, a batch size
+            the replicas cannot share.
     """
-    same_folder = _prepare_run_folder(cfg)
-    train_subjects, test_subjects = training_split(cfg, log)
+    placement = placement or Placement()
+    check_placement(cfg, placement)
+    check_outside_data(cfg, ("checkpoint_dir", "path_prediction", "log_dir"))
+    chief = placement.is_chief
+    say = log if chief else (lambda *_: None)
+    same_folder = _prepare_run_folder(cfg, write=chief)
+    # The chief alone writes the folder, and holds it while the run lives.
+    lock = utils.RunLock(cfg["checkpoint_dir"], "training") if chief else contextlib.nullcontext()
+    with lock:
+        if chief:
+            _remove_leftovers(cfg, say)
+        return _train_locked(cfg, placement, same_folder, say, log)
+
+
+def _train_locked(cfg, placement, same_folder, say, log):
+    chief = placement.is_chief
+    train_subjects, test_subjects = training_split(cfg, say)
+    say(placement.describe())
     keras.utils.set_random_seed(cfg["seed"])
-    generator, discriminator = build_networks(cfg)
+    generator, discriminator = build_networks(cfg, placement)
     trainer = SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                            run_eagerly=cfg["run_eagerly"],
                            loss_scale=cfg["mixed_precision"] == "float16",
-                           checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
+                           checkpoint_dir=cfg["checkpoint_dir"], max_to_keep=cfg["keep_checkpoints"],
+                           pretrain_steps=cfg["pretrain_steps"], strategy=placement.strategy,
+                           is_chief=chief, xla=cfg.get("xla", False), workers=placement.workers)
     if cfg.get("restore"):
-        cfg = _resume(trainer, cfg, log)
-    if int(trainer.epoch) >= cfg["epochs"]:
-        log(f"the checkpoint already has {int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
+        cfg = _resume(trainer, cfg, say)
+    if _int(trainer.epoch) >= cfg["epochs"]:
+        say(f"the checkpoint already has {_int(trainer.epoch)} epochs (-epochs {cfg['epochs']}); "
             "nothing to train")
         return {"checkpoint": tf.train.latest_checkpoint(cfg["restore"]), "losses": {}}
-    _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder)
-    stream = TrainingStream(train_subjects, cfg, log)
-    reporter = TrainingReporter(cfg, stream.batches_per_epoch, log)
-    losses = trainer.fit(stream, cfg["epochs"], reporter, log)
-    return {"checkpoint": trainer.manager.latest_checkpoint, "losses": losses}
+    if chief:
+        _write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
+    stream = TrainingStream(train_subjects, cfg, placement, say)
+    reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else NullReporter()
+    policy = CheckpointPolicy(cfg["checkpoint_minutes"], cfg["checkpoint_steps"])
+    losses = trainer.fit(stream, cfg["epochs"], reporter, say, policy)
+    return {"checkpoint": tf.train.latest_checkpoint(cfg["checkpoint_dir"]), "losses": losses}
+
+
+def check_outside_data(cfg, keys):
+    """Refuses training output folders inside the data (their files would become subjects).
+
+    Raises:
+        UserError: naming the flag and both folders.
+    """
+    data = cfg["data_path"]
+    if not os.path.isdir(data):
+        return
+    layout = td.detect_layout(data, cfg["image_name"])
+    for key in keys:
+        _refuse_inside_data(cfg[key], f"-{key}", data, layout)
+
+
+def _remove_leftovers(cfg, log):
+    """Removes the temporaries a killed run left behind (its own kind only)."""
+    removed = []
+    for folder in {cfg["checkpoint_dir"], cfg["path_prediction"]}:
+        if os.path.isdir(folder):
+            removed += utils.remove_stale_temporaries(folder)
+    if removed:
+        shown = ", ".join(os.path.basename(p) for p in removed[:4]) + (" ..." if len(removed) > 4 else "")
+        log(f"removed {len(removed)} temporary file(s) of an interrupted run: {shown}")
 
 
 # --------------------------------------------------------------------------- #
@@ -1649,6 +2412,35 @@ def _output_scheme(cfg, scans):
     return "bids" if scans and all(s.bids for s in scans) else "plain"
 
 
+def _refuse_inside_data(folder, flag, root, layout):
+    """Refuses an output ``folder`` that the next run would read as data of ``root``.
+
+    A BIDS dataset only reads its ``sub-*`` folders, so its ``derivatives/``
+    (the BIDS place for outputs) is allowed; a CSV list reads only what it names.
+
+    Args:
+        folder: the output folder (need not exist).
+        flag: the flag that named it, for the message.
+        root: the data folder, or None (single files: nothing to refuse).
+        layout: one of ``td.LAYOUTS``, or None.
+
+    Raises:
+        UserError: naming the flag, both folders and where outputs belong.
+    """
+    if root is None or layout not in ("folders", "bids"):
+        return
+    relative = os.path.relpath(os.path.realpath(folder), os.path.realpath(root))
+    if relative.startswith(os.pardir) or os.path.isabs(relative):
+        return
+    first = relative.split(os.sep)[0]
+    if layout == "bids" and relative != os.curdir and not first.startswith("sub-"):
+        return
+    hint = (f"; BIDS outputs belong in e.g. {os.path.join(root, 'derivatives', PROGRAM_NAME)}"
+            if layout == "bids" else "")
+    raise UserError(f"{flag} {folder!r} is inside the data {root!r}: what is written there would be "
+                    f"read as new subjects by the next run. Choose a folder outside it{hint}")
+
+
 def _check_output_folder(folder, sources):
     """Refuses an output folder that is a file, lies under a file, or lies inside input data.
 
@@ -1670,21 +2462,8 @@ def _check_output_folder(folder, sources):
     if os.path.isfile(probe):
         where = "" if probe == os.path.abspath(folder) else f": {probe!r}"
         raise UserError(f"-path_volumes {folder!r}{where} is a file, not a folder")
-    real = os.path.realpath(folder)
     for root, layout in set(sources):
-        if root is None or layout not in ("folders", "bids"):
-            continue
-        root_real = os.path.realpath(root)
-        relative = os.path.relpath(real, root_real)
-        if relative.startswith(os.pardir) or os.path.isabs(relative):
-            continue
-        first = relative.split(os.sep)[0]
-        if layout == "bids" and relative != os.curdir and not first.startswith("sub-"):
-            continue
-        hint = (f"; BIDS outputs belong in e.g. {os.path.join(root, 'derivatives', PROGRAM_NAME)}"
-                if layout == "bids" else "")
-        raise UserError(f"-path_volumes {folder!r} is inside the data {root!r}: its outputs would be "
-                        f"read as new subjects by the next run. Choose a folder outside it{hint}")
+        _refuse_inside_data(folder, "-path_volumes", root, layout)
     _check_writable(folder, "-path_volumes")
 
 
@@ -2415,7 +3194,7 @@ def super_resolve_file(cfg, log=print):
 # --------------------------------------------------------------------------- #
 
 
-def run_demo(cfg, log=print):
+def run_demo(cfg, log=print, placement=None):
     """Phantoms (made once), a small training run and its evaluation, end to end."""
     data = cfg["data_path"]
     if not (os.path.isdir(data) and os.listdir(data)):
@@ -2431,7 +3210,7 @@ def run_demo(cfg, log=print):
         log(f"note: replacing the previous demo outputs in {volumes}")
         shutil.rmtree(volumes)
     started = time.time()
-    result = train(cfg, log=log)
+    result = train(cfg, log=log, placement=placement)
     eval_cfg = dict(cfg, action="evaluate", source_checkpoint=ckpt)
     rows = evaluate(eval_cfg, log=log)
     log("")
@@ -2453,18 +3232,25 @@ def main(argv=None):
     """Runs the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
+        # First: the strategy fixes which devices TensorFlow's runtime starts with.
+        placement = choose_placement(args.gpus, multi_worker=_action(given_settings(args)) == "train",
+                                     verbose=bool(args.verbose))
         cfg = resolve_config(args)
         if cfg["demo"]:
-            run_demo(cfg)
+            run_demo(cfg, placement=placement)
         elif cfg["action"] == "super_resolve":
             super_resolve_file(cfg)
         elif cfg["action"] == "evaluate":
             evaluate(cfg)
         else:
-            train(cfg)
+            train(cfg, placement=placement)
+    except RunStopped as err:
+        word = "error" if err.exit_code == EXIT_ERROR else "stopped"
+        print(f"{word}: {err}", file=sys.stderr)
+        return err.exit_code
     except (UserError, td.DataError, utils.OutputError, utils.LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     return 0

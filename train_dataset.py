@@ -1472,7 +1472,7 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
 
 def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shape=VOLUME_SHAPE,
                        patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0,
-                       with_norm_factor=False, log=print, on_skip=None, failures=None):
+                       with_norm_factor=False, log=print, on_skip=None, failures=None, shard=(0, 1)):
     """One epoch of ``(lr, hr)`` training batches, streamed from the NIfTI files.
 
     Subjects come in the order :func:`epoch_order` draws from ``(seed, epoch)``;
@@ -1512,6 +1512,9 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
         failures: optional list; the original exception of a failure that
             stops the epoch is appended to it (from a tf.data thread) before
             it is raised. Pass a fresh list per dataset.
+        shard: (index, count): read only the subjects at positions index,
+            index + count, ... of the epoch's order (one worker of ``count``);
+            (0, 1) reads them all.
 
     Returns:
         ``tf.data.Dataset`` of ``(lr, hr)``: hr float32 (b, px, py, pz, 1) in
@@ -1541,8 +1544,14 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
 
+    shard_index, shard_count = (int(n) for n in shard)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard {shard} must be (index, count) with 0 <= index < count")
     subjects = list(subjects)
     order = epoch_order(len(subjects), seed, epoch)
+    # Several workers: each reads every shard_count-th subject of the epoch's
+    # order (whole subjects, so each worker decodes only its own volumes).
+    order = order[shard_index::shard_count]
     paths = [os.fspath(subjects[i].image_path) for i in order]
     empty = (np.zeros((0, *patch_shape, 1), np.float32), np.zeros(0, np.float32))
 

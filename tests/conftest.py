@@ -8,6 +8,15 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, so that tests can run MirroredStrategy on a machine
+# without GPUs. Must happen before anything starts TensorFlow's runtime; ops
+# without a strategy still run on the first device.
+CPU_REPLICAS = 2
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration() for _ in range(CPU_REPLICAS)])
 
 
 @pytest.fixture(autouse=True)

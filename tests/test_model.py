@@ -140,16 +140,24 @@ def test_losses_match_numpy():
 
 
 def test_targets_are_smoothed_and_flipped_one_time_in_ten():
-    rng = tf.random.Generator.from_seed(3)
     flips, n = 0, 2000
-    for _ in range(n):
-        t_real, t_fake, flipped = model.draw_targets(rng, (2, 1))
+    for step in range(n):
+        t_real, t_fake, flipped, t_gen = model.draw_targets(7, step, 2)
         real, fake = t_real.numpy(), t_fake.numpy()
+        assert real.shape == fake.shape == t_gen.shape == (2, 1)
         if bool(flipped):
             flips += 1
             real, fake = fake, real
         assert np.all((real >= 0.7) & (real < 1.2)) and np.all((fake >= 0) & (fake < 0.3))
+        assert np.all((t_gen.numpy() >= 0.7) & (t_gen.numpy() < 1.2))
     assert 0.07 < flips / n < 0.13
+
+
+def test_targets_are_a_function_of_seed_and_step_only():
+    same = [np.concatenate([t.numpy().ravel() for t in model.draw_targets(3, 41, 4)]) for _ in range(2)]
+    np.testing.assert_array_equal(same[0], same[1])
+    other = np.concatenate([t.numpy().ravel() for t in model.draw_targets(3, 42, 4)])
+    assert not np.array_equal(same[0], other)
 
 
 # ----------------------------------------------------------------------------
@@ -512,7 +520,8 @@ def test_contradicting_the_checkpoint_is_an_error(given, action, fragment):
 
 def test_config_json_holds_exactly_the_persisted_settings(run):
     config = json.loads((run["ckpt"] / "config.json").read_text())
-    assert set(config) == set(model.PERSISTED) | {"tensorflow", "keras"}
+    assert set(config) == set(model.PERSISTED) | {"tensorflow", "keras", "strategy", "replicas", "workers"}
+    assert config["replicas"] == 1 and config["workers"] == 1
     assert config["sigma"] == 1.0 and "subpixel_NN" not in config and "nn" not in config
 
 

@@ -814,3 +814,20 @@ def test_stitch_rejects_unknown_blend_and_bad_sigma_scale():
     for bad in (0, -0.1, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="sigma_scale"):
             td.stitch_patches(patches, VOL, MARGIN, blend="gaussian", sigma_scale=bad)
+
+
+def test_shards_split_the_epoch_order_by_whole_subjects(demo):
+    subjects, _ = td.find_subjects(demo, log=Log())
+    kwargs = dict(batch_size=1, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, seed=3, epoch=1)
+    whole = [hr for _, hr in _batches(td.make_train_dataset(subjects, 2, **kwargs))]
+    shards = [[hr for _, hr in _batches(td.make_train_dataset(subjects, 2, shard=(i, 2), **kwargs))]
+              for i in range(2)]
+    ppv = td.patches_per_volume(VOL, PATCH, MARGIN)
+    # Shard i holds the volumes at positions i, i+2, ... of the same epoch order, whole.
+    for i, shard in enumerate(shards):
+        expected = [whole[v * ppv + k] for v in range(i, len(subjects), 2) for k in range(ppv)]
+        assert len(shard) == len(expected)
+        for a, b in zip(shard, expected):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="shard"):
+        td.make_train_dataset(subjects, 2, shard=(2, 2), **kwargs)

@@ -1,0 +1,301 @@
+"""Nothing lost: checkpoints inside epochs, SIGKILL/SIGTERM, full disks, the run lock, guards.
+
+Processes started here are killed by PID in ``finally`` blocks, with timeouts.
+"""
+
+import errno
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import model
+import train_dataset as td
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
+        "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2"]
+STEPS_PER_EPOCH = 8  # 2 training volumes x 8 patches / batch 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("durable_data")
+    td.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=6)
+    return root
+
+
+def _argv(data, ckpt, *extra):
+    return (["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "2",
+             "-train_fraction", "0.67", "-checkpoint_steps", "2"] + TINY + list(extra))
+
+
+def _state(ckpt):
+    """Every variable of the latest checkpoint, by name."""
+    path = tf.train.latest_checkpoint(str(ckpt))
+    reader = tf.train.load_checkpoint(path)
+    # save_counter counts saves, which a resumed run makes more of: not training state.
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+def _step(ckpt):
+    return int(_state(ckpt)["step/.ATTRIBUTES/VARIABLE_VALUE"])
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted two-epoch run, the weights every interrupted run must end with."""
+    ckpt = tmp_path_factory.mktemp("reference") / "ckpt"
+    assert model.main(_argv(data, ckpt)) == 0
+    return _state(ckpt)
+
+
+def _start(data, ckpt, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "model.py")] + _argv(data, ckpt)
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, ckpt, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if os.path.exists(os.path.join(ckpt, f"ckpt-{step}.index")):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no ckpt-{step} after {timeout} s")
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _assert_same_weights(state, reference):
+    assert set(state) == set(reference)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+def test_sigkill_loses_at_most_the_checkpoint_interval_and_resumes_identically(data, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _start(data, ckpt, tmp_path)
+    try:
+        _wait_for_checkpoint(proc, ckpt, 12)  # mid-way through epoch 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == -signal.SIGKILL
+    kept = _step(ckpt)
+    assert 12 <= kept < 2 * STEPS_PER_EPOCH  # the last checkpoint survived the kill, inside the epoch
+    assert model.main(["-restore", str(ckpt)]) == 0
+    # Resumed from step `kept`, finished, and bit-identical to the uninterrupted run.
+    _assert_same_weights(_state(ckpt), reference)
+
+
+def test_sigterm_checkpoints_at_once_and_resumes_at_that_batch(data, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _start(data, ckpt, tmp_path)
+    try:
+        _wait_for_checkpoint(proc, ckpt, 10)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "received SIGTERM at step" in err and "resume with -restore" in err.lower()
+    assert "Traceback" not in err
+    stopped_at = int(err.split("received SIGTERM at step ")[1].split()[0])
+    assert _step(ckpt) == stopped_at >= 10  # the checkpoint is the step it stopped at
+    state = _state(ckpt)
+    assert int(state["epoch_batches/.ATTRIBUTES/VARIABLE_VALUE"]) == stopped_at % STEPS_PER_EPOCH
+    assert model.main(["-restore", str(ckpt)]) == 0
+    _assert_same_weights(_state(ckpt), reference)
+
+
+def test_a_full_disk_leaves_the_runs_files_intact_and_exits_2(data, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
+    before = {name: (ckpt / name).read_bytes() for name in ("config.json", "split.json")}
+    latest = tf.train.latest_checkpoint(str(ckpt))
+    capsys.readouterr()
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        # A disk that filled up after the run took its lock (a lock file keeps its block).
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(utils.LOCK_NAME):
+            return real_fsync(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "config.json" in err and "Traceback" not in err
+    for name, content in before.items():
+        assert (ckpt / name).read_bytes() == content
+    assert not glob.glob(str(ckpt / ".tmp-*"))
+    assert tf.train.latest_checkpoint(str(ckpt)) == latest
+
+
+def test_a_failed_checkpoint_write_says_what_was_kept(data, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    original = tf.train.CheckpointManager.save
+    calls = {"n": 0}
+
+    def save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    assert model.main(_argv(data, ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the checkpoint of step 6" in err and "No space left on device" in err
+    assert f"The last complete checkpoint is {ckpt / 'ckpt-4'}" in err and "-restore" in err
+    assert "Traceback" not in err and _step(ckpt) == 4
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies(data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import utils; "
+         "lock = utils.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
+         "time.sleep(120)", ROOT, str(ckpt)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert model.main(_argv(data, ckpt, "-epochs", "1")) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {holder.pid}" in err and "Traceback" not in err
+        assert tf.train.latest_checkpoint(str(ckpt)) is None  # nothing was written
+    finally:
+        _stop(holder)
+    # The kernel released the dead holder's lock: the folder is free again.
+    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-learning_rate", "nan"], "-learning_rate"), (["-learning_rate", "inf"], "-learning_rate"),
+    (["-learning_rate", "-1e-4"], "-learning_rate"), (["-sigma", "nan"], "-sigma"),
+    (["-train_fraction", "inf"], "-train_fraction"), (["-checkpoint_minutes", "nan"], "-checkpoint_minutes"),
+    (["-seed", "4294967296"], "-seed"), (["-seed", "-1"], "-seed"), (["-keep_checkpoints", "0"], "-keep_checkpoints"),
+])
+def test_numbers_must_be_finite_and_in_range(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        model.build_parser().parse_args(argv)
+    assert exc.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_the_largest_seed_is_accepted():
+    assert model.build_parser().parse_args(["-seed", "4294967295"]).seed == 2 ** 32 - 1
+
+
+def test_non_finite_losses_stop_the_run_without_saving_them(data, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    original = model.TrainingStream._batches
+
+    def poisoned(self, epoch, skip):
+        for i, (lr, hr, nf) in enumerate(original(self, epoch, skip)):
+            if i == 6:  # the 7th step trains on NaN
+                lr = lr * np.nan
+            yield lr, hr, nf
+
+    monkeypatch.setattr(model.TrainingStream, "_batches", poisoned)
+    assert model.main(_argv(data, ckpt)) == model.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "diverged" in err and "non-finite at step 7" in err and "ckpt-6" in err
+    assert "Traceback" not in err
+    # Every checkpoint kept is finite, and none is past the divergence.
+    for index in glob.glob(str(ckpt / "ckpt-*.index")):
+        reader = tf.train.load_checkpoint(index[:-len(".index")])
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.all(np.isfinite(value)), name
+    assert _step(ckpt) == 6
+
+
+def test_a_data_folder_removed_mid_run_stops_it(data, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    original = model.SRGANTrainer.end_epoch
+
+    def end_epoch(self):
+        original(self)
+        shutil.rmtree(copy)  # gone before epoch 2 reads it
+
+    monkeypatch.setattr(model.SRGANTrainer, "end_epoch", end_epoch)
+    assert model.main(_argv(copy, tmp_path / "ckpt")) == 2
+    err = capsys.readouterr().err
+    assert "has disappeared" in err and "Traceback" not in err
+    assert _step(tmp_path / "ckpt") == STEPS_PER_EPOCH  # epoch 1 stays saved
+
+
+def test_an_epoch_that_reads_no_subject_is_an_error(data, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    for folder in sorted(os.listdir(copy))[:2]:  # both training subjects: truncated gzip streams
+        path = copy / folder / td.IMAGE_NAME
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 3])
+    assert model.main(_argv(copy, tmp_path / "ckpt", "-epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "epoch 1 trained nothing" in err and "Traceback" not in err
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) is None
+
+
+def test_output_folders_inside_the_data_are_refused(data, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    assert model.main(_argv(copy, copy / "runs" / "ckpt", "-epochs", "1")) == 2
+    assert "inside the data" in capsys.readouterr().err
+    assert not (copy / "runs").exists()
+
+
+def test_leftover_temporaries_are_removed_at_start(data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
+    (ckpt / ".tmp-config.json-abc123.json").write_text("{")
+    (ckpt / "ckpt-99_temp").mkdir()
+    (ckpt / "ckpt-99_temp" / "part-00000-of-00001.data-00000-of-00001.tempstate1").write_bytes(b"x" * 10)
+    keep = ckpt / "notes.txt"
+    keep.write_text("mine")
+    capsys.readouterr()
+    assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 0
+    assert "removed 2 temporary file(s)" in capsys.readouterr().out
+    assert not (ckpt / "ckpt-99_temp").exists() and not glob.glob(str(ckpt / ".tmp-*"))
+    assert keep.read_text() == "mine"
+
+
+def test_checkpoint_policy_by_steps_and_by_time():
+    now = [0.0]
+    policy = model.CheckpointPolicy(minutes=1.0, steps=5, clock=lambda: now[0])
+    assert [s for s in range(1, 12) if policy.due(s)] == [5, 10]
+    now[0] = 61.0
+    assert policy.due(7)  # a minute of training since the last checkpoint
+    policy.saved()
+    assert not policy.due(8)
+    off = model.CheckpointPolicy(minutes=0, steps=0, clock=lambda: now[0])
+    now[0] = 1e9
+    assert not any(off.due(s) for s in range(1, 100))
+
+
+def test_stop_signals_are_recorded_not_fatal_and_handlers_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with model.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert signals.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGTERM) is before
