@@ -1468,8 +1468,9 @@ class SRGANTrainer:
         """Each flag true on any worker becomes true on all (a tiny all-reduce)."""
         local = tf.constant([float(bool(f)) for f in flags])
         shares = self.strategy.run(lambda: tf.identity(local))
-        agreed = self.strategy.reduce(tf.distribute.ReduceOp.MAX, shares, axis=None).numpy()
-        return tuple(bool(v) for v in agreed)
+        # tf.distribute reduces by SUM or MEAN only: a sum above 0 is "any".
+        agreed = self.strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None).numpy()
+        return tuple(bool(v > 0) for v in agreed)
 
     def _guard_finite(self, step):
         """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
