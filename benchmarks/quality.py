@@ -807,8 +807,17 @@ def header_lines(s, info):
     ]
 
 
-def write_table(out, s, info, table, paired):
-    """Writes ``out/table.md`` and ``out/table.csv``; returns the markdown text."""
+def write_table(out, s, info, table, paired, texture=None):
+    """Writes ``out/table.md`` and ``out/table.csv``; returns the markdown text.
+
+    Args:
+        out: the experiment folder.
+        s: the run settings (:func:`run_settings`).
+        info: dict of the run's facts for the header (:func:`header_lines`).
+        table: rows of :func:`summarize`.
+        paired: :func:`paired_difference` of the GAN against tricubic.
+        texture: optional dict method -> :func:`error_phase_pattern` amplitude.
+    """
     lines = ["# 3D SRGAN vs interpolation", ""] + [f"- {h}" for h in header_lines(s, info)] + [
         "- metrics: masked PSNR (dB) and 3-D SSIM on the test subjects, mean ± sample sd; "
         "fair = one data range for every method (the reference's max - min); original rule = "
@@ -821,7 +830,13 @@ def write_table(out, s, info, table, paired):
                      f"{r['ssim_mean']:.4f} |")
     lines += ["", f"GAN - {paired['baseline']}, paired over the {paired['n']} test subjects: PSNR "
               f"{_pm(*paired['psnr'], 2)} dB (GAN higher on {paired['psnr_wins']}), SSIM "
-              f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']}).", ""]
+              f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']})."]
+    if texture:
+        f = s["factor"]
+        lines += ["", f"Period-{f} error pattern (RMS over the {f ** 3} voxel phases of the mean error, "
+                  "% of the mean brain intensity; 0 = no checkerboard): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
+    lines.append("")
     text = "\n".join(lines)
     utils.write_text(os.path.join(out, "table.md"), text)
     csv_lines = [",".join(TABLE_COLUMNS)] + [
@@ -867,6 +882,66 @@ def plot_curve(path, curve, baselines, title):
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
     plt.close(fig)
+
+
+def error_phase_pattern(estimate, hr, mask, factor):
+    """The period-``factor`` part of an estimate's error: its mean at each voxel phase.
+
+    Sub-pixel upsampling computes the ``factor**3`` voxels of each output block
+    from different output channels, so a network that has not equalised them
+    leaves a periodic pattern (the checkerboard) that this measures. Voxel
+    ``(x, y, z)`` has phase ``(x % f, y % f, z % f)`` on the canonical grid,
+    where low-resolution voxel ``i`` sits on high-resolution voxel ``f * i``.
+    The reference's own noise averages out over the many voxels of a phase.
+
+    Args:
+        estimate: float (x, y, z), the estimate on the canonical grid.
+        hr: float (x, y, z), the reference, same grid.
+        mask: bool (x, y, z), the voxels to use (e.g. the eroded brain mask).
+        factor: int f.
+
+    Returns:
+        (amplitude, pattern): the RMS over phases of ``pattern`` minus its mean,
+        and float64 (f, f, f), the mean error at each phase; both in percent of
+        the mean reference intensity inside ``mask``.
+    """
+    f = int(factor)
+    error = np.asarray(estimate, np.float64) - np.asarray(hr, np.float64)
+    scale = float(np.mean(np.asarray(hr, np.float64)[mask])) / 100.0
+    pattern = np.zeros((f, f, f))
+    for p in np.ndindex(f, f, f):
+        sel = mask[p[0]::f, p[1]::f, p[2]::f]
+        pattern[p] = error[p[0]::f, p[1]::f, p[2]::f][sel].mean() / scale
+    return float(np.sqrt(np.mean((pattern - pattern.mean()) ** 2))), pattern
+
+
+def texture_of_evaluation(cfg, subjects, volumes_dir):
+    """:func:`error_phase_pattern` amplitudes of the GAN and tricubic outputs the evaluation wrote.
+
+    Reads ``<subject>_sr/_hr/_lr.nii.gz`` from ``volumes_dir``, brings them
+    back to the canonical grid, and uses the brain mask eroded by 2 voxels
+    (the brain's edge is a step the upsampling cannot place exactly).
+
+    Returns:
+        dict method -> mean amplitude over the subjects (percent), for
+        ``GAN`` and ``tricubic``.
+    """
+    import nibabel as nib
+    import train_dataset as td
+
+    f, shape = cfg["upsampling_factor"], cfg["volume_shape"]
+    amplitudes = {"GAN": [], "tricubic": []}
+    for subject in subjects:
+        read = lambda kind: np.asarray(nib.load(os.path.join(  # noqa: E731
+            volumes_dir, f"{subject.name}_{kind}.nii.gz")).dataobj, np.float32)
+        hr, _ = td.to_canonical(read("hr"), shape)
+        sr, _ = td.to_canonical(read("sr"), shape)
+        mask, _ = td.to_canonical(td.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
+        mask = ndimage.binary_erosion(mask > 0.5, iterations=2)
+        tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape)
+        amplitudes["GAN"].append(error_phase_pattern(sr, hr, mask, f)[0])
+        amplitudes["tricubic"].append(error_phase_pattern(tricubic, hr, mask, f)[0])
+    return {k: float(np.mean(v)) for k, v in amplitudes.items()}
 
 
 def _hardware():
@@ -946,12 +1021,13 @@ def run_experiment(s, log=print):
 
     table = summarize(rows)
     paired = paired_difference(rows)
+    texture = texture_of_evaluation(cfg, test_subjects, os.path.join(out, "volumes"))
     info = {"patches_per_volume": ppv, "batches_per_epoch": trained["batches_per_epoch"],
             "epochs": s["steps"] / trained["batches_per_epoch"], "train": len(train_subjects),
             "test": len(test_subjects), "data": data, "train_seconds": trained["train_seconds"],
             "eval_seconds": trained["eval_seconds"], "final_eval_seconds": final_eval_seconds,
             "wall_seconds": time.perf_counter() - started, "hardware": _hardware()}
-    text = write_table(out, s, info, table, paired)
+    text = write_table(out, s, info, table, paired, texture)
     _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
     _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
     plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
@@ -959,6 +1035,7 @@ def run_experiment(s, log=print):
                f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
+               "error_phase_pattern": texture,
                "curve": trained["curve"], "updates": trained["updates"],
                "curve_baselines_psnr_fair": evaluator.baselines,
                "curve_baselines_ssim_fair": evaluator.baselines_ssim,

@@ -300,7 +300,7 @@ def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
     for method in ("GAN", "nearest", "trilinear", "tricubic"):
         assert f"| {method} |" in text
     for fact in ("×2", "subpixel", "10 steps", "learning rate 0.0001", "pretrain steps 0",
-                 "2 train / 2 test", "wall time", "GPU"):
+                 "2 train / 2 test", "wall time", "GPU", "Period-2 error pattern"):
         assert fact in text
     header, *lines = (out / "table.csv").read_text().splitlines()
     assert tuple(header.split(",")) == quality.TABLE_COLUMNS
@@ -316,3 +316,22 @@ def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
     losses = (out / "losses.csv").read_text().splitlines()
     assert [int(line.split(",")[0]) for line in losses[1:]] == list(range(1, 11))
     assert len(results["subjects"]) == 2
+    assert set(results["error_phase_pattern"]) == {"GAN", "tricubic"}
+
+
+def test_error_phase_pattern_measures_a_checkerboard():
+    hr = np.random.default_rng(0).uniform(50, 150, (16, 16, 12))
+    mask = np.ones(hr.shape, bool)
+    assert quality.error_phase_pattern(hr + 3.0, hr, mask, 2)[0] == pytest.approx(0.0, abs=1e-9)
+    flat = np.full(hr.shape, 100.0)
+    board = flat.copy()
+    board[1::2, :, :] += 4.0  # odd x planes 4 % brighter: a period-2 pattern along x
+    amplitude, pattern = quality.error_phase_pattern(board, flat, mask, 2)
+    np.testing.assert_allclose(pattern[1], 4.0)
+    np.testing.assert_allclose(pattern[0], 0.0, atol=1e-12)
+    assert amplitude == pytest.approx(2.0)
+    # Only the masked voxels count.
+    board[0, 0, 0] += 1000.0
+    assert quality.error_phase_pattern(board, flat, mask, 2)[0] != pytest.approx(2.0)
+    mask[0, 0, 0] = False
+    assert quality.error_phase_pattern(board, flat, mask, 2)[0] == pytest.approx(2.0)
