@@ -1047,6 +1047,81 @@ def run_experiment(s, log=print):
 
 
 # --------------------------------------------------------------------------- #
+# Compare: several runs in one table and one plot
+# --------------------------------------------------------------------------- #
+
+
+def _run_label(settings):
+    label = f"x{settings['factor']} {settings['mode']}, lr {settings['learning_rate']:g}"
+    if settings["pretrain_steps"]:
+        label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
+                  else f", {settings['pretrain_steps']} pretrain steps")
+    return label
+
+
+def compare_runs(run_dirs, markdown_path, png_path=None):
+    """One table (a row per run) and optionally one plot of GAN minus tricubic PSNR vs step.
+
+    Args:
+        run_dirs: experiment folders written by ``run`` (each with results.json).
+        markdown_path: the table to write.
+        png_path: optional PNG: for every run, the learning curve's fair PSNR
+            minus the tricubic baseline's (0 = as good as tricubic).
+
+    Returns:
+        str, the markdown table.
+
+    Raises:
+        ValueError: if a folder has no results.json.
+    """
+    runs = []
+    for folder in run_dirs:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder}: no results.json (not a finished quality.py run)")
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    lines = ["| run | steps | train time | GAN PSNR | tricubic PSNR | GAN - tricubic PSNR | GAN SSIM | "
+             "tricubic SSIM | GAN - tricubic SSIM | period-f pattern GAN / tricubic |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s, table, paired = r["settings"], {t["method"]: t for t in r["table"]}, r["paired_vs_tricubic"]
+        gan, tri = table["GAN"], table["tricubic"]
+        pattern = r.get("error_phase_pattern") or {}
+        lines.append(
+            f"| {_run_label(s)} | {s['steps']} | {r['info']['train_seconds'] / 60:.0f} min | "
+            f"{_pm(gan['psnr_fair_mean'], gan['psnr_fair_sd'], 2)} | "
+            f"{_pm(tri['psnr_fair_mean'], tri['psnr_fair_sd'], 2)} | "
+            f"{_pm(*paired['psnr'], 2)} ({paired['psnr_wins']}/{paired['n']}) | "
+            f"{_pm(gan['ssim_fair_mean'], gan['ssim_fair_sd'], 4)} | "
+            f"{_pm(tri['ssim_fair_mean'], tri['ssim_fair_sd'], 4)} | "
+            f"{_pm(*paired['ssim'], 4)} ({paired['ssim_wins']}/{paired['n']}) | "
+            + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |"))
+    text = "\n".join(lines) + "\n"
+    utils.write_text(markdown_path, text)
+    if png_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for r in runs:
+            base = r["curve_baselines_psnr_fair"]["tricubic"]
+            ax.plot([c["step"] for c in r["curve"]], [c["psnr_fair"] - base for c in r["curve"]],
+                    "o-", markersize=3, label=_run_label(r["settings"]))
+        ax.axhline(0.0, color="black", linewidth=1)
+        ax.set_xlabel("training step (batch 2)")
+        ax.set_ylabel("GAN - tricubic, test PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        utils.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+        plt.close(fig)
+    return text
+
+
+# --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
 
@@ -1121,6 +1196,10 @@ def make_parser():
     r.add_argument("--quick", action="store_true",
                    help=f"geometry quick, {QUICK['subjects']} subjects, {QUICK['steps']} steps, "
                         f"a curve point every {QUICK['eval_every']}: minutes on 2 CPU cores")
+    c = sub.add_parser("compare", help="one table and one plot of several finished runs")
+    c.add_argument("runs", nargs="+", help="experiment folders written by run")
+    c.add_argument("--table", required=True, help="markdown table to write")
+    c.add_argument("--png", default=None, help="plot of GAN - tricubic PSNR vs step to write")
     return parser
 
 
@@ -1131,8 +1210,10 @@ def main(argv=None):
             build_dataset(args.out, subjects=args.subjects, seed=args.seed, shape=args.shape,
                           template=args.template, noise=args.noise, bias=args.bias,
                           max_rotation_deg=args.max_rotation_deg, scale_range=args.scale_range)
-        else:
+        elif args.command == "run":
             run_experiment(run_settings(args))
+        else:
+            print(compare_runs(args.runs, args.table, args.png))
     except (ValueError, ImportError) as e:  # DataError is a ValueError
         print(f"quality.py {args.command}: {e}", file=sys.stderr)
         return 2

@@ -318,6 +318,14 @@ def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
     assert len(results["subjects"]) == 2
     assert set(results["error_phase_pattern"]) == {"GAN", "tricubic"}
 
+    # compare: one row per run and a plot.
+    assert quality.main(["compare", str(out), str(out), "--table", str(tmp_path / "all.md"),
+                         "--png", str(tmp_path / "all.png")]) == 0
+    rows = (tmp_path / "all.md").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| x2 subpixel, lr 0.0001 | 10 |")
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+    assert quality.main(["compare", str(tmp_path), "--table", str(tmp_path / "x.md")]) == 2
+
 
 def test_error_phase_pattern_measures_a_checkerboard():
     hr = np.random.default_rng(0).uniform(50, 150, (16, 16, 12))
