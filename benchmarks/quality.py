@@ -8,10 +8,28 @@ field, plus Rician noise, zero outside the brain mask, stored int16 with white
 matter near 1000, on a 1 mm grid with a real (non-identity) affine. The same
 seed gives the same data, voxel for voxel.
 
-Benchmark-only dependencies: ``pip install -r requirements-bench.txt``.
+Step 2, ``run``: builds that data into ``OUT/data`` (or takes ``--data``),
+trains the given configuration in-process with the project's own trainer for
+exactly ``--steps`` steps, saving a checkpoint and evaluating the test subjects
+every ``--eval-every`` steps (the learning curve, plus training diagnostics:
+discriminator logits and the generator's gradient norm per loss term on a
+fixed probe batch, and the size of an optimiser step), then evaluates the last
+checkpoint with the real command line (``model.py -evaluate True``) and writes
+``OUT/table.md`` / ``table.csv`` (GAN vs nearest / trilinear / tricubic, fair
+masked PSNR and SSIM mean +- sd over the test subjects, the original rule's
+means), ``results.json``, ``curve.csv``, ``losses.csv`` (every step's losses)
+and ``learning_curve.png``.
+
+Benchmark-only dependencies: ``pip install -r requirements-bench.txt``. On
+CPUs where TensorFlow leaves oneDNN off by default (AMD), exporting
+``TF_ENABLE_ONEDNN_OPTS=1`` makes a training step about 3x faster.
 
 Usage:
     python benchmarks/quality.py build --out DIR [--subjects 12] [--seed 0] [--shape X,Y,Z]
+    python benchmarks/quality.py run --out DIR --quick                      # minutes on 2 cores
+    python benchmarks/quality.py run --out DIR --factor 2 --mode subpixel --steps 1500 \
+        [--geometry quick|crop96|default] [--volume-shape X,Y,Z --patch-shape X,Y,Z --margin M] \
+        [--learning-rate 1e-4] [--pretrain-steps 0] [--feature-size 32] [--residual-blocks 6] [--seed 0]
 """
 
 import argparse
@@ -350,6 +368,760 @@ def _write_json(path, obj):
 
 
 # --------------------------------------------------------------------------- #
+# Run: settings and data
+# --------------------------------------------------------------------------- #
+
+MODES = ("subpixel", "nn", "subpixel_NN")
+
+# Geometry presets. data_shape: the grid the builder writes (None: the
+# template's own, 197x233x189 mm for MNI152); volume_shape, patch_shape,
+# margin: the model's -volume_shape, -patch_shape, -patch_margin.
+GEOMETRIES = {
+    # The central 64x64x48 mm of the brain; 32x32x24 patches, 27 per volume.
+    "quick": {"data_shape": (64, 64, 48), "volume_shape": (64, 64, 48),
+              "patch_shape": (32, 32, 24), "margin": 4},
+    # The central 96x96x64 mm (basal ganglia, ventricles, insula, deep white
+    # matter, some cortex) at 1 mm; 48x48x32 patches, 27 per volume.
+    "crop96": {"data_shape": (96, 96, 64), "volume_shape": (96, 96, 64),
+               "patch_shape": (48, 48, 32), "margin": 8},
+    # The original's geometry (SPEC section 1) on the whole template grid.
+    "default": {"data_shape": None, "volume_shape": (224, 224, 152),
+                "patch_shape": (128, 128, 92), "margin": 16},
+}
+# What --quick sets unless the flag is given: a run of a few minutes on 2 CPU cores.
+QUICK = {"geometry": "quick", "subjects": 10, "steps": 150, "eval_every": 50}
+# Defaults of the run flags that --quick may replace.
+RUN_DEFAULTS = {"geometry": "crop96", "subjects": 20, "steps": 1000, "eval_every": None}
+METHOD_LABELS = {"sr": "GAN", "nearest": "nearest", "trilinear": "trilinear", "tricubic": "tricubic"}
+TABLE_COLUMNS = ("method", "n", "psnr_fair_mean", "psnr_fair_sd", "ssim_fair_mean", "ssim_fair_sd",
+                 "psnr_mean", "ssim_mean")
+CURVE_COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "mse", "gdl", "adv", "d_loss",
+                 "d_hr", "d_sr", "grad_mse", "grad_gdl", "grad_adv", "seconds")
+LOSS_COLUMNS = ("step",) + ("d_loss", "g_loss", "mse", "gdl", "adv", "flipped", "learning_rate")
+
+
+def run_settings(args):
+    """Resolves the ``run`` flags (``--quick`` presets, geometry overrides) into one dict.
+
+    Args:
+        args: ``argparse.Namespace`` of the ``run`` sub-command; None = not given.
+
+    Returns:
+        dict with ``out, data, template, subjects, train_fraction, factor,
+        mode, steps, eval_every, geometry`` (name, or "custom"), ``data_shape,
+        volume_shape, patch_shape, margin, learning_rate, pretrain_steps,
+        feature_size, residual_blocks, seed, batch_size, quick``.
+
+    Raises:
+        ValueError: naming the flag and value when something cannot work.
+    """
+    preset = dict(RUN_DEFAULTS, **(QUICK if args.quick else {}))
+    s = {k: (getattr(args, k) if getattr(args, k) is not None else preset[k]) for k in preset}
+    geometry = dict(GEOMETRIES[s["geometry"]])
+    overrides = {"volume_shape": args.volume_shape, "patch_shape": args.patch_shape, "margin": args.margin}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:
+        geometry.update(given)
+        # The builder's grid is the volume itself (a central crop of the brain).
+        geometry["data_shape"] = geometry["volume_shape"]
+        s["geometry"] = "custom"
+    s.update(geometry)
+    s.update(out=args.out, data=args.data, template=args.template, factor=args.factor, mode=args.mode,
+             train_fraction=args.train_fraction, learning_rate=args.learning_rate,
+             pretrain_steps=args.pretrain_steps, feature_size=args.feature_size,
+             residual_blocks=args.residual_blocks, seed=args.seed, batch_size=args.batch_size,
+             quick=bool(args.quick))
+    if s["steps"] < 1:
+        raise ValueError(f"--steps {s['steps']} must be >= 1")
+    if s["eval_every"] is None:
+        s["eval_every"] = max(1, s["steps"] // 10)
+    if s["eval_every"] < 1:
+        raise ValueError(f"--eval-every {s['eval_every']} must be >= 1")
+    if s["subjects"] < 2:
+        raise ValueError(f"--subjects {s['subjects']} must be >= 2 (train and test)")
+    if not 0 < s["train_fraction"] < 1:
+        raise ValueError(f"--train-fraction {s['train_fraction']} must be in (0, 1)")
+    if s["pretrain_steps"] < 0:
+        raise ValueError(f"--pretrain-steps {s['pretrain_steps']} must be >= 0")
+    f = s["factor"]
+    for name in ("volume_shape", "patch_shape"):
+        if any(n % f for n in s[name]):
+            raise ValueError(f"{name} {s[name]} must be divisible by --factor {f} on every axis")
+    if s["margin"] % f:
+        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {f}")
+    return s
+
+
+def prepare_data(s, log=print):
+    """The dataset a run trains on: ``--data``, or built once into ``OUT/data``.
+
+    A dataset already in ``OUT/data`` is reused when its build record names the
+    same subjects, seed, grid and template; anything else is an error (a
+    benchmark must not silently mix two datasets).
+
+    Returns:
+        str, the dataset root.
+
+    Raises:
+        ValueError: if ``OUT/data`` holds a different build.
+    """
+    if s["data"] is not None:
+        if not os.path.isdir(s["data"]):
+            raise ValueError(f"--data {s['data']!r} is not a folder")
+        return s["data"]
+    data = os.path.join(s["out"], "data")
+    template = None if s["template"] is None else os.path.abspath(s["template"])
+    wanted = {"seed": s["seed"], "subjects": s["subjects"], "template": template,
+              "shape": None if s["data_shape"] is None else list(s["data_shape"])}
+    record_path = os.path.join(data, BUILD_RECORD)
+    if os.path.exists(record_path):
+        with open(record_path) as fh:
+            record = json.load(fh)
+        found = {k: record.get(k) for k in wanted}
+        if wanted["shape"] is None:
+            found["shape"] = None
+        if found != wanted:
+            raise ValueError(f"{data} holds another build ({found}); this run needs {wanted}. "
+                             "Choose another --out, or pass --data")
+        log(f"Reusing the dataset in {data}")
+        return data
+    build_dataset(data, subjects=s["subjects"], seed=s["seed"], shape=s["data_shape"],
+                  template=s["template"], log=log)
+    return data
+
+
+def model_argv(s, data, checkpoint_dir, epochs):
+    """The model.py command line of a run's training configuration."""
+    shape = lambda v: ",".join(map(str, v))  # noqa: E731
+    return ["-data_path", data, "-checkpoint_dir", checkpoint_dir,
+            "-upsampling_factor", str(s["factor"]), "-residual_blocks", str(s["residual_blocks"]),
+            "-feature_size", str(s["feature_size"]),
+            "-subpixel_NN", str(s["mode"] == "subpixel_NN"), "-nn", str(s["mode"] == "nn"),
+            "-volume_shape", shape(s["volume_shape"]), "-patch_shape", shape(s["patch_shape"]),
+            "-patch_margin", str(s["margin"]), "-learning_rate", repr(s["learning_rate"]),
+            "-pretrain_steps", str(s["pretrain_steps"]), "-seed", str(s["seed"]),
+            "-train_fraction", repr(s["train_fraction"]), "-batch_size", str(s["batch_size"]),
+            "-epochs", str(epochs)]
+
+
+# --------------------------------------------------------------------------- #
+# Run: in-process evaluation (the learning curve) and training diagnostics
+# --------------------------------------------------------------------------- #
+
+
+class CurveEvaluator:
+    """Fair PSNR/SSIM of the generator on the test subjects, as ``model.evaluate`` computes them.
+
+    The volumes, masks, degraded inputs and interpolation baselines are
+    prepared once; each call super-resolves the test subjects with the
+    generator's current weights (``training=False``), patch by patch with the
+    training geometry, exactly as the evaluation command does.
+
+    Args:
+        cfg: the run's resolved model configuration.
+        subjects: the test ``train_dataset.Subject`` list.
+        log: callable for messages.
+    """
+
+    def __init__(self, cfg, subjects, log=print):
+        import model
+        import train_dataset as td
+
+        self.cfg = cfg
+        self.items = []
+        f = cfg["upsampling_factor"]
+        for subject in subjects:
+            image, _, _ = td.load_volume(subject.image_path, log=log)
+            mask = td.load_mask(subject, image, log=log)
+            hr, _ = td.to_canonical(image, cfg["volume_shape"])
+            mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
+            hr_n, nf = utils.normalize(hr)
+            lr_n = np.asarray(td.degrade(hr_n, f, cfg["sigma"]))
+            lr = utils.denormalize(lr_n, nf)
+            baselines = {m: utils.upsample_baseline(lr, f, order, hr.shape)
+                         for m, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+            metrics = model.subject_metrics(hr, baselines, mask_c)
+            self.items.append((subject.name, hr, mask_c, lr_n, nf, metrics))
+        self.baselines = {m: float(np.mean([it[5][f"psnr_{m}_fair"] for it in self.items]))
+                          for m in ("nearest", "trilinear", "tricubic")}
+        self.baselines_ssim = {m: float(np.mean([it[5][f"ssim_{m}_fair"] for it in self.items]))
+                               for m in ("nearest", "trilinear", "tricubic")}
+
+    def __call__(self, generator):
+        """Returns (mean fair PSNR, mean fair SSIM, list of per-subject (psnr, ssim))."""
+        import model
+
+        cfg = self.cfg
+        predict = model.make_predictor(generator)
+        per_subject = []
+        for _, hr, mask_c, lr_n, nf, _ in self.items:
+            sr = utils.denormalize(model.super_resolve_volume(
+                predict, lr_n, cfg["upsampling_factor"], cfg["patch_shape"], cfg["patch_margin"],
+                cfg["batch_size"]), nf)
+            per_subject.append(utils.compute_metrics(hr, sr, mask_c, data_range=float(hr.max() - hr.min()) or 1.0))
+        psnr, ssim = np.mean(per_subject, axis=0)
+        return float(psnr), float(ssim), per_subject
+
+
+def probe_diagnostics(trainer, lr, hr):
+    """What one training step would see on a fixed probe batch, without changing any state.
+
+    Runs both networks as a training step does (``training=True``, batch
+    statistics) and puts the batch-norm moving averages back afterwards.
+
+    Args:
+        trainer: the ``model.SRGANTrainer``.
+        lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1].
+        hr: float32 (b, x, y, z, 1) in [-1, 1].
+
+    Returns:
+        dict of floats: ``d_hr``, ``d_sr`` (mean discriminator logits of the
+        HR and SR patches; the targets are ~0.95 for real and ~0.15 for fake)
+        and ``grad_mse``, ``grad_gdl``, ``grad_adv`` (global norm of the
+        generator's gradient of each term of its loss, the adversarial term
+        with its 0.1 weight and the target 0.95, the middle of U(0.7, 1.2)).
+    """
+    import model
+    import tensorflow as tf
+
+    g, d = trainer.generator, trainer.discriminator
+    frozen = g.non_trainable_variables + d.non_trainable_variables
+    saved = [v.numpy() for v in frozen]
+    try:
+        with tf.GradientTape(persistent=True) as tape:
+            sr = g(lr, training=True)
+            d_sr = d(sr, training=True)
+            terms = {"mse": tf.reduce_sum(tf.square(sr - hr)),
+                     "gdl": model.gradient_difference_loss(hr, sr),
+                     "adv": 0.1 * tf.reduce_mean(tf.square(d_sr - 0.95))}
+        out = {f"grad_{k}": float(tf.linalg.global_norm(
+            [x for x in tape.gradient(v, g.trainable_variables) if x is not None]))
+            for k, v in terms.items()}
+        del tape
+        out["d_sr"] = float(tf.reduce_mean(d_sr))
+        out["d_hr"] = float(tf.reduce_mean(d(hr, training=True)))
+    finally:
+        for v, value in zip(frozen, saved):
+            v.assign(value)
+    return out
+
+
+class UpdateMeter:
+    """Size of one optimiser step: how far a step moves the weights.
+
+    :meth:`before` copies the weights; :meth:`after` (after the next step)
+    returns the step's relative size ``||w' - w|| / ||w||`` and its mean
+    absolute change per weight (Adam moves each weight by about the learning
+    rate, whatever the scale of the loss).
+    """
+
+    def __init__(self, models):
+        self.models = models
+        self.saved = None
+
+    def before(self):
+        self.saved = {name: [w.numpy() for w in m.trainable_weights] for name, m in self.models.items()}
+
+    def after(self):
+        if self.saved is None:
+            return None
+        out = {}
+        for name, m in self.models.items():
+            now = [w.numpy() for w in m.trainable_weights]
+            diff = sum(float(np.sum((a - b) ** 2)) for a, b in zip(now, self.saved[name]))
+            norm = sum(float(np.sum(b ** 2)) for b in self.saved[name])
+            count = sum(b.size for b in self.saved[name])
+            mean_abs = sum(float(np.sum(np.abs(a - b))) for a, b in zip(now, self.saved[name])) / count
+            out[f"{name}_rel"] = float(np.sqrt(diff / norm))
+            out[f"{name}_mean_abs"] = mean_abs
+        self.saved = None
+        return out
+
+
+# --------------------------------------------------------------------------- #
+# Run: training with the learning curve
+# --------------------------------------------------------------------------- #
+
+
+def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
+    """Trains exactly ``s["steps"]`` steps with the project's trainer, crossing epochs.
+
+    At every ``eval_every``-th step and at the last one: a checkpoint, the test
+    subjects' fair PSNR/SSIM (:class:`CurveEvaluator`) and the probe
+    diagnostics (:func:`probe_diagnostics`, on the first training batch).
+
+    Returns:
+        dict: ``curve`` (list of dicts, ``CURVE_COLUMNS``), ``losses`` (one
+        dict per step, ``LOSS_COLUMNS``), ``updates`` (step sizes measured at
+        step 1 and after each evaluation), ``train_seconds``, ``eval_seconds``
+        and ``checkpoint`` (the last one's path).
+    """
+    import keras
+    import model
+
+    keras.utils.set_random_seed(cfg["seed"])
+    generator, discriminator = model.build_networks(cfg)
+    trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
+                                 checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
+    stream = model.TrainingStream(train_subjects, cfg, log)
+    probe = next(iter(stream(0)))
+    meter = UpdateMeter({"g": generator, "d": discriminator})
+    steps, every = s["steps"], s["eval_every"]
+    curve, losses, updates = [], [], []
+    train_seconds = eval_seconds = 0.0
+    step = read = 0
+    meter.before()
+    tick = time.perf_counter()
+    path = None
+    while step < steps:
+        epoch, taken = int(trainer.epoch), 0
+        for batch in stream(epoch):
+            trainer.train_step(batch[0], batch[1])
+            step += 1
+            taken += 1
+            if meter.saved is not None:
+                updates.append({"step": step, **meter.after()})
+            if step - read >= model.SRGANTrainer.HISTORY // 2 or step % every == 0 or step == steps:
+                losses.extend({"step": k, **v} for k, v in trainer.recent_scalars(read + 1, step))
+                read = step
+            if step % every == 0 or step == steps:
+                train_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                path = trainer.save()
+                psnr, ssim, _ = evaluator(generator)
+                window = [r for r in losses if r["step"] > step - every]
+                row = {"step": step, "epoch": step / stream.batches_per_epoch, "psnr_fair": psnr,
+                       "ssim_fair": ssim, **{k: float(np.mean([r[k] for r in window]))
+                                             for k in ("mse", "gdl", "adv", "d_loss")},
+                       **probe_diagnostics(trainer, probe[0], probe[1]),
+                       "seconds": train_seconds}
+                curve.append(row)
+                log(f"step {step}/{steps} (epoch {row['epoch']:.2f}): GAN {psnr:.2f} dB / {ssim:.4f} "
+                    f"(tricubic {evaluator.baselines['tricubic']:.2f} / "
+                    f"{evaluator.baselines_ssim['tricubic']:.4f}); mse {row['mse']:.4g} gdl "
+                    f"{row['gdl']:.4g} adv {row['adv']:.3g} d_loss {row['d_loss']:.3g}; "
+                    f"D(HR) {row['d_hr']:.3g} D(SR) {row['d_sr']:.3g}; "
+                    f"{train_seconds / step:.2f} s/step")
+                eval_seconds += time.perf_counter() - tick
+                meter.before()
+                tick = time.perf_counter()
+            if step == steps:
+                break
+        else:
+            if taken == 0:
+                raise ValueError(f"epoch {epoch} gave no training batch; see the messages above")
+            trainer.end_epoch()
+    return {"curve": curve, "losses": losses, "updates": updates, "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds, "checkpoint": path,
+            "batches_per_epoch": stream.batches_per_epoch}
+
+
+# --------------------------------------------------------------------------- #
+# Run: final evaluation through the command line, table, plot
+# --------------------------------------------------------------------------- #
+
+
+def evaluate_with_cli(checkpoint_dir, volumes_dir, log_path):
+    """Runs ``python model.py -evaluate True`` on a checkpoint and reads its metrics.csv.
+
+    Returns:
+        list of dicts, one per test subject, ``model.METRIC_COLUMNS`` (floats
+        but ``subject``).
+
+    Raises:
+        RuntimeError: if the command fails (its output is in ``log_path``).
+    """
+    import subprocess
+
+    model_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model.py")
+    command = [sys.executable, model_py, "-evaluate", "True", "-checkpoint_dir_restore", checkpoint_dir,
+               "-path_volumes", volumes_dir]
+    with open(log_path, "w") as fh:
+        fh.write(" ".join(command) + "\n")
+        fh.flush()
+        done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}; see {log_path}")
+    _, rows = utils.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
+    return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
+
+
+def _mean_sd(values):
+    values = np.asarray(values, dtype=np.float64)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return float(np.mean(values)), sd
+
+
+def summarize(rows):
+    """Per method: mean and sample sd (ddof 1) of the fair metrics, means of the original's.
+
+    Args:
+        rows: the per-subject metric dicts of :func:`evaluate_with_cli`.
+
+    Returns:
+        list of dicts with ``TABLE_COLUMNS``, GAN first, then the baselines.
+    """
+    table = []
+    for method, label in METHOD_LABELS.items():
+        suffix = "" if method == "sr" else f"_{method}"
+        psnr_fair = _mean_sd([r[f"psnr{suffix}_fair"] for r in rows])
+        ssim_fair = _mean_sd([r[f"ssim{suffix}_fair"] for r in rows])
+        table.append({"method": label, "n": len(rows),
+                      "psnr_fair_mean": psnr_fair[0], "psnr_fair_sd": psnr_fair[1],
+                      "ssim_fair_mean": ssim_fair[0], "ssim_fair_sd": ssim_fair[1],
+                      "psnr_mean": float(np.mean([r[f"psnr{suffix}"] for r in rows])),
+                      "ssim_mean": float(np.mean([r[f"ssim{suffix}"] for r in rows]))})
+    return table
+
+
+def paired_difference(rows, baseline="tricubic"):
+    """GAN minus a baseline, per subject: mean and sd of the PSNR and SSIM differences, and the wins."""
+    dp = [r["psnr_fair"] - r[f"psnr_{baseline}_fair"] for r in rows]
+    ds = [r["ssim_fair"] - r[f"ssim_{baseline}_fair"] for r in rows]
+    return {"baseline": baseline, "psnr": _mean_sd(dp), "ssim": _mean_sd(ds),
+            "psnr_wins": int(np.sum(np.asarray(dp) > 0)), "ssim_wins": int(np.sum(np.asarray(ds) > 0)),
+            "n": len(rows)}
+
+
+def _pm(mean, sd, digits):
+    return f"{mean:.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def header_lines(s, info):
+    """The settings lines above the table (markdown list items)."""
+    x = lambda v: "×".join(map(str, v))  # noqa: E731
+    data_grid = "the template's grid" if s["data_shape"] is None else f"{x(s['data_shape'])} (central crop)"
+    return [
+        f"upsampling factor ×{s['factor']}, mode {s['mode']}, F={s['feature_size']}, "
+        f"{s['residual_blocks']} residual blocks",
+        f"geometry {s['geometry']}: data {data_grid}, 1 mm; volume {x(s['volume_shape'])}, "
+        f"patches {x(s['patch_shape'])}, margin {s['margin']} ({info['patches_per_volume']} per volume)",
+        f"training: {s['steps']} steps of batch {s['batch_size']} ({info['epochs']:.2f} epochs of "
+        f"{info['batches_per_epoch']} batches), learning rate {s['learning_rate']:g} "
+        f"(inverse-time decay), pretrain steps {s['pretrain_steps']}, seed {s['seed']}",
+        f"subjects: {info['train']} train / {info['test']} test ({info['data']})",
+        f"wall time: {info['wall_seconds'] / 60:.1f} min (training {info['train_seconds'] / 60:.1f}, "
+        f"learning-curve evaluations {info['eval_seconds'] / 60:.1f}, final evaluation "
+        f"{info['final_eval_seconds'] / 60:.1f})",
+        f"hardware: {info['hardware']}",
+    ]
+
+
+def write_table(out, s, info, table, paired, texture=None):
+    """Writes ``out/table.md`` and ``out/table.csv``; returns the markdown text.
+
+    Args:
+        out: the experiment folder.
+        s: the run settings (:func:`run_settings`).
+        info: dict of the run's facts for the header (:func:`header_lines`).
+        table: rows of :func:`summarize`.
+        paired: :func:`paired_difference` of the GAN against tricubic.
+        texture: optional dict method -> :func:`error_phase_pattern` amplitude.
+    """
+    lines = ["# 3D SRGAN vs interpolation", ""] + [f"- {h}" for h in header_lines(s, info)] + [
+        "- metrics: masked PSNR (dB) and 3-D SSIM on the test subjects, mean ± sample sd; "
+        "fair = one data range for every method (the reference's max - min); original rule = "
+        "max - min of both volumes of each pair", "",
+        "| method | PSNR fair | SSIM fair | PSNR original rule | SSIM original rule |",
+        "|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['method']} | {_pm(r['psnr_fair_mean'], r['psnr_fair_sd'], 2)} | "
+                     f"{_pm(r['ssim_fair_mean'], r['ssim_fair_sd'], 4)} | {r['psnr_mean']:.2f} | "
+                     f"{r['ssim_mean']:.4f} |")
+    lines += ["", f"GAN - {paired['baseline']}, paired over the {paired['n']} test subjects: PSNR "
+              f"{_pm(*paired['psnr'], 2)} dB (GAN higher on {paired['psnr_wins']}), SSIM "
+              f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']})."]
+    if texture:
+        f = s["factor"]
+        lines += ["", f"Period-{f} error pattern (RMS over the {f ** 3} voxel phases of the mean error, "
+                  "% of the mean brain intensity; 0 = no checkerboard): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
+    lines.append("")
+    text = "\n".join(lines)
+    utils.write_text(os.path.join(out, "table.md"), text)
+    csv_lines = [",".join(TABLE_COLUMNS)] + [
+        ",".join(str(r[c]) if c in ("method", "n") else f"{r[c]:.6f}" for c in TABLE_COLUMNS) for r in table]
+    utils.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
+    return text
+
+
+def plot_curve(path, curve, baselines, title):
+    """Writes the learning curve: test fair PSNR vs step with the baselines; the loss terms below.
+
+    Args:
+        path: PNG to write.
+        curve: the ``curve`` rows of :func:`train_with_curve`.
+        baselines: dict method -> mean fair PSNR.
+        title: str.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in curve]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    top.plot(steps, [r["psnr_fair"] for r in curve], "o-", color="black", label="GAN", markersize=3)
+    for (name, value), style in zip(sorted(baselines.items(), key=lambda kv: -kv[1]), ("--", "-.", ":")):
+        top.axhline(value, linestyle=style, color="tab:blue", label=f"{name} {value:.2f}")
+    top.set_ylabel("test PSNR, fair (dB)")
+    top.set_title(title, fontsize=9)
+    top.legend(fontsize=8, loc="lower right")
+    top.grid(alpha=0.3)
+    for key, color in (("mse", "tab:red"), ("gdl", "tab:orange"), ("adv", "tab:green"),
+                       ("d_loss", "tab:purple")):
+        values = [r[key] for r in curve]
+        if any(v > 0 for v in values):
+            bottom.plot(steps, values, "o-", color=color, label=key, markersize=3)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("training step")
+    bottom.set_ylabel("loss (mean over window)")
+    bottom.legend(fontsize=8, ncol=4)
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+    plt.close(fig)
+
+
+def error_phase_pattern(estimate, hr, mask, factor):
+    """The period-``factor`` part of an estimate's error: its mean at each voxel phase.
+
+    Sub-pixel upsampling computes the ``factor**3`` voxels of each output block
+    from different output channels, so a network that has not equalised them
+    leaves a periodic pattern (the checkerboard) that this measures. Voxel
+    ``(x, y, z)`` has phase ``(x % f, y % f, z % f)`` on the canonical grid,
+    where low-resolution voxel ``i`` sits on high-resolution voxel ``f * i``.
+    The reference's own noise averages out over the many voxels of a phase.
+
+    Args:
+        estimate: float (x, y, z), the estimate on the canonical grid.
+        hr: float (x, y, z), the reference, same grid.
+        mask: bool (x, y, z), the voxels to use (e.g. the eroded brain mask).
+        factor: int f.
+
+    Returns:
+        (amplitude, pattern): the RMS over phases of ``pattern`` minus its mean,
+        and float64 (f, f, f), the mean error at each phase; both in percent of
+        the mean reference intensity inside ``mask``.
+    """
+    f = int(factor)
+    error = np.asarray(estimate, np.float64) - np.asarray(hr, np.float64)
+    scale = float(np.mean(np.asarray(hr, np.float64)[mask])) / 100.0
+    pattern = np.zeros((f, f, f))
+    for p in np.ndindex(f, f, f):
+        sel = mask[p[0]::f, p[1]::f, p[2]::f]
+        pattern[p] = error[p[0]::f, p[1]::f, p[2]::f][sel].mean() / scale
+    return float(np.sqrt(np.mean((pattern - pattern.mean()) ** 2))), pattern
+
+
+def texture_of_evaluation(cfg, subjects, volumes_dir):
+    """:func:`error_phase_pattern` amplitudes of the GAN and tricubic outputs the evaluation wrote.
+
+    Reads ``<subject>_sr/_hr/_lr.nii.gz`` from ``volumes_dir``, brings them
+    back to the canonical grid, and uses the brain mask eroded by 2 voxels
+    (the brain's edge is a step the upsampling cannot place exactly).
+
+    Returns:
+        dict method -> mean amplitude over the subjects (percent), for
+        ``GAN`` and ``tricubic``.
+    """
+    import nibabel as nib
+    import train_dataset as td
+
+    f, shape = cfg["upsampling_factor"], cfg["volume_shape"]
+    amplitudes = {"GAN": [], "tricubic": []}
+    for subject in subjects:
+        read = lambda kind: np.asarray(nib.load(os.path.join(  # noqa: E731
+            volumes_dir, f"{subject.name}_{kind}.nii.gz")).dataobj, np.float32)
+        hr, _ = td.to_canonical(read("hr"), shape)
+        sr, _ = td.to_canonical(read("sr"), shape)
+        mask, _ = td.to_canonical(td.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
+        mask = ndimage.binary_erosion(mask > 0.5, iterations=2)
+        tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape)
+        amplitudes["GAN"].append(error_phase_pattern(sr, hr, mask, f)[0])
+        amplitudes["tricubic"].append(error_phase_pattern(tricubic, hr, mask, f)[0])
+    return {k: float(np.mean(v)) for k, v in amplitudes.items()}
+
+
+def _hardware():
+    """One line: CPU model and cores, GPUs seen by TensorFlow, oneDNN setting."""
+    import tensorflow as tf
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
+    return (f"CPU {cpu}, {os.cpu_count()} cores (TF_ENABLE_ONEDNN_OPTS={onednn}); "
+            f"GPU: {', '.join(g.name for g in gpus) if gpus else 'none'}; TensorFlow {tf.__version__}")
+
+
+def _write_csv(path, columns, rows):
+    lines = [",".join(columns)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                                            for c in columns) for r in rows]
+    utils.write_text(path, "\n".join(lines) + "\n")
+
+
+def run_experiment(s, log=print):
+    """The whole experiment: data, training with the learning curve, final evaluation, table, plot.
+
+    Writes into ``s["out"]``: ``data/`` (unless ``--data``), ``checkpoints/``,
+    ``volumes/`` (the evaluation command's outputs and metrics.csv),
+    ``evaluate.log``, ``table.md``, ``table.csv``, ``results.json``,
+    ``curve.csv``, ``losses.csv`` and ``learning_curve.png``.
+
+    Returns:
+        dict, what results.json holds.
+
+    Raises:
+        ValueError: bad settings or data, or ``OUT/checkpoints`` already holding a run.
+        RuntimeError: if the evaluation command fails.
+    """
+    started = time.perf_counter()
+    out = os.path.abspath(s["out"])
+    os.makedirs(out, exist_ok=True)
+    checkpoint_dir = os.path.join(out, "checkpoints")
+    if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} already holds a run; choose another --out "
+                         f"(pass --data {os.path.join(out, 'data')} to reuse its dataset)")
+    data = prepare_data(dict(s, out=out), log)
+
+    import model
+    import train_dataset as td
+
+    ppv = td.patches_per_volume(s["volume_shape"], s["patch_shape"], s["margin"])
+    subjects, _ = td.find_subjects(data, log=log)
+    n_train = len(td.split_subjects(subjects, s["train_fraction"])[0])
+    epochs = -(-s["steps"] // td.batches_per_epoch(n_train, s["batch_size"], s["volume_shape"],
+                                                   s["patch_shape"], s["margin"]))
+    try:
+        cfg = model.resolve_config(model.build_parser().parse_args(
+            model_argv(s, data, checkpoint_dir, epochs)), log=log)
+    except model.UserError as e:
+        raise ValueError(str(e)) from e
+    train_subjects, test_subjects = model.training_split(cfg, log)
+    if not test_subjects:
+        raise ValueError(f"no test subject in {data} with --train-fraction {s['train_fraction']}")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    utils.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
+    utils.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
+        "data_path": os.path.abspath(data), "train_fraction": cfg["train_fraction"],
+        "train": [x.name for x in train_subjects], "test": [x.name for x in test_subjects]})
+
+    evaluator = CurveEvaluator(cfg, test_subjects, log)
+    trained = train_with_curve(cfg, s, train_subjects, evaluator, log)
+    t0 = time.perf_counter()
+    rows = evaluate_with_cli(checkpoint_dir, os.path.join(out, "volumes"), os.path.join(out, "evaluate.log"))
+    final_eval_seconds = time.perf_counter() - t0
+
+    table = summarize(rows)
+    paired = paired_difference(rows)
+    texture = texture_of_evaluation(cfg, test_subjects, os.path.join(out, "volumes"))
+    info = {"patches_per_volume": ppv, "batches_per_epoch": trained["batches_per_epoch"],
+            "epochs": s["steps"] / trained["batches_per_epoch"], "train": len(train_subjects),
+            "test": len(test_subjects), "data": data, "train_seconds": trained["train_seconds"],
+            "eval_seconds": trained["eval_seconds"], "final_eval_seconds": final_eval_seconds,
+            "wall_seconds": time.perf_counter() - started, "hardware": _hardware()}
+    text = write_table(out, s, info, table, paired, texture)
+    _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
+    _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
+    plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
+               f"x{s['factor']} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
+               f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
+    results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+               "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
+               "error_phase_pattern": texture,
+               "curve": trained["curve"], "updates": trained["updates"],
+               "curve_baselines_psnr_fair": evaluator.baselines,
+               "curve_baselines_ssim_fair": evaluator.baselines_ssim,
+               # The in-process curve and the evaluation command must agree on the last checkpoint.
+               "last_curve_minus_cli_psnr_fair": trained["curve"][-1]["psnr_fair"] - table[0]["psnr_fair_mean"]}
+    utils.write_json(os.path.join(out, "results.json"), results)
+    log(text)
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# Compare: several runs in one table and one plot
+# --------------------------------------------------------------------------- #
+
+
+def _run_label(settings):
+    label = f"x{settings['factor']} {settings['mode']}, lr {settings['learning_rate']:g}"
+    if settings["pretrain_steps"]:
+        label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
+                  else f", {settings['pretrain_steps']} pretrain steps")
+    return label
+
+
+def compare_runs(run_dirs, markdown_path, png_path=None):
+    """One table (a row per run) and optionally one plot of GAN minus tricubic PSNR vs step.
+
+    Args:
+        run_dirs: experiment folders written by ``run`` (each with results.json).
+        markdown_path: the table to write.
+        png_path: optional PNG: for every run, the learning curve's fair PSNR
+            minus the tricubic baseline's (0 = as good as tricubic).
+
+    Returns:
+        str, the markdown table.
+
+    Raises:
+        ValueError: if a folder has no results.json.
+    """
+    runs = []
+    for folder in run_dirs:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{folder}: no results.json (not a finished quality.py run)")
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    lines = ["| run | steps | train time | GAN PSNR | tricubic PSNR | GAN - tricubic PSNR | GAN SSIM | "
+             "tricubic SSIM | GAN - tricubic SSIM | period-f pattern GAN / tricubic |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s, table, paired = r["settings"], {t["method"]: t for t in r["table"]}, r["paired_vs_tricubic"]
+        gan, tri = table["GAN"], table["tricubic"]
+        pattern = r.get("error_phase_pattern") or {}
+        lines.append(
+            f"| {_run_label(s)} | {s['steps']} | {r['info']['train_seconds'] / 60:.0f} min | "
+            f"{_pm(gan['psnr_fair_mean'], gan['psnr_fair_sd'], 2)} | "
+            f"{_pm(tri['psnr_fair_mean'], tri['psnr_fair_sd'], 2)} | "
+            f"{_pm(*paired['psnr'], 2)} ({paired['psnr_wins']}/{paired['n']}) | "
+            f"{_pm(gan['ssim_fair_mean'], gan['ssim_fair_sd'], 4)} | "
+            f"{_pm(tri['ssim_fair_mean'], tri['ssim_fair_sd'], 4)} | "
+            f"{_pm(*paired['ssim'], 4)} ({paired['ssim_wins']}/{paired['n']}) | "
+            + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |"))
+    text = "\n".join(lines) + "\n"
+    utils.write_text(markdown_path, text)
+    if png_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for r in runs:
+            base = r["curve_baselines_psnr_fair"]["tricubic"]
+            ax.plot([c["step"] for c in r["curve"]], [c["psnr_fair"] - base for c in r["curve"]],
+                    "o-", markersize=3, label=_run_label(r["settings"]))
+        ax.axhline(0.0, color="black", linewidth=1)
+        ax.set_xlabel("training step (batch 2)")
+        ax.set_ylabel("GAN - tricubic, test PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        utils.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+        plt.close(fig)
+    return text
+
+
+# --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
 
@@ -392,19 +1164,59 @@ def make_parser():
     b.add_argument("--max-rotation-deg", type=float, default=10.0)
     b.add_argument("--scale-range", type=lambda s: _floats(s, 2, "--scale-range"), default=(0.9, 1.1),
                    help="LOW,HIGH scale per axis")
+
+    r = sub.add_parser("run", help="build the data if needed, train, evaluate, write the table and curve")
+    r.add_argument("--out", required=True, help="experiment folder (data/, checkpoints/, volumes/, table.md, ...)")
+    r.add_argument("--data", default=None, help="dataset to use instead of building one into OUT/data")
+    r.add_argument("--template", default=None, help="NIfTI brain for the built data instead of MNI152")
+    r.add_argument("--subjects", type=int, default=None,
+                   help=f"subjects to build (default {RUN_DEFAULTS['subjects']}; --quick {QUICK['subjects']})")
+    r.add_argument("--train-fraction", type=float, default=0.8, help="the model's -train_fraction")
+    r.add_argument("--factor", type=int, choices=(2, 4), default=4, help="upsampling factor")
+    r.add_argument("--mode", choices=MODES, default="subpixel", help="upsampling mode")
+    r.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {RUN_DEFAULTS['steps']}; --quick {QUICK['steps']})")
+    r.add_argument("--eval-every", type=int, default=None,
+                   help="steps between two learning-curve points (default steps/10)")
+    r.add_argument("--geometry", choices=tuple(GEOMETRIES), default=None,
+                   help=f"geometry preset (default {RUN_DEFAULTS['geometry']}; --quick quick); "
+                        "--volume-shape/--patch-shape/--margin make it custom")
+    r.add_argument("--volume-shape", type=lambda t: _ints(t, 3, "--volume-shape"), default=None,
+                   help="X,Y,Z canonical volume (and the built data's grid)")
+    r.add_argument("--patch-shape", type=lambda t: _ints(t, 3, "--patch-shape"), default=None,
+                   help="X,Y,Z HR training patch")
+    r.add_argument("--margin", type=int, default=None, help="patch margin")
+    r.add_argument("--learning-rate", type=float, default=1e-4, help="initial Adam learning rate")
+    r.add_argument("--pretrain-steps", type=int, default=0,
+                   help="first N steps: generator alone on the content loss (the model's -pretrain_steps)")
+    r.add_argument("--feature-size", type=int, default=32)
+    r.add_argument("--residual-blocks", type=int, default=6)
+    r.add_argument("--batch-size", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0, help="data, weights and training seed")
+    r.add_argument("--quick", action="store_true",
+                   help=f"geometry quick, {QUICK['subjects']} subjects, {QUICK['steps']} steps, "
+                        f"a curve point every {QUICK['eval_every']}: minutes on 2 CPU cores")
+    c = sub.add_parser("compare", help="one table and one plot of several finished runs")
+    c.add_argument("runs", nargs="+", help="experiment folders written by run")
+    c.add_argument("--table", required=True, help="markdown table to write")
+    c.add_argument("--png", default=None, help="plot of GAN - tricubic PSNR vs step to write")
     return parser
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    if args.command == "build":
-        try:
+    try:
+        if args.command == "build":
             build_dataset(args.out, subjects=args.subjects, seed=args.seed, shape=args.shape,
                           template=args.template, noise=args.noise, bias=args.bias,
                           max_rotation_deg=args.max_rotation_deg, scale_range=args.scale_range)
-        except (ValueError, ImportError) as e:  # DataError is a ValueError
-            print(f"quality.py build: {e}", file=sys.stderr)
-            return 2
+        elif args.command == "run":
+            run_experiment(run_settings(args))
+        else:
+            print(compare_runs(args.runs, args.table, args.png))
+    except (ValueError, ImportError) as e:  # DataError is a ValueError
+        print(f"quality.py {args.command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -210,3 +210,137 @@ def test_cli_reports_bad_values_without_a_traceback(tmp_path, capsys):
     rc = quality.main(["build", "--out", str(tmp_path / "x"), "--subjects", "0"])
     assert rc == 2
     assert "subjects 0 must be an integer >= 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# run: settings, table, end to end
+# --------------------------------------------------------------------------- #
+
+
+def _run_args(*extra):
+    return quality.make_parser().parse_args(["run", "--out", "o", *extra])
+
+
+def test_run_settings_quick_presets_and_explicit_flags():
+    s = quality.run_settings(_run_args("--quick"))
+    assert (s["geometry"], s["subjects"], s["steps"], s["eval_every"]) == ("quick", 10, 150, 50)
+    assert s["volume_shape"] == (64, 64, 48) and s["data_shape"] == (64, 64, 48)
+    s = quality.run_settings(_run_args("--quick", "--steps", "40", "--subjects", "6"))
+    assert (s["steps"], s["subjects"], s["eval_every"]) == (40, 6, 50)
+    s = quality.run_settings(_run_args("--steps", "30"))
+    assert s["geometry"] == "crop96" and s["eval_every"] == 3 and s["factor"] == 4
+    s = quality.run_settings(_run_args("--geometry", "default", "--patch-shape", "64,64,48"))
+    assert s["geometry"] == "custom" and s["patch_shape"] == (64, 64, 48)
+    assert s["volume_shape"] == (224, 224, 152) and s["data_shape"] == (224, 224, 152)
+    assert quality.run_settings(_run_args("--geometry", "default"))["data_shape"] is None
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--steps", "0"], "--steps"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--subjects", "1"], "--subjects"),
+    (["--train-fraction", "1"], "--train-fraction"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps"),
+    (["--factor", "4", "--patch-shape", "30,32,32"], "patch_shape"),
+    (["--factor", "4", "--margin", "6"], "--margin"),
+])
+def test_run_settings_reject_bad_values(extra, match):
+    with pytest.raises(ValueError, match=match):
+        quality.run_settings(_run_args(*extra))
+
+
+def test_summarize_gives_mean_and_sample_sd_per_method():
+    rows = []
+    for i, v in enumerate((1.0, 3.0)):
+        row = {"subject": f"s{i}"}
+        for j, suffix in enumerate(("", "_nearest", "_trilinear", "_tricubic")):
+            row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = 20 + j + v, 0.5 + 0.1 * v
+            row[f"psnr{suffix}"], row[f"ssim{suffix}"] = 30 + j + v, 0.6
+        rows.append(row)
+    table = quality.summarize(rows)
+    assert [r["method"] for r in table] == ["GAN", "nearest", "trilinear", "tricubic"]
+    assert table[0]["psnr_fair_mean"] == pytest.approx(22.0)
+    assert table[0]["psnr_fair_sd"] == pytest.approx(np.sqrt(2.0))  # ddof 1
+    assert table[3]["psnr_mean"] == pytest.approx(35.0)
+    paired = quality.paired_difference(rows)
+    assert paired["psnr"][0] == pytest.approx(-3.0) and paired["psnr"][1] == pytest.approx(0.0)
+    assert paired["psnr_wins"] == 0 and paired["n"] == 2
+
+
+def test_run_refuses_a_folder_that_holds_a_run_or_other_data(tmp_path):
+    template = tmp_path / "template.nii.gz"
+    _write_template(template)
+    out = tmp_path / "exp"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint").write_text("x")
+    base = ["run", "--template", str(template), "--volume-shape", "16,16,16", "--patch-shape", "8,8,8",
+            "--margin", "0", "--factor", "2", "--subjects", "3"]
+    with pytest.raises(ValueError, match="already holds a run"):
+        quality.run_experiment(quality.run_settings(quality.make_parser().parse_args(base + ["--out", str(out)])))
+    other = tmp_path / "other"
+    _build(tmp_path, "other/data", subjects=3, seed=5, shape=(16, 16, 16))
+    with pytest.raises(ValueError, match="another build"):
+        quality.prepare_data(quality.run_settings(quality.make_parser().parse_args(
+            base + ["--out", str(other)])), log=lambda m: None)
+
+
+def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
+    """A tiny run through the real trainer and the real evaluation command (~20 s)."""
+    pytest.importorskip("matplotlib")  # requirements-bench.txt: the learning-curve PNG
+    template = tmp_path / "template.nii.gz"
+    _write_template(template)
+    out = tmp_path / "exp"
+    rc = quality.main(["run", "--out", str(out), "--template", str(template), "--subjects", "4",
+                       "--train-fraction", "0.5", "--volume-shape", "16,16,16", "--patch-shape", "8,8,8",
+                       "--margin", "0", "--factor", "2", "--feature-size", "4", "--residual-blocks", "1",
+                       "--steps", "10", "--eval-every", "6", "--seed", "1"])
+    assert rc == 0
+    text = (out / "table.md").read_text()
+    for column in ("PSNR fair", "SSIM fair", "PSNR original rule", "SSIM original rule"):
+        assert column in text
+    for method in ("GAN", "nearest", "trilinear", "tricubic"):
+        assert f"| {method} |" in text
+    for fact in ("×2", "subpixel", "10 steps", "learning rate 0.0001", "pretrain steps 0",
+                 "2 train / 2 test", "wall time", "GPU", "Period-2 error pattern"):
+        assert fact in text
+    header, *lines = (out / "table.csv").read_text().splitlines()
+    assert tuple(header.split(",")) == quality.TABLE_COLUMNS
+    assert [line.split(",")[0] for line in lines] == ["GAN", "nearest", "trilinear", "tricubic"]
+    assert all(np.isfinite(float(v)) for line in lines for v in line.split(",")[1:])
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    # 8 patches per volume, 2 training subjects: 8 steps per epoch, so 10 steps cross an epoch.
+    assert [c["step"] for c in results["curve"]] == [6, 10]
+    assert results["info"]["batches_per_epoch"] == 8
+    # The in-process learning curve and the evaluation command agree on the last checkpoint.
+    assert abs(results["last_curve_minus_cli_psnr_fair"]) < 1e-3
+    losses = (out / "losses.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in losses[1:]] == list(range(1, 11))
+    assert len(results["subjects"]) == 2
+    assert set(results["error_phase_pattern"]) == {"GAN", "tricubic"}
+
+    # compare: one row per run and a plot.
+    assert quality.main(["compare", str(out), str(out), "--table", str(tmp_path / "all.md"),
+                         "--png", str(tmp_path / "all.png")]) == 0
+    rows = (tmp_path / "all.md").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| x2 subpixel, lr 0.0001 | 10 |")
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+    assert quality.main(["compare", str(tmp_path), "--table", str(tmp_path / "x.md")]) == 2
+
+
+def test_error_phase_pattern_measures_a_checkerboard():
+    hr = np.random.default_rng(0).uniform(50, 150, (16, 16, 12))
+    mask = np.ones(hr.shape, bool)
+    assert quality.error_phase_pattern(hr + 3.0, hr, mask, 2)[0] == pytest.approx(0.0, abs=1e-9)
+    flat = np.full(hr.shape, 100.0)
+    board = flat.copy()
+    board[1::2, :, :] += 4.0  # odd x planes 4 % brighter: a period-2 pattern along x
+    amplitude, pattern = quality.error_phase_pattern(board, flat, mask, 2)
+    np.testing.assert_allclose(pattern[1], 4.0)
+    np.testing.assert_allclose(pattern[0], 0.0, atol=1e-12)
+    assert amplitude == pytest.approx(2.0)
+    # Only the masked voxels count.
+    board[0, 0, 0] += 1000.0
+    assert quality.error_phase_pattern(board, flat, mask, 2)[0] != pytest.approx(2.0)
+    mask[0, 0, 0] = False
+    assert quality.error_phase_pattern(board, flat, mask, 2)[0] == pytest.approx(2.0)
