@@ -663,7 +663,7 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
     generator, discriminator = model.build_networks(cfg)
     trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                                  checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
-    stream = model.TrainingStream(train_subjects, cfg, log)
+    stream = model.TrainingStream(train_subjects, cfg, log=log)
     probe = next(iter(stream(0)))
     meter = UpdateMeter({"g": generator, "d": discriminator})
     steps, every = s["steps"], s["eval_every"]
