@@ -147,6 +147,28 @@ def test_two_replicas_compute_the_single_device_losses_with_adam():
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
+def test_mixed_precision_works_under_a_strategy():
+    # float16 compute with loss scaling on two replicas: the generator's losses
+    # are those of one float16 device, and the weights stay float32.
+    patch = (16, 16, 12)
+    rng = np.random.default_rng(2)
+    hr = rng.uniform(-1, 1, (2,) + patch + (1,)).astype(np.float32)
+    lr = np.asarray(td.degrade(hr, 2))
+    cfg = dict(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode="subpixel",
+               patch_shape=patch, mixed_precision="float16")
+    losses = []
+    for placement in (model.Placement(), _mirrored()):
+        keras.utils.set_random_seed(3)
+        g, d = model.build_networks(cfg, placement)
+        trainer = model.SRGANTrainer(g, d, seed=5, loss_scale=True, strategy=placement.strategy)
+        batch = (lr, hr) if placement.strategy is None else _distributed_batches(placement, lr, hr)[0]
+        losses.append({k: float(v) for k, v in trainer.train_step(*batch).items()})
+        assert all(w.dtype == "float32" for w in g.weights + d.weights)
+        assert all(np.isfinite(w.numpy()).all() for w in g.trainable_weights)
+    for key in ("mse", "gdl"):
+        assert np.isfinite(losses[1][key]) and losses[1][key] == pytest.approx(losses[0][key], rel=1e-2), key
+
+
 def _run_cfg(data, ckpt, pred, *extra):
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
             "-path_prediction", str(pred)] + TINY + list(extra)
