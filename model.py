@@ -2209,9 +2209,43 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
     out = {}
     for variant in variants:
         plain = stitch(variant.blend, False)
-        out[variant] = (0.5 * (plain + stitch(variant.blend, True))).astype(np.float32) \
-            if variant.flip else plain
+        if variant.flip:
+            mirrored = _align_mirrored_pass(stitch(variant.blend, True), plain, flip_axis,
+                                            upsampling_factor)
+            out[variant] = (0.5 * (plain + mirrored)).astype(np.float32)
+        else:
+            out[variant] = plain
     return out
+
+
+def _align_mirrored_pass(mirrored, plain, axis, upsampling_factor):
+    """Puts the mirrored pass back on the plain pass's grid.
+
+    The degradation keeps the first voxel of every block of f (``x[::f]``),
+    and the network learnt that an LR voxel sits on the first of its f HR
+    voxels. Mirrored, an LR voxel stands for the last voxel of its block, so
+    the mirrored pass, mirrored back, estimates the volume f - 1 voxels
+    further along ``axis``: shifted back here. Its last f - 1 slices have no
+    mirrored estimate and keep the plain pass's.
+
+    Args:
+        mirrored: float32 (X, Y, Z), the mirrored volume's result mirrored back.
+        plain: float32 (X, Y, Z), the plain result.
+        axis: int, the mirrored axis.
+        upsampling_factor: int f.
+
+    Returns:
+        float32 (X, Y, Z).
+    """
+    shift = int(upsampling_factor) - 1
+    if shift == 0:
+        return mirrored
+    aligned = plain.copy()
+    head = [slice(None)] * 3
+    tail = [slice(None)] * 3
+    head[axis], tail[axis] = slice(0, plain.shape[axis] - shift), slice(shift, None)
+    aligned[tuple(head)] = mirrored[tuple(tail)]
+    return aligned
 
 
 def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,

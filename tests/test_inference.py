@@ -336,33 +336,48 @@ def test_unknown_options_are_refused(blend, tta):
         model.inference_variants(blend, tta)
 
 
-def _mirror_symmetric_generator(axis):
-    """A tiny resize-convolution generator whose kernels are symmetric along ``axis``: it commutes with that flip."""
-    g = networks.build_generator(2, residual_blocks=1, feature_size=4, upsampling_mode="nn")
-    rng = np.random.default_rng(3)
-    for w in g.weights:
-        if w.path.endswith("kernel") and len(w.shape) == 5:
-            # He-like scale: activations stay O(1), so float32 round-off (which
-            # differs between mirrored positions) stays far below the tolerance.
-            k = rng.normal(0, 1.0 / np.sqrt(np.prod(w.shape[:-1])), w.shape).astype(np.float32)
-            w.assign((k + np.flip(k, axis)) / 2)
-    return model.make_predictor(g)
+def _ramp_exact_predictor(axis, f):
+    """An ideal network for the x[::f] degradation of volumes that are linear along ``axis``.
+
+    An LR voxel is the first of its f HR voxels (``x[::f]``): each block is
+    filled by linear interpolation towards the next LR voxel (the last block
+    extrapolates with the previous slope); the other axes repeat.
+    """
+    def predict(x):
+        x = np.asarray(x, np.float64)[..., 0]  # (n, a, b, c)
+        a = axis + 1
+        nxt = np.concatenate([np.take(x, np.arange(1, x.shape[a]), a),
+                              2 * np.take(x, [-1], a) - np.take(x, [-2], a)], a)
+        parts = [x + (nxt - x) * r / f for r in range(f)]
+        up = np.stack(parts, a + 1).reshape(x.shape[:a] + (x.shape[a] * f,) + x.shape[a + 1:])
+        for other in {1, 2, 3} - {a}:
+            up = np.repeat(up, f, other)
+        return up[..., None].astype(np.float32)
+    return predict
 
 
+@pytest.mark.parametrize("f", [2, 4])
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("blend", ["crop", "gaussian"])
-def test_flip_tta_of_a_left_right_symmetric_input_equals_the_plain_pass(axis, blend):
-    predict = _mirror_symmetric_generator(axis)
-    rng = np.random.default_rng(axis)
-    lr = rng.uniform(-1, 1, (7, 6, 5)).astype(np.float32)
-    lr = (lr + np.flip(lr, axis)) / 2  # left-right symmetric along `axis` only
-    plain = model.super_resolve_volume(predict, lr, 2, (16, 16, 12), 2, blend=blend)
-    tta = model.super_resolve_volume(predict, lr, 2, (16, 16, 12), 2, blend=blend, flip_axis=axis)
-    assert plain.std() > 1e-3
-    np.testing.assert_allclose(tta, plain, atol=1e-5)
-    # Not vacuous: mirroring along another axis, which the input and network are not symmetric in, differs.
-    other = model.super_resolve_volume(predict, lr, 2, (16, 16, 12), 2, blend=blend, flip_axis=(axis + 1) % 3)
-    assert np.abs(other - plain).max() > 1e-3
+def test_flip_tta_keeps_an_exact_reconstruction_exact(f, axis, blend):
+    # HR linear along `axis`, degraded as training degrades (x[::f]): the ideal
+    # network recovers it; mirrored, an LR voxel stands for the *last* voxel of
+    # its block, so the mirrored pass comes back f - 1 voxels off, and TTA must
+    # put it back on the grid rather than average two misaligned volumes.
+    shape = [24, 24, 24]
+    hr = np.broadcast_to(np.arange(shape[axis], dtype=np.float32).reshape(
+        [-1 if i == axis else 1 for i in range(3)]), shape).copy()
+    lr = hr[::f, ::f, ::f]
+    predict = _ramp_exact_predictor(axis, f)
+    patch, margin = (8 * f, 8 * f, 8 * f), f
+    plain = model.super_resolve_volume(predict, lr, f, patch, margin, blend=blend)
+    np.testing.assert_allclose(plain, hr, atol=1e-4)
+    tta = model.super_resolve_volume(predict, lr, f, patch, margin, blend=blend, flip_axis=axis)
+    np.testing.assert_allclose(tta, hr, atol=1e-4)
+    # Not vacuous: the mirrored pass alone, mirrored back, is f - 1 voxels off.
+    mirrored = np.flip(model.super_resolve_volume(predict, np.flip(lr, axis).copy(), f, patch, margin,
+                                                  blend=blend), axis)
+    np.testing.assert_allclose(mirrored, hr - (f - 1), atol=1e-4)
 
 
 def test_flip_tta_averages_the_mirrored_pass_mirrored_back():
@@ -378,8 +393,13 @@ def test_flip_tta_averages_the_mirrored_pass_mirrored_back():
     lr = np.random.default_rng(0).normal(size=(7, 6, 5)).astype(np.float32)
     up = np.repeat(np.repeat(np.repeat(lr, 2, 0), 2, 1), 2, 2)
     tta = model.super_resolve_volume(ramp_predict, lr, 2, (16, 16, 12), 2, flip_axis=1)
-    # The ramp 0..11 and its mirror 11..0 average to 5.5 everywhere.
-    np.testing.assert_allclose(tta, up + 5.5, atol=1e-5)
+    # Plain: up + ramp 0..11; mirrored back: up + 11..0, put one voxel back
+    # along the axis (x[::2] sampling), the last slice keeping the plain value.
+    ramp = np.arange(12, dtype=np.float32)[None, :, None]
+    plain, mirrored = up + ramp, up + ramp[:, ::-1]
+    aligned = plain.copy()
+    aligned[:, :11] = mirrored[:, 1:]
+    np.testing.assert_allclose(tta, (plain + aligned) / 2, atol=1e-5)
     # Several variants share the network passes: one plain, one mirrored.
     calls.clear()
     lr = np.random.default_rng(1).normal(size=(13, 11, 9)).astype(np.float32)
@@ -442,9 +462,16 @@ def test_flip_tta_mirrors_the_left_right_axis_of_the_affine(bids_run, tmp_path, 
     lr_n, _ = utils.normalize(scan)
     assert _flipped_axis(seen, lr_n) == lr_axis
     assert json.loads((tmp_path / "out" / "scan_sr.json").read_text())["TTA"] == "flip"
-    # The recording predictor is nearest upsampling: the TTA result is exactly that.
-    expected = np.repeat(np.repeat(np.repeat(scan, 2, 0), 2, 1), 2, 2)
-    np.testing.assert_allclose(nib.load(out).get_fdata(), expected, rtol=1e-5)
+    # The recording predictor is nearest upsampling: the plain pass is that, and
+    # the mirrored pass the same, put one voxel back along the left-right axis.
+    plain = np.repeat(np.repeat(np.repeat(scan, 2, 0), 2, 1), 2, 2)
+    aligned = plain.copy()
+    head = [slice(None)] * 3
+    head[lr_axis] = slice(0, plain.shape[lr_axis] - 1)
+    tail = [slice(None)] * 3
+    tail[lr_axis] = slice(1, None)
+    aligned[tuple(head)] = plain[tuple(tail)]
+    np.testing.assert_allclose(nib.load(out).get_fdata(), (plain + aligned) / 2, rtol=1e-5)
 
 
 def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monkeypatch):
