@@ -1,33 +1,132 @@
-"""Times of the default configuration on this machine (not a test).
+"""Speed of the port on this machine (not a test).
 
-    python benchmarks/bench_model.py [--steps 3] [--mode subpixel|nn|subpixel_NN]
+    python benchmarks/bench_model.py                                  # one device, default geometry
+    python benchmarks/bench_model.py --replicas 1,2 [--xla] [--mixed_precision float16]
+    python benchmarks/bench_model.py --geometry small --replicas 1,2  # minutes on a CPU
 
-Reports: one generator forward pass on a 32x32x23 LR patch (x4), one default
-training step (batch 2 of 128x128x92, D then G update) and one full-volume
-patch-stitched evaluation of a 224x224x152 volume (8 patches, metrics and the
-three interpolation baselines), plus the peak resident memory.
+Part 1 (one device): one generator forward pass on an LR patch and one
+full-volume patch-stitched evaluation of a ``volume_shape`` volume (8 patches
+for the default geometry, metrics and three interpolation baselines).
+
+Part 2 (per replica count, each in its own process): the real training loop
+(:class:`model.TrainingStream` over synthetic phantoms written to a temporary
+folder, :meth:`model.SRGANTrainer.train_step`, the strategy ``-gpus`` would
+choose), timed after a warm-up. Printed: steps/s, patches/s, the scaling
+efficiency against the smallest replica count (patches/s per replica), the
+peak memory (each GPU's peak allocation, or the process's peak resident
+memory on a CPU) and the fraction of the loop's time spent waiting for the
+next batch. On a CPU, N replicas are N logical devices sharing the same cores:
+the efficiency measures the overhead of the strategy, not a speed-up.
 """
 
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-import model  # noqa: E402
-import networks  # noqa: E402
-import train_dataset as td  # noqa: E402
-import utils  # noqa: E402
+GEOMETRIES = {  # volume_shape, patch_shape, patch_margin
+    "default": ((224, 224, 152), (128, 128, 92), 16),
+    "small": ((96, 96, 64), (48, 48, 32), 8),
+}
 
 
-def timed(fn, repeat):
-    fn()  # warm-up: tracing, oneDNN kernel selection
+def _argv(args, replicas, data):
+    volume, patch, margin = GEOMETRIES[args.geometry]
+    gpus = ",".join(map(str, range(replicas))) if args.gpus_visible else f"cpu:{replicas}"
+    return ["-data_path", data, "-checkpoint_dir", os.path.join(data, os.pardir, "ckpt"),
+            "-volume_shape", ",".join(map(str, volume)), "-patch_shape", ",".join(map(str, patch)),
+            "-patch_margin", str(margin), "-upsampling_factor", str(args.factor),
+            "-batch_size", str(args.batch_size), "-gpus", gpus, "-xla", str(args.xla),
+            "-mixed_precision", args.mixed_precision,
+            "-nn", str(args.mode == "nn"), "-subpixel_NN", str(args.mode == "subpixel_NN")]
+
+
+def measure_loop(args, replicas):
+    """Times the real training loop with ``replicas`` replicas; returns a dict."""
+    import tensorflow as tf
+
+    import model
+    import train_dataset as td
+
+    work = tempfile.mkdtemp(prefix="srgan-bench-")
+    data = os.path.join(work, "data")
+    volume = GEOMETRIES[args.geometry][0]
+    parsed = model.build_parser().parse_args(_argv(args, replicas, data))
+    placement = model.choose_placement(parsed.gpus, multi_worker=False, log=lambda *_: None)
+    subjects_needed = max(2, -(-(args.warmup + args.steps) * args.batch_size // 8))
+    td.make_demo_data(data, subjects=subjects_needed, shape=volume, seed=0)
+    cfg = model.resolve_config(parsed, log=lambda *_: None)
+    subjects, _ = td.find_subjects(data, log=lambda *_: None)
+    generator, discriminator = model.build_networks(cfg, placement)
+    trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
+                                 loss_scale=cfg["mixed_precision"] == "float16",
+                                 strategy=placement.strategy, xla=cfg["xla"])
+    stream = model.TrainingStream(subjects, cfg, placement, log=lambda *_: None)
+    batches = iter(stream(0))
+    waited, start = 0.0, None
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            float(trainer.step.numpy())  # drain the warm-up steps
+            waited, start = 0.0, time.perf_counter()
+        t = time.perf_counter()
+        lr, hr = next(batches)[:2]
+        waited += time.perf_counter() - t
+        trainer.train_step(lr, hr)
+    float(trainer.step.numpy())  # the device has finished every step
+    seconds = time.perf_counter() - start
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        peak = max(tf.config.experimental.get_memory_info(d.name)["peak"] for d in gpus) / 2**30
+        memory = f"{peak:.1f} GiB per GPU (peak allocation)"
+    else:
+        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB resident (process peak)"
+    return {"replicas": replicas, "strategy": placement.name, "steps_per_s": args.steps / seconds,
+            "patches_per_s": args.steps * args.batch_size / seconds, "input_wait": waited / seconds,
+            "memory": memory}
+
+
+def measure_components(args):
+    """Generator forward and a full-volume evaluation on one device; prints them."""
+    import tensorflow as tf
+
+    import model
+    import networks
+    import train_dataset as td
+    import utils
+
+    volume, patch, margin = GEOMETRIES[args.geometry]
+    f = args.factor
+    g = networks.build_generator(f, upsampling_mode=args.mode)
+    predict = model.make_predictor(g)
+    lr = tf.random.uniform((1,) + tuple(p // f for p in patch) + (1,), -1, 1)
+    print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {patch}: "
+          f"{_timed(lambda: predict(lr).numpy(), 10) * 1e3:.1f} ms")
+    hr = np.random.default_rng(0).uniform(0, 1000, volume).astype(np.float32)
+
+    def evaluate_volume():
+        hr_n, nf = utils.normalize(hr)
+        lr_n = np.asarray(td.degrade(hr_n, f))
+        sr = utils.denormalize(model.super_resolve_volume(predict, lr_n, f, patch, margin, 2), nf)
+        utils.compute_metrics(hr, sr, hr > 0)
+        for order in (0, 1, 3):
+            utils.compute_metrics(hr, utils.upsample_baseline(lr_n, f, order, hr.shape), hr > 0)
+
+    print(f"full-volume evaluation {'x'.join(map(str, volume))} (patches + metrics + 3 baselines): "
+          f"{_timed(evaluate_volume, 1):.2f} s")
+
+
+def _timed(fn, repeat):
+    fn()  # warm-up: tracing, kernel selection
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -37,43 +136,60 @@ def timed(fn, repeat):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=3)
+    import networks
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", default="1", help="comma-separated replica counts, e.g. 1,2,4")
+    parser.add_argument("--xla", action="store_true", help="jit_compile the train step (one replica)")
+    parser.add_argument("--mixed_precision", default="none", choices=("none", "float16", "bfloat16"))
+    parser.add_argument("--geometry", default="default", choices=sorted(GEOMETRIES))
     parser.add_argument("--mode", default="subpixel", choices=networks.UPSAMPLING_MODES)
     parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="global batch (default: 2 x the largest replica count)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per replica count")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip_components", action="store_true", help="only the training loop")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gpus_visible", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    f = args.factor
-    print(f"tensorflow {tf.__version__}, devices {[d.device_type for d in tf.config.list_physical_devices()]}")
+    counts = [int(c) for c in args.replicas.split(",")]
+    if args.batch_size is None:
+        args.batch_size = 2 * max(counts)
 
-    g = networks.build_generator(f, upsampling_mode=args.mode)
-    predict = model.make_predictor(g)
-    lr = tf.random.uniform((1, 128 // f, 128 // f, 92 // f, 1), -1, 1)
-    t = timed(lambda: predict(lr).numpy(), 10)
-    print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {tuple(int(n) * f for n in lr.shape[1:4])}: {t * 1e3:.1f} ms")
+    if args.one is not None:  # a child: one replica count, one JSON line
+        print("RESULT " + json.dumps(measure_loop(args, args.one)), flush=True)
+        return 0
 
-    d = networks.build_discriminator()
-    trainer = model.SRGANTrainer(g, d)
-    hr = tf.random.uniform((2, 128, 128, 92, 1), -1, 1)
-    lr2 = td.degrade(hr, f)
-    t = timed(lambda: trainer.train_step(lr2, hr), args.steps)
-    print(f"training step (batch 2 x 128x128x92, x{f}, {args.mode}): {t:.2f} s "
-          f"-> {4 * t:.1f} s per volume")
+    import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    volume = rng.uniform(0, 1000, (224, 224, 152)).astype(np.float32)
-
-    def evaluate_volume():
-        hr_n, nf = utils.normalize(volume)
-        lr_n = np.asarray(td.degrade(hr_n, f))
-        sr = utils.denormalize(model.super_resolve_volume(predict, lr_n, f, (128, 128, 92), 16, 2), nf)
-        utils.compute_metrics(volume, sr, volume > 0)
-        for order in (0, 1, 3):
-            utils.compute_metrics(volume, utils.upsample_baseline(lr_n, f, order, volume.shape), volume > 0)
-
-    t = timed(evaluate_volume, 1)
-    print(f"full-volume evaluation 224x224x152 (8 patches + metrics + 3 baselines): {t:.2f} s")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    gpus = tf.config.list_physical_devices("GPU")
+    print(f"tensorflow {tf.__version__}; {len(gpus)} GPU(s); {os.cpu_count()} CPU cores; "
+          f"geometry {args.geometry}, x{args.factor} {args.mode}, global batch {args.batch_size}, "
+          f"xla {args.xla}, mixed precision {args.mixed_precision}", flush=True)
+    if not args.skip_components:
+        measure_components(args)
+    rows = []
+    for count in counts:
+        command = [sys.executable, os.path.abspath(__file__), "--one", str(count)] + [
+            a for a in sys.argv[1:]]
+        command += ["--batch_size", str(args.batch_size)] + (["--gpus_visible"] if gpus else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{count} replica(s) failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
+    base = rows[0]["patches_per_s"] / rows[0]["replicas"]
+    print()
+    print("| replicas | strategy | steps/s | patches/s | scaling efficiency | peak memory | input wait |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        efficiency = r["patches_per_s"] / (r["replicas"] * base)
+        print(f"| {r['replicas']} | {r['strategy']} | {r['steps_per_s']:.3f} | {r['patches_per_s']:.2f} | "
+              f"{efficiency:.0%} | {r['memory']} | {r['input_wait']:.1%} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
