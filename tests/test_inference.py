@@ -19,26 +19,13 @@ import model
 import networks
 import train_dataset as td
 import utils
+from helpers import Log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32x32x24 volumes, 20x20x16 patches, margin 2: 8 patches per volume.
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
         "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2"]
 SHAPE = (34, 30, 26)
-
-
-class Log:
-    """Collects log messages."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(str(msg))
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
 
 
 def _phantoms(n, seed):

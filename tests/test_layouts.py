@@ -7,20 +7,7 @@ import numpy as np
 import pytest
 
 import train_dataset as td
-
-
-class Log:
-    """Collects log messages."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(str(msg))
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
+from helpers import Log
 
 
 def _nifti(path, shape=(8, 8, 8), dtype=np.float32):

@@ -11,25 +11,12 @@ import pytest
 
 import train_dataset as td
 import utils
+from helpers import Log
 
 # Tiny training geometry used throughout: 40x40x24 canonical, 16x16x8 patches.
 VOL = (40, 40, 24)
 PATCH = (16, 16, 8)
 MARGIN = 2
-
-
-class Log:
-    """Collects log messages."""
-
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(str(msg))
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
 
 
 def _write(path, data, affine=None, dtype=np.float32):
