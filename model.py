@@ -2165,7 +2165,8 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
     processed whole. The network runs at most twice (the volume, and its
     mirror along ``flip_axis`` when a variant flips); each blending stitches
     those outputs. A flip variant is the mean of the plain result and the
-    mirrored volume's result mirrored back.
+    mirrored volume's result mirrored back and put back on the grid
+    (:func:`_align_mirrored_pass`).
 
     Args:
         predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
