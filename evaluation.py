@@ -1,0 +1,192 @@
+"""Evaluation: super-resolve each test volume from its degraded copy, compare with interpolation, write it all."""
+
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import checkpoints
+import durable
+import folders
+import inference
+import layouts
+import metrics as metrics_lib
+import nifti_io
+import outputs as outputs_lib
+import scans
+import splits
+import train_dataset as td
+import utils
+from errors import UserError
+from version import program
+
+
+def evaluation_settings(cfg, checkpoint, variants):
+    """What an evaluation's rows depend on: metrics.csv's header lines.
+
+    Returns:
+        dict str -> str; ``program`` and ``checkpoint`` (its path) inform,
+        the others must match for a later run to resume the file.
+    """
+    return {
+        "program": program(),
+        "checkpoint": f"{checkpoint['path']} (step {checkpoint['step']})",
+        "checkpoint_sha256": checkpoint["sha256"],
+        "data_path": os.path.abspath(cfg.data_path),
+        "bids_filter": cfg.bids_filter or "none",
+        "upsampling_factor": str(cfg.upsampling_factor),
+        "sigma": str(float(cfg.sigma)),
+        "volume_shape": ",".join(map(str, cfg.volume_shape)),
+        "blend": cfg.blend,
+        "tta": cfg.tta,
+        "sr": variants[-1].label,
+    }
+
+
+def mosaic(subject, row, lr_nearest, tricubic, srs, hr):
+    """The subject's slice mosaic: LR, tricubic, each SR variant, HR; titled, PSNR/SSIM on top."""
+    if len(srs) == 1:
+        titles = ["SR"]
+    else:
+        titles = [f"SR {v.label}" for v in srs]
+    quality = (f"PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}" if np.isfinite(row["psnr"])
+               else "empty brain mask: no PSNR/SSIM")
+    return utils.slices_mosaic([lr_nearest, tricubic, *srs.values(), hr],
+                               titles=["LR", "tricubic", *titles, "HR"],
+                               header=f"{subject.name}  {quality}")
+
+
+def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
+    """Evaluates one subject and writes its outputs; returns its metrics row (None: skipped).
+
+    The volumes, mosaic and sidecars are written before the row is returned,
+    so a subject with a row in metrics.csv has all its outputs.
+
+    Raises:
+        nifti_io.PipelineError: the data folder has disappeared.
+        durable.OutputError: an output could not be written.
+    """
+    subject, f = scan.subject, cfg.upsampling_factor
+    try:
+        image, affine, header = nifti_io.load_volume(subject.image_path, log=log,
+                                               max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
+        nifti_io.check_intensity(image, subject.image_path)
+        mask = nifti_io.load_mask(subject, image, log=log)
+    except nifti_io.PipelineError:
+        raise
+    except nifti_io.DataError as err:
+        log(f"skipping {subject.name}: {err}")
+        return None
+    hr, grid = td.to_canonical(image, cfg.volume_shape)
+    mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
+    hr_n, nf = utils.normalize(hr)
+    lr_n = np.asarray(td.degrade(hr_n, f, cfg.sigma))
+    # to_canonical pads/crops without reordering axes: the source's left-right axis.
+    flip_axis = utils.left_right_axis(affine) if any(v.flip for v in variants) else None
+    estimates = inference.super_resolve_variants(predict, lr_n, f, cfg.patch_shape, cfg.patch_margin,
+                                       cfg.batch_size, variants, flip_axis)
+    srs = {v: utils.denormalize(estimates[v], nf) for v in variants}
+    sr = srs[variants[-1]]
+    lr = utils.denormalize(lr_n, nf)
+    baselines = {method: utils.upsample_baseline(lr, f, order, hr.shape)
+                 for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+    others = {v.key: srs[v] for v in variants[:-1]}
+    row = {"subject": subject.name, **metrics_lib.subject_metrics(hr, {"sr": sr, **baselines, **others}, mask_c)}
+    if not mask_c.any():
+        log(f"{subject.name}: its brain mask is empty inside the canonical volume: metrics NaN, "
+            "left out of the summary")
+
+    source = outputs.source(scan)
+    sr_sidecar = {"Description": f"super-resolved x{f} from the _lr volume ({variants[-1].label})",
+                  "Sources": [source], **provenance, "Sigma": float(cfg.sigma),
+                  "Metrics": {k: v for k, v in row.items() if k != "subject"}}
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    outputs.write_volume(subject, "sr", td.from_canonical(sr, grid), affine, header, sidecar=sr_sidecar)
+    outputs.write_volume(subject, "hr", td.from_canonical(hr, grid), affine, header, sidecar={
+        "Description": "the reference: the source image on its own grid, zero outside the canonical "
+                       f"{'x'.join(map(str, cfg.volume_shape))} region", "Sources": [source]})
+    lr_affine = td.canonical_affine(affine, grid) @ np.diag([f, f, f, 1.0])
+    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * f, sidecar={
+        "Description": f"the network's input: the canonical reference blurred (sigma {cfg.sigma} "
+                       f"voxels) and decimated by {f}", "Sources": [source],
+        "UpsamplingFactor": f, "Sigma": float(cfg.sigma)})
+    outputs.write_slices(subject, mosaic(subject, row, baselines["nearest"], baselines["tricubic"], srs, hr))
+    return row
+
+
+def evaluate(cfg, checkpoint_dir, log=print, explicit=frozenset()):
+    """Evaluates a checkpoint on the test subjects (SPEC section 4, patch-stitched).
+
+    Writes to ``cfg.path_volumes`` per subject the SR, reference and LR
+    volumes and a slice mosaic (plain or BIDS-derivatives names, see
+    ``outputs.PlainOutputs``, ``outputs.BidsOutputs``), and ``metrics.csv``, one row
+    appended as each subject ends. A folder whose metrics.csv was written with
+    the same settings is resumed: the subjects it holds are skipped. With
+    -blend/-tta, every variant of ``inference.inference_variants`` is measured and
+    the last is written.
+
+    Returns:
+        list of per-subject dicts (every row of metrics.csv, numbers as floats).
+
+    Raises:
+        UserError: unusable checkpoint, data or output folder; metrics.csv of
+            an evaluation with other settings; no subject could be evaluated.
+        durable.LockedError: another run writes into the folder.
+        durable.OutputError: an output could not be written.
+    """
+    out_dir = cfg.path_volumes
+    layout = layouts.detect_layout(cfg.data_path, cfg.image_name)
+    root = scans.data_root(cfg.data_path, layout)
+    bids_filter = scans.bids_filter_for(cfg, cfg.data_path, explicit, log)
+    subjects = splits.evaluation_subjects(cfg, checkpoint_dir, bids_filter, log)
+    if not subjects:
+        raise UserError(f"no test subject to evaluate in {cfg.data_path!r}")
+    inputs = [scans.InputScan(s, root, layout == "bids") for s in subjects]
+    folders.check_output_folder(out_dir, [(root, layout)])
+    with durable.RunLock(out_dir, "evaluation"):
+        durable.remove_stale_temporaries(out_dir)
+        return evaluate_locked(cfg, checkpoint_dir, inputs, log)
+
+
+def evaluate_locked(cfg, checkpoint_dir, inputs, log):
+    """:func:`evaluate` once the output folder is locked."""
+    variants = inference.inference_variants(cfg.blend, cfg.tta)
+    checkpoint = checkpoints.checkpoint_identity(checkpoint_dir)
+    outputs = outputs_lib.make_outputs(outputs_lib.output_scheme(cfg.output_layout, inputs),
+                                       cfg.path_volumes, cfg.upsampling_factor)
+    metrics = metrics_lib.MetricsFile(os.path.join(outputs.folder, outputs_lib.METRICS_NAME),
+                                      metrics_lib.metric_columns(variants),
+                                      evaluation_settings(cfg, checkpoint, variants))
+    outputs.check_unique(inputs)
+    done = metrics.done()
+    todo = [s for s in inputs if s.subject.name not in done]
+    log(f"evaluation: {len(inputs)} subject(s), {outputs.scheme} outputs in {outputs.folder}; "
+        f"SR variants: {', '.join(v.label for v in variants)} (written: {variants[-1].label})")
+    if len(todo) < len(inputs):
+        log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} subject(s) already in "
+            f"{metrics.path} are skipped")
+    if todo:
+        if not done:
+            folders.overwrite_note([outputs.path(s.subject, "sr") for s in todo], log)
+        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
+        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+        provenance = outputs_lib.provenance(cfg, checkpoint)
+        for scan in tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True):
+            start = time.time()
+            row = evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log)
+            if row is None:
+                continue
+            metrics.append(row)
+            tqdm.write(f"{row['subject']}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
+                       f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
+                       f"{time.time() - start:.1f} s", file=sys.stderr)
+    rows = metrics.rows() if os.path.exists(metrics.path) else []
+    if not rows:
+        raise UserError("no test subject could be evaluated; see the messages above")
+    for line in metrics_lib.summary_lines(rows, variants):
+        log(line)
+    log(f"volumes, slices PNGs and {outputs_lib.METRICS_NAME} written to {outputs.folder}")
+    return rows
+

@@ -1,0 +1,194 @@
+"""Evaluation metrics: per-subject PSNR/SSIM (the original's and fair), metrics.csv, the closing summary."""
+
+import os
+
+import numpy as np
+
+import durable
+import utils
+from errors import UserError
+from inference import Variant
+
+METHODS = ("sr", "nearest", "trilinear", "tricubic")
+# Per subject: the original's metrics (data range of each pair: max - min of
+# both volumes), then the same with one data range for every method, the
+# reference's max - min ("fair": an estimate that overshoots no longer
+# enlarges its own range and so its PSNR).
+METRIC_COLUMNS = (("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "psnr_trilinear",
+                   "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
+                  + tuple(f"{m}{'' if s == 'sr' else '_' + s}_fair"
+                          for s in METHODS for m in ("psnr", "ssim")))
+# metrics.csv header lines that only inform; the others must match to resume.
+INFORMATIONAL_SETTINGS = ("program", "checkpoint")
+
+
+def metric_columns(variants=(Variant(),)):
+    """The metrics.csv columns of an evaluation computing ``variants``.
+
+    ``psnr``/``ssim`` (and their ``_fair`` pair) are the last variant's, the
+    one written as ``_sr``; every other variant adds ``psnr_<key>``,
+    ``ssim_<key>``, ``psnr_<key>_fair``, ``ssim_<key>_fair`` (key e.g.
+    ``sr_crop``). With the default options: exactly ``METRIC_COLUMNS``.
+
+    Returns:
+        tuple of str.
+    """
+    return METRIC_COLUMNS + tuple(f"{m}_{v.key}{t}" for v in variants[:-1]
+                                  for t in ("", "_fair") for m in ("psnr", "ssim"))
+
+
+def subject_metrics(hr, estimates, mask):
+    """Every metric of one subject: the original's and the fair ones.
+
+    Args:
+        hr: float32 (x, y, z), the reference in source intensities.
+        estimates: dict method -> float32 (x, y, z) estimate: the ``METHODS``,
+            and variant keys such as ``"sr_crop"``.
+        mask: bool (x, y, z) brain mask.
+
+    Returns:
+        dict with the ``metric_columns`` keys but ``subject`` (NaN for an
+        empty mask).
+    """
+    reference_range = float(hr.max() - hr.min()) or 1.0
+    row = {}
+    for method, estimate in estimates.items():
+        suffix = "" if method == "sr" else f"_{method}"
+        row[f"psnr{suffix}"], row[f"ssim{suffix}"] = utils.compute_metrics(hr, estimate, mask)
+        row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = utils.compute_metrics(
+            hr, estimate, mask, data_range=reference_range)
+    return row
+
+
+def read_header_lines(path):
+    """The ``# key: value`` lines at the top of a CSV file, as a dict ({} when there are none)."""
+    settings = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.startswith("#"):
+                    break
+                key, sep, value = line[1:].strip().partition(": ")
+                if sep:
+                    settings[key] = value
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}")
+    return settings
+
+
+class MetricsFile:
+    """metrics.csv: one row per subject, appended and flushed as each subject ends.
+
+    Its ``# key: value`` header lines record what the rows depend on (the
+    checkpoint, the data, sigma, the options); a later evaluation into the
+    same folder with the same settings resumes (skips the subjects it holds),
+    one with other settings is refused.
+
+    Args:
+        path: the CSV file.
+        columns: its columns (:func:`metric_columns`).
+        settings: dict of str -> str, its header lines.
+    """
+
+    def __init__(self, path, columns, settings):
+        self.path = path
+        self.columns = tuple(columns)
+        self.settings = dict(settings)
+
+    def done(self):
+        """The subjects already in the file.
+
+        Returns:
+            set of subject names (empty for a new file).
+
+        Raises:
+            UserError: the file holds rows of an evaluation with other
+                settings or columns (it is left untouched).
+        """
+        if not os.path.exists(self.path):
+            return set()
+        old = read_header_lines(self.path)
+        different = [f"{key}: {old.get(key, '(none)')} here, {value} now"
+                     for key, value in self.settings.items()
+                     if key not in INFORMATIONAL_SETTINGS and old.get(key) != value]
+        try:
+            fieldnames, rows = durable.read_csv_rows(self.path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {self.path}: {err}")
+        if not different and fieldnames is not None and tuple(fieldnames) != self.columns:
+            different.append(f"columns {','.join(fieldnames)} here")
+        if different:
+            raise UserError(f"{self.path} holds the results of another evaluation ("
+                            + "; ".join(different) + "); its rows cannot be mixed with this run's. "
+                            "Choose another -path_volumes, or move that metrics.csv away to start afresh")
+        return {row["subject"] for row in rows}
+
+    def append(self, row):
+        """Appends one subject's row durably (creating the file with its header lines).
+
+        Raises:
+            durable.OutputError: the row could not be written.
+        """
+        lines = [f"{key}: {value}" for key, value in self.settings.items()]
+        durable.append_csv_row(self.path, self.columns, row, header_lines=lines)
+
+    def rows(self):
+        """Every row in the file, numbers as floats (NaN kept)."""
+        _, rows = durable.read_csv_rows(self.path)
+        return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
+
+
+def stats_line(label, values):
+    return (f"{label}: mean {values.mean():.4f}  variance {values.var():.4f}  "
+            f"max {values.max():.4f}  min {values.min():.4f}  median {np.median(values):.4f}")
+
+
+def summary_lines(rows, variants=(Variant(),)):
+    """The evaluation's closing report.
+
+    Subjects whose metrics are not finite (an empty brain mask: NaN) are
+    named and left out of every statistic.
+
+    Args:
+        rows: list of per-subject dicts (floats), as :meth:`MetricsFile.rows`.
+        variants: the evaluation's variants; with more than one, a line each.
+
+    Returns:
+        list of str.
+    """
+    finite = [bool(np.isfinite(r["psnr"]) and np.isfinite(r["ssim"])) for r in rows]
+    usable = [r for r, ok in zip(rows, finite) if ok]
+    left_out = [r["subject"] for r, ok in zip(rows, finite) if not ok]
+    lines = []
+    if left_out:
+        lines.append(f"left out of the summary, metrics not finite (empty brain mask): "
+                     f"{len(left_out)} subject(s): " + ", ".join(left_out[:10])
+                     + (" ..." if len(left_out) > 10 else ""))
+    if not usable:
+        lines.append("no subject with finite metrics to summarise")
+        return lines
+
+    def mean(key):
+        return float(np.mean([r[key] for r in usable]))
+
+    lines.append(f"{len(usable)} subject(s):")
+    for key, label in (("psnr", "PSNR"), ("ssim", "SSIM")):
+        lines.append(stats_line(label, np.array([r[key] for r in usable], dtype=np.float64)))
+    for method in ("nearest", "trilinear", "tricubic"):
+        lines.append(f"baseline {method:<9}: mean PSNR {mean(f'psnr_{method}'):.4f}  "
+                     f"mean SSIM {mean(f'ssim_{method}'):.4f}")
+    lines.append("with one data range for every method (the reference's max - min):")
+    for method in METHODS:
+        suffix = "" if method == "sr" else f"_{method}"
+        lines.append(f"  {'SR' if method == 'sr' else method:<9}: mean PSNR {mean(f'psnr{suffix}_fair'):.4f}"
+                     f"  mean SSIM {mean(f'ssim{suffix}_fair'):.4f}")
+    if len(variants) > 1:
+        lines.append("inference options (mean PSNR / SSIM; the original's rule | one data range):")
+        for v in variants:
+            suffix = "" if v == variants[-1] else f"_{v.key}"
+            lines.append(f"  SR {v.label:<14}: {mean(f'psnr{suffix}'):.4f} / {mean(f'ssim{suffix}'):.4f}"
+                         f"  | {mean(f'psnr{suffix}_fair'):.4f} / {mean(f'ssim{suffix}_fair'):.4f}"
+                         + ("  (written as _sr)" if v == variants[-1] else ""))
+    return lines

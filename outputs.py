@@ -1,0 +1,276 @@
+"""What evaluation and -super_resolve write, and under which names: plain files or a BIDS derivatives dataset."""
+
+import os
+import pathlib
+import re
+
+import config
+import durable
+import utils
+from errors import UserError
+from version import PROGRAM_NAME, __version__
+
+BIDS_VERSION = "1.9.0"
+METRICS_NAME = "metrics.csv"
+DESCRIPTION_NAME = "dataset_description.json"
+
+BIDS_ENTITY_ORDER = ("sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc",
+                     "stain", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc",
+                     "hemi", "space", "split", "recording", "chunk", "seg", "res", "den", "label", "desc")
+_BIDS_RANK = {key: rank for rank, key in enumerate(BIDS_ENTITY_ORDER)}
+
+
+def bids_stem(entities, **changes):
+    """A BIDS file name stem (no suffix) from entities, some replaced or added.
+
+    Args:
+        entities: ordered ``(key, value)`` pairs, e.g. ``(("sub", "01"), ("desc", "brain"))``.
+        **changes: entities to set, e.g. ``rec="SRx2"``.
+
+    Returns:
+        str, e.g. ``"sub-01_rec-SRx2_desc-brain"``, entities in BIDS order.
+    """
+    merged = dict(entities)
+    merged.update(changes)
+    ordered = sorted(merged.items(), key=lambda kv: _BIDS_RANK.get(kv[0], _BIDS_RANK["desc"] - 0.5))
+    return "_".join(f"{k}-{v}" for k, v in ordered)
+
+
+def sidecar_path(nifti_path):
+    return nifti_path[: -len(utils.nifti_suffix(nifti_path))] + ".json"
+
+
+class PlainOutputs:
+    """The original's output names, all in one folder.
+
+    ``<subject>_sr.nii.gz`` (with a ``<subject>_sr.json`` sidecar: factor,
+    mode, checkpoint, options, metrics), ``<subject>_hr.nii.gz``,
+    ``<subject>_lr.nii.gz`` and ``<subject>_slices.png``.
+
+    Args:
+        folder: the -path_volumes.
+        upsampling_factor: int f.
+    """
+
+    scheme = "plain"
+    # The volumes that get a JSON sidecar.
+    SIDECAR_KINDS = ("sr",)
+
+    def __init__(self, folder, upsampling_factor):
+        self.folder = folder
+        self.factor = int(upsampling_factor)
+
+    def path(self, subject, kind):
+        """str, the NIfTI path of a subject's ``kind`` ("sr", "lr" or "hr") volume."""
+        return os.path.join(self.folder, f"{subject.name}_{kind}.nii.gz")
+
+    def slices_path(self, subject):
+        """str, the PNG path of a subject's slice mosaic."""
+        return os.path.join(self.folder, f"{subject.name}_slices.png")
+
+    def source(self, scan):
+        """str, how a sidecar names the input file (its absolute path)."""
+        return os.path.abspath(scan.subject.image_path)
+
+    def start(self, generated_by, scans):
+        """Prepares the folder before the first output (nothing to do for plain names)."""
+
+    def check_unique(self, scans):
+        """Refuses inputs that would write the same file.
+
+        Raises:
+            UserError: naming both inputs and the file.
+        """
+        seen = {}
+        for scan in scans:
+            path = self.path(scan.subject, "sr")
+            if path in seen:
+                raise UserError(f"{seen[path]} and {scan.subject.image_path} would both be written to "
+                                f"{path}; super-resolve them into different -path_volumes")
+            seen[path] = scan.subject.image_path
+
+    def write_volume(self, subject, kind, data, affine, header=None, zooms=None, sidecar=None):
+        """Writes one volume (and its sidecar when this scheme gives ``kind`` one).
+
+        Args:
+            subject: a :class:`layouts.Subject`.
+            kind: "sr", "lr" or "hr".
+            data: float32 (x, y, z).
+            affine: (4, 4) voxel-to-world matrix.
+            header: optional nibabel header to copy metadata from.
+            zooms: optional (3,) voxel sizes.
+            sidecar: optional JSON-serialisable dict.
+
+        Returns:
+            str, the NIfTI path.
+
+        Raises:
+            durable.OutputError: a file could not be written.
+        """
+        path = self.path(subject, kind)
+        utils.save_nifti(path, data, affine, header, zooms=zooms)
+        if sidecar is not None and kind in self.SIDECAR_KINDS:
+            durable.write_json(sidecar_path(path), sidecar)
+        return path
+
+    def write_slices(self, subject, image):
+        """Writes a subject's slice mosaic (uint8 (h, w)); returns its path."""
+        path = self.slices_path(subject)
+        utils.save_png(path, image)
+        return path
+
+
+class BidsOutputs(PlainOutputs):
+    """A BIDS derivatives dataset.
+
+    ``sub-X/[ses-Y/]anat/sub-X[_ses-Y]_rec-SRx<f>_T1w.nii.gz`` (super-resolved),
+    ``..._rec-LRx<f>_T1w.nii.gz`` (the degraded input) and
+    ``..._desc-reference_T1w.nii.gz`` (the reference), each with a JSON
+    sidecar; the other entities of the source file (acq, run, desc...) are
+    kept. The mosaic goes to ``sub-X/[ses-Y/]figures/..._rec-SRx<f>_slices.png``;
+    ``dataset_description.json`` and ``.bidsignore`` (metrics.csv, figures)
+    at the top. A subject that is not from a BIDS dataset becomes
+    ``sub-<its name without non-alphanumerics>``.
+    """
+
+    scheme = "bids"
+    SIDECAR_KINDS = ("sr", "lr", "hr")
+
+    def __init__(self, folder, upsampling_factor):
+        super().__init__(folder, upsampling_factor)
+        self.links = {}
+
+    def _entities(self, subject):
+        if subject.entities:
+            return subject.entities
+        label = re.sub(r"[^A-Za-z0-9]", "", subject.name)
+        if not label:
+            raise UserError(f"subject {subject.name!r} has no letter or digit to name a BIDS "
+                            f"subject with; use -output_layout plain")
+        return (("sub", label),)
+
+    def _changes(self, kind):
+        return {"sr": {"rec": f"SRx{self.factor}"}, "lr": {"rec": f"LRx{self.factor}"},
+                "hr": {"desc": "reference"}}[kind]
+
+    def _subject_folder(self, subject, datatype):
+        labels = dict(self._entities(subject))
+        parts = [f"sub-{labels['sub']}"] + ([f"ses-{labels['ses']}"] if labels.get("ses") else [])
+        return os.path.join(self.folder, *parts, datatype)
+
+    def path(self, subject, kind):
+        stem = bids_stem(self._entities(subject), **self._changes(kind))
+        return os.path.join(self._subject_folder(subject, "anat"), f"{stem}_T1w.nii.gz")
+
+    def slices_path(self, subject):
+        stem = bids_stem(self._entities(subject), **self._changes("sr"))
+        return os.path.join(self._subject_folder(subject, "figures"), f"{stem}_slices.png")
+
+    def source(self, scan):
+        """str, a BIDS URI ``bids:<link>:<path in the dataset>`` for BIDS inputs, else a file URI."""
+        path = os.path.abspath(scan.subject.image_path)
+        if not scan.bids:
+            return pathlib.Path(path).as_uri()
+        key = self._link_key(scan.root)
+        return f"bids:{key}:{pathlib.Path(os.path.relpath(path, scan.root)).as_posix()}"
+
+    def _link_key(self, root):
+        uri = pathlib.Path(os.path.abspath(root)).as_uri()
+        for key, value in self.links.items():
+            if value == uri:
+                return key
+        n = len(self.links) + 1
+        key = "raw" if n == 1 else f"raw{n}"
+        while key in self.links:
+            n += 1
+            key = f"raw{n}"
+        self.links[key] = uri
+        return key
+
+    def start(self, generated_by, scans):
+        """Writes (or extends) ``dataset_description.json`` and ``.bidsignore``.
+
+        Args:
+            generated_by: the ``GeneratedBy`` list of this run.
+            scans: the :class:`scans.InputScan` list (their datasets become
+                ``SourceDatasets`` and ``DatasetLinks``).
+
+        Raises:
+            UserError: the folder already describes another dataset (another
+                checkpoint or program, or not a derivative).
+            durable.OutputError: a file could not be written.
+        """
+        path = os.path.join(self.folder, DESCRIPTION_NAME)
+        existing = config.read_json(path)
+        if existing is not None:
+            if not isinstance(existing, dict) or existing.get("DatasetType") != "derivative" \
+                    or existing.get("GeneratedBy") != generated_by:
+                before = existing.get("GeneratedBy") if isinstance(existing, dict) else existing
+                raise UserError(f"{path} describes another dataset (GeneratedBy {before}); this run "
+                                f"({generated_by[0]['Description']}) would mix its outputs with it. "
+                                "Choose another -path_volumes")
+            self.links = dict(existing.get("DatasetLinks", {}))
+        for scan in scans:
+            self.source(scan)
+        sources = list(existing.get("SourceDatasets", [])) if existing else []
+        for root in dict.fromkeys(s.root for s in scans if s.root is not None):
+            entry = {"URL": pathlib.Path(root).as_uri()}
+            if entry not in sources:
+                sources.append(entry)
+        description = {
+            "Name": f"{PROGRAM_NAME} super-resolution x{self.factor}",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": generated_by,
+            "SourceDatasets": sources,
+        }
+        if self.links:
+            description["DatasetLinks"] = self.links
+        if description != existing:
+            durable.write_json(path, description)
+        ignore = os.path.join(self.folder, ".bidsignore")
+        if not os.path.exists(ignore):
+            durable.write_text(ignore, f"{METRICS_NAME}\n**/figures/\n")
+
+
+def output_scheme(output_layout, scans):
+    """"bids" or "plain": -output_layout, where auto means bids when every scan is BIDS."""
+    if output_layout != "auto":
+        return output_layout
+    return "bids" if scans and all(s.bids for s in scans) else "plain"
+
+
+def make_outputs(scheme, folder, upsampling_factor):
+    """The :class:`PlainOutputs` or :class:`BidsOutputs` writer of ``scheme`` into ``folder``."""
+    return (BidsOutputs if scheme == "bids" else PlainOutputs)(folder, upsampling_factor)
+
+
+def provenance(cfg, checkpoint):
+    """The sidecar entries every output of a run shares.
+
+    Args:
+        cfg: the run's :class:`config.Settings`.
+        checkpoint: ``checkpoints.checkpoint_identity`` of the generator's checkpoint.
+    """
+    return {
+        "UpsamplingFactor": cfg.upsampling_factor,
+        "UpsamplingMode": cfg.upsampling_mode,
+        "Checkpoint": checkpoint["path"],
+        "CheckpointStep": checkpoint["step"],
+        "CheckpointSHA256": checkpoint["sha256"],
+        "Blend": cfg.blend,
+        "TTA": cfg.tta,
+        "SoftwareName": PROGRAM_NAME,
+        "SoftwareVersion": __version__,
+    }
+
+
+def generated_by(cfg, checkpoint):
+    """The BIDS ``GeneratedBy`` list of a run: the port, its version and the checkpoint."""
+    return [{
+        "Name": PROGRAM_NAME,
+        "Version": __version__,
+        "Description": (f"3D SRGAN generator x{cfg.upsampling_factor} ({cfg.upsampling_mode}), "
+                        f"checkpoint {checkpoint['path']} (step {checkpoint['step']}, "
+                        f"sha256 {checkpoint['sha256']})"),
+    }]

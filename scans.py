@@ -1,0 +1,94 @@
+"""The scans an inference run reads: -super_resolve's files, folders and lists, and where each comes from."""
+
+import dataclasses
+import os
+
+import layouts
+import nifti_io
+
+
+@dataclasses.dataclass(frozen=True)
+class InputScan:
+    """One scan to super-resolve (or evaluate) and where it comes from.
+
+    Attributes:
+        subject: the :class:`layouts.Subject` (name, image, mask,
+            BIDS entities).
+        root: absolute path of its dataset (the BIDS dataset root, the data
+            folder, the list's folder), or None for a file given alone.
+        bids: bool, the scan belongs to a BIDS dataset (``root`` is its root).
+    """
+
+    subject: layouts.Subject
+    root: "str | None" = None
+    bids: bool = False
+
+
+def bids_filter_for(cfg, data_path, explicit, log):
+    """The -bids_filter to read ``data_path`` with.
+
+    A filter taken from the checkpoint (the training data were BIDS) is not
+    applied to other data that are not BIDS; one given on the command line is
+    (and ``find_subjects`` refuses it for such data).
+    """
+    bids_filter = cfg.bids_filter
+    if bids_filter and "bids_filter" not in explicit \
+            and layouts.detect_layout(data_path, cfg.image_name) != "bids":
+        log(f"note: the training's -bids_filter {bids_filter} is not used for {data_path} (not BIDS)")
+        return None
+    return bids_filter
+
+
+def data_root(data_path, layout):
+    """The folder a layout's scans live in: the folder itself, or a list's folder."""
+    path = os.path.abspath(data_path)
+    return os.path.dirname(path) if layout == "csv" else path
+
+
+def bids_file_scan(path):
+    """An :class:`InputScan` for a T1w file inside a BIDS dataset, or None when it is not one.
+
+    The file must be ``<root>/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_..._T1w.nii[.gz]``.
+    """
+    path = os.path.abspath(path)
+    anat = os.path.dirname(path)
+    entities, suffix = layouts.bids_entities(os.path.basename(path))
+    labels = dict(entities)
+    if suffix != "T1w" or "sub" not in labels or os.path.basename(anat) != "anat":
+        return None
+    parent = os.path.dirname(anat)
+    session = None
+    if os.path.basename(parent).startswith("ses-"):
+        session, parent = os.path.basename(parent)[4:], os.path.dirname(parent)
+    if os.path.basename(parent) != f"sub-{labels['sub']}" or labels.get("ses") != session:
+        return None
+    name = f"sub-{labels['sub']}" + (f"_ses-{session}" if session else "")
+    ordered = (("sub", labels["sub"]),) + ((("ses", session),) if session else ()) + tuple(
+        (k, v) for k, v in entities if k not in ("sub", "ses"))
+    return InputScan(layouts.Subject(name, path, entities=ordered), os.path.dirname(parent), True)
+
+
+def super_resolve_inputs(cfg, explicit, log):
+    """The scans of -super_resolve: files as they are, folders and lists through ``find_subjects``.
+
+    Returns:
+        list of :class:`InputScan`, in the order given (a folder's in name order).
+
+    Raises:
+        UserError, nifti_io.DataError: an unusable path or dataset.
+    """
+    scans = []
+    max_voxels = nifti_io.max_voxels_for(cfg.volume_shape)
+    for path in cfg.super_resolve:
+        if os.path.isfile(path) and not layouts.is_file_list(path):
+            bids = bids_file_scan(path)
+            name = layouts.strip_nifti_suffix(os.path.basename(path))
+            scans.append(bids or InputScan(layouts.Subject(name, os.path.abspath(path))))
+            continue
+        layout = layouts.detect_layout(path, cfg.image_name)
+        subjects, _ = layouts.find_subjects(path, cfg.image_name, cfg.mask_name, log=log,
+                                            bids_filter=bids_filter_for(cfg, path, explicit, log),
+                                            max_voxels=max_voxels)
+        root = data_root(path, layout)
+        scans += [InputScan(s, root, layout == "bids") for s in subjects]
+    return scans

@@ -1,0 +1,101 @@
+"""-super_resolve: super-resolve low-resolution scans as they are (no degradation) onto a finer grid."""
+
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+import checkpoints
+import durable
+import folders
+import inference
+import layouts
+import nifti_io
+import outputs as outputs_lib
+import scans
+import utils
+from errors import UserError
+
+
+def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
+    """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
+
+    Raises:
+        nifti_io.DataError: the scan cannot be read or its maximum is <= 0.
+        durable.OutputError: the output could not be written.
+    """
+    f = cfg.upsampling_factor
+    path = scan.subject.image_path
+    image, affine, header = nifti_io.load_volume(path, log=log, max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
+    nifti_io.check_intensity(image, path)
+    lr_n, nf = utils.normalize(image)
+    variant = inference.inference_variants(cfg.blend, cfg.tta)[-1]
+    flip_axis = utils.left_right_axis(affine) if variant.flip else None
+    sr = utils.denormalize(inference.super_resolve_variants(
+        predict, lr_n, f, cfg.patch_shape, cfg.patch_margin, cfg.batch_size, (variant,),
+        flip_axis)[variant], nf)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / f
+    sidecar = {"Description": f"super-resolved x{f} from the source as it is ({variant.label})",
+               "Sources": [outputs.source(scan)], **provenance}
+    out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([1.0 / f, 1.0 / f, 1.0 / f, 1.0]),
+                               header, zooms=zooms, sidecar=sidecar)
+    tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
+    return out
+
+
+def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
+    """-super_resolve: super-resolves low-resolution inputs as they are (no degradation).
+
+    ``cfg.super_resolve`` lists NIfTI files, folders (any layout
+    ``find_subjects`` reads, BIDS included) and .csv lists. Each scan gives an
+    SR volume of f × its shape with affine ``input_affine @ diag(1/f, 1/f,
+    1/f, 1)`` so it overlays the input, and a JSON sidecar (factor, mode,
+    checkpoint, options); plain names (``<name>_sr.nii.gz``) or BIDS
+    derivatives (``..._rec-SRx<f>_T1w.nii.gz``) as ``outputs.output_scheme``
+    says. A progress bar runs over the inputs. With several inputs an
+    unreadable one (or one whose maximum is <= 0) is reported and skipped.
+
+    Returns:
+        list of the SR paths written.
+
+    Raises:
+        UserError: unusable checkpoint, output folder or inputs; the only scan
+            is unusable; no scan could be read.
+        nifti_io.DataError: a single scan that cannot be read or has a maximum <= 0.
+        durable.LockedError: another run writes into the folder.
+        durable.OutputError: an output could not be written.
+    """
+    inputs = scans.super_resolve_inputs(cfg, explicit, log)
+    outputs = outputs_lib.make_outputs(outputs_lib.output_scheme(cfg.output_layout, inputs),
+                                       cfg.path_volumes, cfg.upsampling_factor)
+    outputs.check_unique(inputs)
+    sources = [(s.root, "bids" if s.bids else None) for s in inputs if s.root is not None]
+    sources += [(os.path.abspath(p), layouts.detect_layout(p, cfg.image_name))
+                for p in cfg.super_resolve if os.path.isdir(p)]
+    folders.check_output_folder(outputs.folder, sources)
+    with durable.RunLock(outputs.folder, "super-resolution"):
+        durable.remove_stale_temporaries(outputs.folder)
+        checkpoint = checkpoints.checkpoint_identity(checkpoint_dir)
+        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
+        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
+        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+        provenance = outputs_lib.provenance(cfg, checkpoint)
+        written, skipped = [], []
+        for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
+                         disable=len(inputs) == 1):
+            try:
+                written.append(super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
+            except nifti_io.PipelineError:
+                raise
+            except nifti_io.DataError as err:
+                if len(inputs) == 1:
+                    raise
+                log(f"skipping: {err}")
+                skipped.append(scan)
+    if not written:
+        raise UserError("no scan could be super-resolved; see the messages above")
+    log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
+        + (f"; {len(skipped)} skipped" if skipped else ""))
+    return written
+

@@ -1,0 +1,362 @@
+"""The trainer: both networks, both optimisers, the training state and its checkpoint, and one step.
+
+:class:`SRGANTrainer` owns what a checkpoint holds and the compiled step
+(one discriminator update, then one generator update). The loop around it
+(epochs, checkpoint policy, stop signals, the divergence guard) lives in
+``training_loop``.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+import checkpoints
+import config
+import networks
+from checkpoints import read_int
+from errors import RunStopped, UserError
+from losses import discriminator_loss, draw_targets, generator_losses, gradient_difference_loss, replica_rows
+
+# Inverse time decay of the original: lr = 1e-4 / (1 + 0.5 * step / 4920).
+DECAY_STEPS = 4920
+DECAY_RATE = 0.5
+
+
+class SRGANTrainer:
+    """Owns both networks, both Adam optimisers, the loss trackers and the checkpoint.
+
+    The checkpoint holds everything a bit-identical resume needs: both networks,
+    both optimisers (moments, iteration counts; loss-scale state under
+    float16), the epoch, the batches done in the current epoch, the step, the
+    data seed (data order and label noise are functions of it, the epoch and
+    the step) and the current epoch's loss sums. It does not depend on the
+    number of replicas: a run started on N replicas resumes on M.
+
+    Under a ``tf.distribute`` strategy each step runs on every replica with its
+    share of the global batch; sums need no scaling and means divide by the
+    global batch, so the summed gradients are those of the whole batch on one
+    device (batch norm must then be synchronised: ``synchronized_bn=True``).
+
+    Args:
+        generator: ``keras.Model`` from :func:`networks.build_generator`, built
+            under ``strategy.scope()`` when a strategy is given.
+        discriminator: ``keras.Model`` from :func:`networks.build_discriminator`.
+        learning_rate: initial learning rate of both optimisers.
+        seed: int, seeds the label noise and the data order.
+        run_eagerly: bool, run :meth:`train_step` without ``tf.function``.
+        loss_scale: bool, wrap both optimisers in dynamic loss scaling (needed
+            when the networks compute in float16, ``mixed_precision="float16"``).
+        checkpoint_dir: folder the checkpoints are written to (None: the
+            trainer cannot :meth:`save`).
+        max_to_keep: checkpoints kept in ``checkpoint_dir``.
+        pretrain_steps: int, the first steps update the generator alone on the
+            content loss (``mse + gdl``, the original's generator loss without
+            its adversarial term); the discriminator is not updated. 0 (the
+            original's recipe) trains the GAN from the first step.
+        strategy: None (one device) or a ``tf.distribute.Strategy``.
+        is_chief: bool; a non-chief worker of a multi-worker run writes its
+            checkpoints to a temporary folder that is removed at once.
+        xla: bool, compile the step with XLA (``jit_compile``; one device only).
+        workers: int, processes training together (the training loop makes
+            them agree on checkpoints and stop requests).
+    """
+
+    LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
+    # What train_step returns and the step history records, in this order.
+    SCALAR_NAMES = LOSS_NAMES + ("flipped", "learning_rate")
+    # Steps of scalars kept on the device between two reads by the host.
+    HISTORY = 256
+
+    def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
+                 loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
+                 strategy=None, is_chief=True, xla=False, workers=1):
+        self.generator = generator
+        self.discriminator = discriminator
+        self.strategy = strategy
+        self.replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+        self.is_chief = is_chief
+        self.workers = int(workers)
+        if xla and self.replicas > 1:
+            raise ValueError("xla=True is supported on one device only")
+        with self._scope():
+            self._build_state(learning_rate, seed, loss_scale)
+        self.manager = None
+        self.checkpoint_dir = checkpoint_dir
+        if checkpoint_dir is not None and is_chief:
+            self.manager = tf.train.CheckpointManager(self.checkpoint, checkpoint_dir,
+                                                      max_to_keep=max_to_keep, checkpoint_name="ckpt")
+        self.run_eagerly = run_eagerly
+        self.pretrain_steps = int(pretrain_steps)
+        self._host_step = None
+        if run_eagerly:
+            compile_ = lambda fn: fn  # noqa: E731
+        else:
+            compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla))  # noqa: E731
+        self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
+        self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
+        self._end_epoch = tf.function(self._end_epoch_fn)
+
+    def _scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def _build_state(self, learning_rate, seed, loss_scale):
+        generator, discriminator = self.generator, self.discriminator
+        self.schedule = keras.optimizers.schedules.InverseTimeDecay(
+            learning_rate, decay_steps=DECAY_STEPS, decay_rate=DECAY_RATE, staircase=False)
+        adam = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+        self.g_optimizer = keras.optimizers.Adam(self.schedule, **adam)
+        self.d_optimizer = keras.optimizers.Adam(self.schedule, **adam)
+        # The optimisers that apply the updates: the Adams themselves, or
+        # dynamic loss scaling around them (float16 gradients underflow).
+        self._g_apply, self._d_apply = self.g_optimizer, self.d_optimizer
+        extra = {}
+        if loss_scale:
+            # The generator loss is a sum over every voxel (~1e3-1e5): its
+            # gradients need no up-scaling, and the usual 2**15 would overflow
+            # float16 for the first dozen steps. The discriminator's is a mean.
+            self._g_apply = keras.optimizers.LossScaleOptimizer(self.g_optimizer, initial_scale=1.0)
+            self._d_apply = keras.optimizers.LossScaleOptimizer(self.d_optimizer)
+            extra = {"g_loss_scale": self._g_apply, "d_loss_scale": self._d_apply}
+        # Built now so that a restore finds every slot variable to fill.
+        self._g_apply.build(generator.trainable_variables)
+        self._d_apply.build(discriminator.trainable_variables)
+        counter = dict(dtype=tf.int64, trainable=False)
+        self.epoch = tf.Variable(0, name="epoch", **counter)
+        self.epoch_batches = tf.Variable(0, name="epoch_batches", **counter)
+        self.step = tf.Variable(0, name="step", **counter)
+        self.data_seed = tf.Variable(seed, name="data_seed", **counter)
+        # The current epoch's loss sums and batch count: in the checkpoint, so
+        # the epoch's summary after a mid-epoch resume covers the whole epoch.
+        self.loss_sums = tf.Variable(tf.zeros(len(self.LOSS_NAMES)), trainable=False, name="loss_sums")
+        self.loss_count = tf.Variable(0.0, trainable=False, name="loss_count")
+        # The scalars of the last HISTORY steps, row ``step % HISTORY``: the
+        # host reads them every few steps instead of waiting on every step.
+        self.history = tf.Variable(tf.zeros((self.HISTORY, len(self.SCALAR_NAMES))),
+                                   trainable=False, name="history")
+        self.checkpoint = tf.train.Checkpoint(
+            generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
+            d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
+            step=self.step, data_seed=self.data_seed, loss_sums=self.loss_sums,
+            loss_count=self.loss_count, **extra)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def learning_rate(self):
+        """float, the learning rate the next step uses."""
+        return float(self.schedule(self.g_optimizer.iterations))
+
+    def restore(self, checkpoint_dir):
+        """Restores the whole training state from the latest checkpoint of a folder.
+
+        Args:
+            checkpoint_dir: a folder written by :meth:`save`.
+
+        Returns:
+            str, the checkpoint path restored.
+
+        Raises:
+            UserError: if the folder holds no checkpoint or it does not fit.
+        """
+        path = checkpoints.require(checkpoint_dir)
+        try:
+            status = self.checkpoint.restore(path)
+            # Checkpoints of earlier versions also hold a label-noise generator
+            # that the stateless draws no longer need.
+            status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as err:
+            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+        self._host_step = None
+        return path
+
+    def save(self):
+        """Writes a checkpoint numbered by the step (numbers are never reused).
+
+        Every worker of a multi-worker run must call it (the variables are read
+        collectively); only the chief's copy is kept.
+
+        Returns:
+            str, the checkpoint path (the chief's).
+        """
+        if self.checkpoint_dir is None:
+            raise ValueError("this trainer was built without a checkpoint_dir")
+        step = read_int(self.step)
+        try:
+            if self.is_chief:
+                return self.manager.save(checkpoint_number=step)
+            scratch = tempfile.mkdtemp(prefix="srgan-worker-")
+            try:
+                self.checkpoint.write(os.path.join(scratch, "ckpt"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return os.path.join(self.checkpoint_dir, f"ckpt-{step}")
+        except (tf.errors.OpError, OSError) as err:
+            reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            latest = checkpoints.latest(self.checkpoint_dir)
+            kept = (f"The last complete checkpoint is {latest}" if latest else
+                    "No checkpoint of this run was completed")
+            raise RunStopped(
+                f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
+                f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
+                f"resume with -restore {self.checkpoint_dir}.") from err
+
+    def epoch_losses(self):
+        """dict of the mean of each loss over the current epoch's batches so far."""
+        count = float(self.loss_count.numpy())
+        sums = self.loss_sums.numpy()
+        return {name: float(sums[i]) / max(count, 1.0) for i, name in enumerate(self.LOSS_NAMES)}
+
+    def recent_scalars(self, first_step, last_step):
+        """The scalars of steps ``first_step..last_step`` (1-based, at most HISTORY back).
+
+        Returns:
+            list of (step, dict of the ``SCALAR_NAMES`` floats); one read of the device.
+        """
+        first_step = max(first_step, last_step - self.HISTORY + 1, 1)
+        rows = self.history.numpy()
+        return [(s, dict(zip(self.SCALAR_NAMES, map(float, rows[s % self.HISTORY]))))
+                for s in range(first_step, last_step + 1)]
+
+    def end_epoch(self):
+        """Counts an epoch as done (epoch + 1, batches in epoch 0, loss sums 0) in one call.
+
+        The counters change inside one graph call so that a Ctrl-C can never
+        leave a checkpoint with one updated and not the other.
+        """
+        self._end_epoch()
+
+    def _end_epoch_fn(self):
+        self.epoch.assign_add(1)
+        self.epoch_batches.assign(0)
+        self.loss_sums.assign(tf.zeros_like(self.loss_sums))
+        self.loss_count.assign(0.0)
+
+    # ------------------------------------------------------------------ step
+
+    def train_step(self, lr, hr):
+        """One discriminator update, then one generator update.
+
+        Args:
+            lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1], the degraded patches
+                (under a strategy: a distributed value, each replica's share).
+            hr: float32 (b, x, y, z, 1) in [-1, 1], the reference patches.
+
+        Returns:
+            dict of float32 scalar tensors (no host synchronisation): d_loss,
+            g_loss, mse, gdl, adv (this step's, over the global batch), flipped
+            (1.0 when the labels were swapped) and learning_rate (the one this
+            step used). During pre-training d_loss, adv and flipped are 0.
+        """
+        # A host-side mirror of the step counter: reading self.step would make
+        # the host wait for the device at every step.
+        if self._host_step is None:
+            self._host_step = read_int(self.step)
+        pretraining = self._host_step < self.pretrain_steps
+        out = (self._compiled_pretrain if pretraining else self._compiled)(lr, hr)
+        self._host_step += 1
+        return out
+
+    def _step(self, replica_step, lr, hr):
+        """Runs ``replica_step`` on every replica, sums the shares, records the step."""
+        if self.strategy is None:
+            out = replica_step(lr, hr)
+        else:
+            shares = self.strategy.run(replica_step, args=(lr, hr))
+            out = {name: self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM if name in self.LOSS_NAMES else tf.distribute.ReduceOp.MEAN,
+                value, axis=None) for name, value in shares.items()}
+        self._record(out)
+        return out
+
+    def _gan_replica_step(self, lr, hr):
+        g, d = self.generator, self.discriminator
+        local = tf.shape(hr)[0]
+        batch, first = replica_rows(local)
+        global_batch = batch if self.replicas > 1 else None
+        t_real, t_fake, flipped, t_gen = [
+            t if t.shape.rank == 0 else t[first:first + local]
+            for t in draw_targets(self.data_seed, self.step, batch)]
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
+        sr = g(lr, training=True)
+        with tf.GradientTape() as tape:
+            d_real = d(hr, training=True)
+            d_fake = d(sr, training=True)
+            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch)
+            scaled = self._scale(self._d_apply, d_loss)
+        grads = tape.gradient(scaled, d.trainable_variables)
+        self._d_apply.apply(grads, d.trainable_variables)
+
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            d_fake = d(sr, training=True)
+            losses = generator_losses(hr, sr, d_fake, t_gen, global_batch)
+            scaled = self._scale(self._g_apply, losses["g_loss"])
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
+        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
+                "learning_rate": learning_rate}
+
+    def _pretrain_replica_step(self, lr, hr):
+        g = self.generator
+        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
+        with tf.GradientTape() as tape:
+            sr = g(lr, training=True)
+            mse = tf.reduce_sum(tf.square(sr - hr))
+            gdl = gradient_difference_loss(hr, sr)
+            scaled = self._scale(self._g_apply, mse + gdl)
+        grads = tape.gradient(scaled, g.trainable_variables)
+        self._g_apply.apply(grads, g.trainable_variables)
+        zero = tf.zeros((), tf.float32)
+        return {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
+                "flipped": zero, "learning_rate": learning_rate}
+
+    def _record(self, out):
+        # The counters, trackers and history move in the same graph call as the
+        # weights, so a Ctrl-C between two Python statements cannot split them.
+        self.step.assign_add(1)
+        self.epoch_batches.assign_add(1)
+        self.loss_sums.assign_add(tf.stack([out[name] for name in self.LOSS_NAMES]))
+        self.loss_count.assign_add(1.0)
+        row = tf.cast(self.step % self.HISTORY, tf.int32)
+        self.history[row].assign(tf.stack([out[name] for name in self.SCALAR_NAMES]))
+
+    @staticmethod
+    def _scale(optimizer, loss):
+        # LossScaleOptimizer.apply divides the gradients by the same scale.
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return optimizer.scale_loss(loss)
+        return loss
+
+    def local_batch(self, batch):
+        """The first replica's part of a (possibly distributed) batch, for previews."""
+        if self.strategy is None:
+            return batch
+        return tuple(self.strategy.experimental_local_results(t)[0] for t in batch)
+
+
+def build_networks(cfg, placement=None):
+    """The generator and discriminator a configuration describes.
+
+    Args:
+        cfg: the run's :class:`config.Settings`.
+        placement: a :class:`Placement`; under a strategy the networks are
+            built in its scope, with batch norm over the global batch.
+
+    Returns:
+        (generator, discriminator) ``keras.Model`` pair.
+    """
+    policy = config.PRECISION_POLICIES[cfg.mixed_precision]
+    synchronized = placement is not None and placement.replicas > 1
+    scope = (placement.strategy.scope() if placement is not None and placement.strategy is not None
+             else contextlib.nullcontext())
+    with scope:
+        generator = networks.build_generator(**cfg.architecture(), dtype_policy=policy,
+                                             synchronized_bn=synchronized)
+        discriminator = networks.build_discriminator(tuple(cfg.patch_shape) + (1,),
+                                                     dtype_policy=policy, synchronized_bn=synchronized)
+    return generator, discriminator

@@ -1,0 +1,278 @@
+"""The training loop: epochs and steps around the trainer, the checkpoint policy, stop signals, guards.
+
+:class:`TrainingLoop` drives an ``trainer.SRGANTrainer`` through epochs:
+it checkpoints by a :class:`CheckpointPolicy` and at every epoch end, turns
+SIGTERM/SIGUSR1 (:class:`StopSignals`) and Ctrl-C into a checkpoint and a
+stop, stops a run whose losses turn non-finite without saving them, and makes
+the workers of a multi-worker run agree on all of it at the same steps.
+"""
+
+import signal
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import checkpoints
+from checkpoints import read_int
+from errors import EXIT_DIVERGED, RunStopped
+
+
+class CheckpointPolicy:
+    """When to checkpoint inside an epoch: every ``minutes`` of training and/or every ``steps`` steps.
+
+    The end of every epoch is a checkpoint anyway; this adds the ones inside
+    long epochs, so a killed run loses minutes, not an epoch.
+
+    Args:
+        minutes: float >= 0; 0 turns the timer off.
+        steps: int >= 0; 0 turns the step interval off.
+        clock: callable returning seconds (monotonic), for tests.
+    """
+
+    def __init__(self, minutes=30.0, steps=0, clock=time.monotonic):
+        self.seconds = float(minutes) * 60.0
+        self.steps = int(steps)
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, step):
+        """bool, whether a checkpoint is due after ``step`` (1-based)."""
+        by_steps = self.steps > 0 and step % self.steps == 0
+        by_time = self.seconds > 0 and self.clock() - self.last >= self.seconds
+        return by_steps or by_time
+
+    def saved(self):
+        """Restarts the timer (a checkpoint was just written)."""
+        self.last = self.clock()
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 as a request to checkpoint and stop, inside a ``with`` block.
+
+    SLURM and Kubernetes send SIGTERM before they kill a pre-empted job;
+    ``sbatch --signal=USR1@120`` sends SIGUSR1 ahead of the time limit. The
+    handler only records the signal: the training loop checkpoints at the next
+    step boundary and stops. Handlers are installed in the main thread only
+    and the previous ones restored on exit.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+
+
+class NullReporter:
+    """Says nothing: what a :class:`TrainingLoop` reports to by default (and on non-chief workers).
+
+    ``reporting.TrainingReporter`` is the one a person sees.
+    """
+
+    def start_epoch(self, epoch, skip):
+        pass
+
+    def after_step(self, trainer, step, batch):
+        pass
+
+    def flush(self, trainer, step):
+        pass
+
+    def checkpointed(self, step, path):
+        pass
+
+    def end_epoch(self, epoch, losses, path):
+        pass
+
+    def close(self):
+        pass
+
+
+class TrainingLoop:
+    """Runs a trainer's epochs: steps, checkpoints, stop signals and the divergence guard.
+
+    Args:
+        trainer: an ``trainer.SRGANTrainer`` (its state is the loop's state:
+            epoch, batches done, step, the checkpoint).
+        reporter: a :class:`NullReporter` (``reporting.TrainingReporter``
+            for a person); None says nothing.
+        policy: a :class:`CheckpointPolicy` for checkpoints inside epochs
+            (None: only at epoch ends).
+        log: callable for messages.
+    """
+
+    # Steps between two looks at the device: the finiteness guard, and on
+    # several workers the agreement on checkpoints and stop requests.
+    CHECK_EVERY = 10
+
+    def __init__(self, trainer, reporter=None, policy=None, log=print):
+        self.trainer = trainer
+        self.reporter = reporter or NullReporter()
+        self.policy = policy or CheckpointPolicy(minutes=0, steps=0)
+        self.log = log
+        self.checked_step = read_int(trainer.step)
+
+    def fit(self, epoch_data, epochs):
+        """Trains up to ``epochs`` epochs, checkpointing by the policy and after each epoch.
+
+        SIGTERM/SIGUSR1 and Ctrl-C checkpoint and stop; losses that turn
+        non-finite stop the run without saving.
+
+        Args:
+            epoch_data: callable ``(epoch, skip) -> iterable of (lr, hr, nf)``
+                batches of that epoch, its first ``skip`` batches left out.
+            epochs: total epochs to reach.
+
+        Returns:
+            dict, the last epoch's mean losses ({} when nothing was trained).
+
+        Raises:
+            KeyboardInterrupt: after saving a checkpoint.
+            RunStopped: on a stop signal (after saving), on divergence (without
+                saving) or when a checkpoint cannot be written.
+        """
+        trainer = self.trainer
+        losses = {}
+        self.checked_step = read_int(trainer.step)
+        with StopSignals() as signals:
+            try:
+                while read_int(trainer.epoch) < epochs:
+                    epoch, skip = read_int(trainer.epoch), read_int(trainer.epoch_batches)
+                    self.train_epoch(epoch_data(epoch, skip), epoch, skip, signals)
+                    losses = self.end_epoch(epoch, signals)
+            except KeyboardInterrupt:
+                self.guard_finite(read_int(trainer.step))
+                path = trainer.save()
+                self.log(f"\ninterrupted: saved {path} (epoch {read_int(trainer.epoch) + 1}, "
+                         f"{read_int(trainer.epoch_batches)} batches in); resume with "
+                         f"-restore {trainer.checkpoint_dir}")
+                raise
+            finally:
+                self.reporter.close()
+        return losses
+
+    def end_epoch(self, epoch, signals=None):
+        """Closes an epoch: guard, counters, checkpoint, report, then a requested stop.
+
+        Returns:
+            dict, the epoch's mean losses.
+        """
+        trainer = self.trainer
+        self.guard_finite(read_int(trainer.step))
+        losses = trainer.epoch_losses()
+        trainer.end_epoch()
+        path = trainer.save()
+        self.policy.saved()
+        self.reporter.end_epoch(epoch, losses, path)
+        self.stop_if_requested(signals, path)
+        return losses
+
+    def train_epoch(self, batches, epoch, skip, signals=None):
+        """Runs the steps of one epoch (from batch ``skip`` on).
+
+        Returns:
+            int, the number of steps run.
+        """
+        trainer, reporter = self.trainer, self.reporter
+        step = read_int(trainer.step)
+        reporter.start_epoch(epoch, skip)
+        done, pending = 0, None
+        for batch in batches:
+            # Checks for the previous step once the next batch is there: after
+            # an epoch's last step the epoch's own checkpoint follows anyway.
+            if pending is not None:
+                self.between_steps(pending, signals)
+            trainer.train_step(batch[0], batch[1])
+            step += 1
+            done += 1
+            reporter.after_step(trainer, step, trainer.local_batch(batch))
+            pending = step
+        reporter.flush(trainer, step)
+        return done
+
+    def between_steps(self, step, signals):
+        """Checkpoints when due and stops on request, every worker at the same step."""
+        several_workers = self.trainer.workers > 1
+        at_check = step % self.CHECK_EVERY == 0
+        requested = signals is not None and signals.received is not None
+        if several_workers:
+            if not at_check:
+                return  # workers decide together, at steps every one of them knows
+        elif not (at_check or requested or self.policy.due(step)):
+            return
+        self.guard_finite(step)
+        save, stop = self.policy.due(step), requested
+        if several_workers:
+            save, stop = self.agree(save, stop)
+        if not (save or stop):
+            return
+        path = self.trainer.save()
+        self.policy.saved()
+        self.reporter.checkpointed(step, path)
+        if stop:
+            self.stopped(signals, path)
+
+    def stop_if_requested(self, signals, path):
+        """After a checkpoint at ``path``: stops if a signal asked for it (on any worker)."""
+        stop = signals is not None and signals.received is not None
+        if self.trainer.workers > 1:
+            (stop,) = self.agree(stop)
+        if stop:
+            self.stopped(signals, path)
+
+    def stopped(self, signals, path):
+        """Raises the :class:`RunStopped` of a stop signal, after the checkpoint at ``path``."""
+        trainer = self.trainer
+        signum = (signals.received if signals is not None else None) or signal.SIGTERM
+        name = signal.Signals(signum).name
+        raise RunStopped(
+            f"received {name} at step {read_int(trainer.step)} (epoch {read_int(trainer.epoch) + 1}, "
+            f"{read_int(trainer.epoch_batches)} batches in): saved {path}. Resume with "
+            f"-restore {trainer.checkpoint_dir}", exit_code=128 + int(signum))
+
+    def agree(self, *flags):
+        """Each flag true on any worker becomes true on all (a tiny all-reduce)."""
+        strategy = self.trainer.strategy
+        local = tf.constant([float(bool(f)) for f in flags])
+        shares = strategy.run(lambda: tf.identity(local))
+        # tf.distribute reduces by SUM or MEAN only: a sum above 0 is "any".
+        agreed = strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None).numpy()
+        return tuple(bool(v > 0) for v in agreed)
+
+    def guard_finite(self, step):
+        """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
+
+        Raises:
+            RunStopped: naming the first non-finite step and the last good checkpoint.
+        """
+        trainer = self.trainer
+        for s, values in trainer.recent_scalars(self.checked_step + 1, step):
+            bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+            if bad:
+                latest = checkpoints.latest(trainer.checkpoint_dir) if trainer.checkpoint_dir else None
+                where = (f"the last good checkpoint is {latest}; resume from it with a lower "
+                         f"-learning_rate (-restore {trainer.checkpoint_dir} -learning_rate ...)"
+                         if latest else "no checkpoint had been written yet")
+                shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+                raise RunStopped(
+                    f"training diverged: the losses turned non-finite at step {s} ({shown}). "
+                    f"The non-finite weights were not saved; {where}.", exit_code=EXIT_DIVERGED)
+        self.checked_step = max(step, self.checked_step)
