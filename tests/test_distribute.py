@@ -20,6 +20,10 @@ import tensorflow as tf
 import model
 import networks
 import train_dataset as td
+import training
+from config import Settings
+from placement import Placement, choose_placement, parse_gpus, read_tf_config
+from trainer import SRGANTrainer, build_networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
@@ -27,7 +31,7 @@ TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin"
 
 
 def _mirrored():
-    return model.choose_placement(("cpu", 2), environ={})
+    return choose_placement(("cpu", 2), environ={})
 
 
 # HR patches of 32x32x24: on smaller ones the discriminator's deepest batch
@@ -39,13 +43,13 @@ PATCH = (32, 32, 24)
 
 
 def _trainer(placement, mode, weights=None, learning_rate=1e-3):
-    cfg = dict(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode=mode,
-               patch_shape=PATCH, mixed_precision="none")
-    g, d = model.build_networks(cfg, placement)
+    cfg = Settings(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode=mode,
+                   patch_shape=PATCH, mixed_precision="none")
+    g, d = build_networks(cfg, placement)
     if weights is not None:
         g.set_weights(weights[0])
         d.set_weights(weights[1])
-    return model.SRGANTrainer(g, d, learning_rate=learning_rate, seed=5, strategy=placement.strategy)
+    return SRGANTrainer(g, d, learning_rate=learning_rate, seed=5, strategy=placement.strategy)
 
 
 def _distributed_batches(placement, lr, hr):
@@ -85,7 +89,7 @@ def sgd(monkeypatch):
     """
     import keras
 
-    monkeypatch.setattr(model.keras.optimizers, "Adam",
+    monkeypatch.setattr(keras.optimizers, "Adam",
                         lambda learning_rate, **_: keras.optimizers.SGD(learning_rate))
 
 
@@ -102,7 +106,7 @@ def test_two_replicas_take_the_single_device_step(mode, sgd):
     # The discriminator's gradients start near 1e4 and the generator's summed
     # loss near 1e5: at 1e-8 the updates move weights by 0.5-5 % and keep both
     # networks well conditioned.
-    single = _trainer(model.Placement(), mode, learning_rate=1e-8)
+    single = _trainer(Placement(), mode, learning_rate=1e-8)
     start = (single.generator.get_weights(), single.discriminator.get_weights())
     placement = _mirrored()
     mirrored = _trainer(placement, mode, start, learning_rate=1e-8)
@@ -137,7 +141,7 @@ def test_two_replicas_compute_the_single_device_losses_with_adam():
     rng = np.random.default_rng(1)
     hr = rng.uniform(-1, 1, (2,) + PATCH + (1,)).astype(np.float32)
     lr = np.asarray(td.degrade(hr, 2))
-    single = _trainer(model.Placement(), "subpixel")
+    single = _trainer(Placement(), "subpixel")
     placement = _mirrored()
     mirrored = _trainer(placement, "subpixel", (single.generator.get_weights(),
                                                 single.discriminator.get_weights()))
@@ -154,13 +158,13 @@ def test_mixed_precision_works_under_a_strategy():
     rng = np.random.default_rng(2)
     hr = rng.uniform(-1, 1, (2,) + patch + (1,)).astype(np.float32)
     lr = np.asarray(td.degrade(hr, 2))
-    cfg = dict(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode="subpixel",
-               patch_shape=patch, mixed_precision="float16")
+    cfg = Settings(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode="subpixel",
+                   patch_shape=patch, mixed_precision="float16")
     losses = []
-    for placement in (model.Placement(), _mirrored()):
+    for placement in (Placement(), _mirrored()):
         keras.utils.set_random_seed(3)
-        g, d = model.build_networks(cfg, placement)
-        trainer = model.SRGANTrainer(g, d, seed=5, loss_scale=True, strategy=placement.strategy)
+        g, d = build_networks(cfg, placement)
+        trainer = SRGANTrainer(g, d, seed=5, loss_scale=True, strategy=placement.strategy)
         batch = (lr, hr) if placement.strategy is None else _distributed_batches(placement, lr, hr)[0]
         losses.append({k: float(v) for k, v in trainer.train_step(*batch).items()})
         assert all(w.dtype == "float32" for w in g.weights + d.weights)
@@ -172,7 +176,7 @@ def test_mixed_precision_works_under_a_strategy():
 def _run_cfg(data, ckpt, pred, *extra):
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
             "-path_prediction", str(pred)] + TINY + list(extra)
-    return model.resolve_config(model.build_parser().parse_args(argv), log=lambda *_: None)
+    return model.parse_command(argv, log=lambda *_: None).settings
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +187,7 @@ def data(tmp_path_factory):
 
 
 def test_a_two_replica_run_resumes_on_one_replica_with_the_same_data_order(data, tmp_path, monkeypatch):
-    original = model.SRGANTrainer.train_step
+    original = SRGANTrainer.train_step
     seen = []
 
     def spy(self, lr, hr):
@@ -193,18 +197,18 @@ def test_a_two_replica_run_resumes_on_one_replica_with_the_same_data_order(data,
             raise KeyboardInterrupt
         return original(self, lr, hr)
 
-    monkeypatch.setattr(model.SRGANTrainer, "train_step", spy)
+    monkeypatch.setattr(SRGANTrainer, "train_step", spy)
     quiet = lambda *_: None  # noqa: E731
     stop_at = [None]
-    model.train(_run_cfg(data, tmp_path / "one", tmp_path / "p1"), log=quiet)
+    training.train(_run_cfg(data, tmp_path / "one", tmp_path / "p1"), log=quiet)
     reference, seen[:] = list(seen), []
     stop_at[0] = 4  # interrupted at the 4th step of 8 (2 train volumes x 8 patches / 2)
     with pytest.raises(KeyboardInterrupt):
-        model.train(_run_cfg(data, tmp_path / "two", tmp_path / "p2"), log=quiet, placement=_mirrored())
+        training.train(_run_cfg(data, tmp_path / "two", tmp_path / "p2"), log=quiet, placement=_mirrored())
     assert json.loads((tmp_path / "two" / "config.json").read_text())["replicas"] == 2
     stop_at[0] = None
     cfg = _run_cfg(data, tmp_path / "two", tmp_path / "p2", "-restore", str(tmp_path / "two"))
-    model.train(cfg, log=quiet)
+    training.train(cfg, log=quiet)
     assert len(reference) == 8
     # The interrupted step is counted once; the resumed run continues at step 4 with batch 4.
     assert len(seen) == 9
@@ -282,23 +286,23 @@ def test_placement_mistakes_are_clear_errors(argv, env, message, data, tmp_path,
 @pytest.mark.parametrize("text, parsed", [("0", ("gpu", (0,))), ("0,2", ("gpu", (0, 2))), ("cpu", ("cpu", 1)),
                                           ("CPU:3", ("cpu", 3))])
 def test_gpus_flag(text, parsed):
-    assert model.parse_gpus(text) == parsed
+    assert parse_gpus(text) == parsed
 
 
 @pytest.mark.parametrize("text", ["", "cpu:0", "cpu:x", "0,0", "-1", "gpu", "1;2"])
 def test_bad_gpus_flag(text):
     with pytest.raises(Exception, match="expected GPU indices"):
-        model.parse_gpus(text)
+        parse_gpus(text)
 
 
 def test_placement_from_the_environment():
-    assert model.choose_placement(None, environ={}).strategy is None  # no GPU here: one device
-    placement = model.choose_placement(("cpu", 2), environ={})
+    assert choose_placement(None, environ={}).strategy is None  # no GPU here: one device
+    placement = choose_placement(("cpu", 2), environ={})
     assert placement.replicas == 2 and placement.is_chief and "2 replicas" in placement.describe()
-    workers, index = model.read_tf_config(json.dumps(
+    workers, index = read_tf_config(json.dumps(
         {"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {"type": "worker", "index": 1}}))
     assert (workers, index) == (3, 2)
     notes = []
-    assert model.choose_placement(None, multi_worker=False, environ={"TF_CONFIG": "{}"},
+    assert choose_placement(None, multi_worker=False, environ={"TF_CONFIG": "{}"},
                                   log=notes.append).strategy is None
     assert "TF_CONFIG is ignored" in notes[0]

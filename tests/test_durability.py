@@ -19,6 +19,10 @@ import tensorflow as tf
 import model
 import train_dataset as td
 import utils
+import errors
+import training
+from trainer import SRGANTrainer
+from training_loop import CheckpointPolicy, StopSignals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
@@ -204,7 +208,7 @@ def test_the_largest_seed_is_accepted():
 
 def test_non_finite_losses_stop_the_run_without_saving_them(data, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "ckpt"
-    original = model.TrainingStream._batches
+    original = training.TrainingStream._batches
 
     def poisoned(self, epoch, skip):
         for i, (lr, hr, nf) in enumerate(original(self, epoch, skip)):
@@ -212,8 +216,8 @@ def test_non_finite_losses_stop_the_run_without_saving_them(data, tmp_path, monk
                 lr = lr * np.nan
             yield lr, hr, nf
 
-    monkeypatch.setattr(model.TrainingStream, "_batches", poisoned)
-    assert model.main(_argv(data, ckpt)) == model.EXIT_DIVERGED
+    monkeypatch.setattr(training.TrainingStream, "batches", poisoned)
+    assert model.main(_argv(data, ckpt)) == errors.EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "diverged" in err and "non-finite at step 7" in err and "ckpt-6" in err
     assert "Traceback" not in err
@@ -230,13 +234,13 @@ def test_non_finite_losses_stop_the_run_without_saving_them(data, tmp_path, monk
 def test_a_data_folder_removed_mid_run_stops_it(data, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
-    original = model.SRGANTrainer.end_epoch
+    original = SRGANTrainer.end_epoch
 
     def end_epoch(self):
         original(self)
         shutil.rmtree(copy)  # gone before epoch 2 reads it
 
-    monkeypatch.setattr(model.SRGANTrainer, "end_epoch", end_epoch)
+    monkeypatch.setattr(SRGANTrainer, "end_epoch", end_epoch)
     assert model.main(_argv(copy, tmp_path / "ckpt")) == 2
     err = capsys.readouterr().err
     assert "has disappeared" in err and "Traceback" not in err
@@ -281,20 +285,20 @@ def test_leftover_temporaries_are_removed_at_start(data, tmp_path, capsys):
 
 def test_checkpoint_policy_by_steps_and_by_time():
     now = [0.0]
-    policy = model.CheckpointPolicy(minutes=1.0, steps=5, clock=lambda: now[0])
+    policy = CheckpointPolicy(minutes=1.0, steps=5, clock=lambda: now[0])
     assert [s for s in range(1, 12) if policy.due(s)] == [5, 10]
     now[0] = 61.0
     assert policy.due(7)  # a minute of training since the last checkpoint
     policy.saved()
     assert not policy.due(8)
-    off = model.CheckpointPolicy(minutes=0, steps=0, clock=lambda: now[0])
+    off = CheckpointPolicy(minutes=0, steps=0, clock=lambda: now[0])
     now[0] = 1e9
     assert not any(off.due(s) for s in range(1, 100))
 
 
 def test_stop_signals_are_recorded_not_fatal_and_handlers_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with model.StopSignals() as signals:
+    with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
         assert signals.received == signal.SIGUSR1

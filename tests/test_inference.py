@@ -19,6 +19,16 @@ import model
 import networks
 import train_dataset as td
 import utils
+import checkpoints
+import errors
+import evaluation
+import folders
+import inference
+import metrics
+import splits
+import super_resolve
+import version
+from outputs import BidsOutputs, bids_stem
 from helpers import Log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +126,7 @@ def test_bids_evaluation_writes_valid_derivatives(bids_run, tmp_path, capsys):
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
     (generated,) = description["GeneratedBy"]
-    assert generated["Name"] == model.PROGRAM_NAME and generated["Version"] == model.__version__
+    assert generated["Name"] == version.PROGRAM_NAME and generated["Version"] == version.__version__
     checkpoint = os.path.realpath(tf.train.latest_checkpoint(str(bids_run["ckpt"])))
     assert checkpoint in generated["Description"]
     root_uri = pathlib.Path(str(bids_run["data"])).resolve().as_uri()
@@ -159,12 +169,12 @@ def test_super_resolve_a_bids_file_and_a_bids_dataset(bids_run, tmp_path):
 
 
 def test_derivatives_of_another_checkpoint_are_not_mixed(tmp_path):
-    outputs = model.BidsOutputs(str(tmp_path), 2)
-    mine = [{"Name": model.PROGRAM_NAME, "Version": model.__version__, "Description": "checkpoint A"}]
+    outputs = BidsOutputs(str(tmp_path), 2)
+    mine = [{"Name": version.PROGRAM_NAME, "Version": version.__version__, "Description": "checkpoint A"}]
     outputs.start(mine, [])
     outputs.start(mine, [])  # the same run again: fine
-    with pytest.raises(model.UserError, match="describes another dataset"):
-        model.BidsOutputs(str(tmp_path), 2).start([dict(mine[0], Description="checkpoint B")], [])
+    with pytest.raises(errors.UserError, match="describes another dataset"):
+        BidsOutputs(str(tmp_path), 2).start([dict(mine[0], Description="checkpoint B")], [])
 
 
 @pytest.mark.parametrize("entities, changes, stem", [
@@ -177,7 +187,7 @@ def test_derivatives_of_another_checkpoint_are_not_mixed(tmp_path):
     ((("sub", "01"), ("desc", "brain")), {"desc": "reference"}, "sub-01_desc-reference"),
 ])
 def test_bids_names_follow_the_entity_order(entities, changes, stem):
-    assert model.bids_stem(entities, **changes) == stem
+    assert bids_stem(entities, **changes) == stem
 
 
 # ----------------------------------------------------------------------------
@@ -200,15 +210,15 @@ def _csv_dataset(base):
 def test_csv_list_with_relative_paths_and_a_split_column_is_honoured(bids_run, tmp_path):
     listing = _csv_dataset(tmp_path)
     argv = ["-data_path", str(listing), "-checkpoint_dir", str(tmp_path / "ckpt")] + TINY
-    cfg = model.resolve_config(model.build_parser().parse_args(argv), log=lambda *_: None)
-    train, test = model.training_split(cfg, Log())
+    cfg = model.parse_command(argv, log=lambda *_: None).settings
+    train, test = splits.training_split(cfg, Log())
     assert [s.name for s in train] == ["002_S_0001", "002_S_0002"] and [s.name for s in test] == ["002_S_0000"]
     # Evaluated with another run's checkpoint: the list's own test rows, plain names by its subject column.
     log = Log()
-    cfg = model.resolve_config(model.build_parser().parse_args(
+    command = model.parse_command(
         ["-evaluate", "True", "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-data_path", str(listing),
-         "-path_volumes", str(tmp_path / "plain")]), log=log)
-    rows = model.evaluate(cfg, log=log)
+         "-path_volumes", str(tmp_path / "plain")], log=log)
+    rows = evaluation.evaluate(command.settings, command.source_checkpoint, log=log)
     assert [r["subject"] for r in rows] == ["002_S_0000"] and "split column" in log.text
     assert (tmp_path / "plain" / "002_S_0000_sr.nii.gz").exists()
     # -output_layout bids names a non-BIDS subject sub-<its name without separators>.
@@ -243,11 +253,11 @@ def test_bad_layout_or_output_folder_is_a_clear_error(bids_run, tmp_path, capsys
 def test_outputs_inside_a_bids_dataset_belong_in_derivatives(tmp_path):
     bids = tmp_path / "bids"
     (bids / "sub-01").mkdir(parents=True)
-    model._check_output_folder(str(bids / "derivatives" / "sr"), [(str(bids), "bids")])
-    model._check_output_folder(str(bids / "sub"), [(str(bids / "list.csv"), "csv")])
+    folders.check_output_folder(str(bids / "derivatives" / "sr"), [(str(bids), "bids")])
+    folders.check_output_folder(str(bids / "sub"), [(str(bids / "list.csv"), "csv")])
     for inside in (bids, bids / "sub-01" / "sr"):
-        with pytest.raises(model.UserError, match="derivatives"):
-            model._check_output_folder(str(inside), [(str(bids), "bids")])
+        with pytest.raises(errors.UserError, match="derivatives"):
+            folders.check_output_folder(str(inside), [(str(bids), "bids")])
 
 
 def test_a_second_evaluation_into_the_same_folder_is_refused(bids_run, tmp_path, capsys):
@@ -277,14 +287,14 @@ def test_a_generator_mismatch_logs_no_tensorflow_warnings(bids_run):
         assert len(records) > 20
         records.clear()
         g = networks.build_generator(2, residual_blocks=0, feature_size=4)
-        with pytest.raises(model.UserError, match="does not fit the architecture flags"):
-            model.restore_generator(g, str(bids_run["ckpt"]))
+        with pytest.raises(errors.UserError, match="does not fit the architecture flags"):
+            checkpoints.restore_generator(g, str(bids_run["ckpt"]))
         del g
         gc.collect()
         assert records == []
         # A fitting generator still restores (the throwaway copy is only a probe).
         g = networks.build_generator(2, residual_blocks=1, feature_size=4)
-        model.restore_generator(g, str(bids_run["ckpt"]))
+        checkpoints.restore_generator(g, str(bids_run["ckpt"]))
         reader = tf.train.load_checkpoint(path)
         kernel = [w for w in g.weights if w.path.endswith("kernel")][0].numpy()
         # Trainable weights are stored once, under the path the object graph
@@ -309,18 +319,18 @@ def test_a_generator_mismatch_logs_no_tensorflow_warnings(bids_run):
     ("gaussian", "flip", ["crop", "gaussian", "gaussian+flip"]),
 ])
 def test_each_option_adds_one_variant_and_its_columns(blend, tta, labels):
-    variants = model.inference_variants(blend, tta)
+    variants = inference.inference_variants(blend, tta)
     assert [v.label for v in variants] == labels
-    columns = model.metric_columns(variants)
-    assert columns[:len(model.METRIC_COLUMNS)] == model.METRIC_COLUMNS
-    assert len(columns) == len(model.METRIC_COLUMNS) + 4 * (len(labels) - 1)
+    columns = metrics.metric_columns(variants)
+    assert columns[:len(metrics.METRIC_COLUMNS)] == metrics.METRIC_COLUMNS
+    assert len(columns) == len(metrics.METRIC_COLUMNS) + 4 * (len(labels) - 1)
     assert len(set(columns)) == len(columns)
 
 
 @pytest.mark.parametrize("blend, tta", [("mean", "none"), ("crop", "rot90")])
 def test_unknown_options_are_refused(blend, tta):
     with pytest.raises(ValueError):
-        model.inference_variants(blend, tta)
+        inference.inference_variants(blend, tta)
 
 
 def _ramp_exact_predictor(axis, f):
@@ -357,12 +367,12 @@ def test_flip_tta_keeps_an_exact_reconstruction_exact(f, axis, blend):
     lr = hr[::f, ::f, ::f]
     predict = _ramp_exact_predictor(axis, f)
     patch, margin = (8 * f, 8 * f, 8 * f), f
-    plain = model.super_resolve_volume(predict, lr, f, patch, margin, blend=blend)
+    plain = inference.super_resolve_volume(predict, lr, f, patch, margin, blend=blend)
     np.testing.assert_allclose(plain, hr, atol=1e-4)
-    tta = model.super_resolve_volume(predict, lr, f, patch, margin, blend=blend, flip_axis=axis)
+    tta = inference.super_resolve_volume(predict, lr, f, patch, margin, blend=blend, flip_axis=axis)
     np.testing.assert_allclose(tta, hr, atol=1e-4)
     # Not vacuous: the mirrored pass alone, mirrored back, is f - 1 voxels off.
-    mirrored = np.flip(model.super_resolve_volume(predict, np.flip(lr, axis).copy(), f, patch, margin,
+    mirrored = np.flip(inference.super_resolve_volume(predict, np.flip(lr, axis).copy(), f, patch, margin,
                                                   blend=blend), axis)
     np.testing.assert_allclose(mirrored, hr - (f - 1), atol=1e-4)
 
@@ -379,7 +389,7 @@ def test_flip_tta_averages_the_mirrored_pass_mirrored_back():
 
     lr = np.random.default_rng(0).normal(size=(7, 6, 5)).astype(np.float32)
     up = np.repeat(np.repeat(np.repeat(lr, 2, 0), 2, 1), 2, 2)
-    tta = model.super_resolve_volume(ramp_predict, lr, 2, (16, 16, 12), 2, flip_axis=1)
+    tta = inference.super_resolve_volume(ramp_predict, lr, 2, (16, 16, 12), 2, flip_axis=1)
     # Plain: up + ramp 0..11; mirrored back: up + 11..0, put one voxel back
     # along the axis (x[::2] sampling), the last slice keeping the plain value.
     ramp = np.arange(12, dtype=np.float32)[None, :, None]
@@ -390,11 +400,11 @@ def test_flip_tta_averages_the_mirrored_pass_mirrored_back():
     # Several variants share the network passes: one plain, one mirrored.
     calls.clear()
     lr = np.random.default_rng(1).normal(size=(13, 11, 9)).astype(np.float32)
-    variants = model.inference_variants("gaussian", "flip")
-    out = model.super_resolve_variants(ramp_predict, lr, 2, (8, 8, 6), 2, 4, variants, flip_axis=0)
+    variants = inference.inference_variants("gaussian", "flip")
+    out = inference.super_resolve_variants(ramp_predict, lr, 2, (8, 8, 6), 2, 4, variants, flip_axis=0)
     assert sum(calls) == 2 * td.patches_per_volume((13, 11, 9), (4, 4, 3), 1)
     for v in variants:
-        alone = model.super_resolve_volume(ramp_predict, lr, 2, (8, 8, 6), 2, 4, blend=v.blend,
+        alone = inference.super_resolve_volume(ramp_predict, lr, 2, (8, 8, 6), 2, 4, blend=v.blend,
                                            flip_axis=0 if v.flip else None)
         np.testing.assert_allclose(out[v], alone, atol=1e-6)
 
@@ -439,13 +449,13 @@ def test_flip_tta_mirrors_the_left_right_axis_of_the_affine(bids_run, tmp_path, 
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(scan, affine), str(path))
     seen = []
-    monkeypatch.setattr(model, "_restored_predictor", lambda cfg, log: _recording_predictor(seen))
-    cfg = model.resolve_config(model.build_parser().parse_args(
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
+    command = model.parse_command(
         ["-super_resolve", str(path), "-checkpoint_dir_restore", str(bids_run["ckpt"]),
-         "-path_volumes", str(tmp_path / "out"), "-tta", "flip"]), log=lambda *_: None)
+         "-path_volumes", str(tmp_path / "out"), "-tta", "flip"], log=lambda *_: None)
     # Smaller than the checkpoint's patch (a flag would contradict it): a multi-patch pass.
-    cfg["patch_shape"], cfg["patch_margin"] = (8, 8, 6), 2
-    (out,) = model.super_resolve_file(cfg, log=lambda *_: None)
+    cfg = command.settings.replace(patch_shape=(8, 8, 6), patch_margin=2)
+    (out,) = super_resolve.super_resolve_file(cfg, command.source_checkpoint, log=lambda *_: None)
     lr_n, _ = utils.normalize(scan)
     assert _flipped_axis(seen, lr_n) == lr_axis
     assert json.loads((tmp_path / "out" / "scan_sr.json").read_text())["TTA"] == "flip"
@@ -467,7 +477,7 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
     data = tmp_path / "data"
     _save(data / "s1" / td.IMAGE_NAME, image, affine)
     seen = []
-    monkeypatch.setattr(model, "_restored_predictor", lambda cfg, log: _recording_predictor(seen))
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
     assert _evaluate(bids_run["ckpt"], tmp_path / "out", "-data_path", data, "-tta", "flip") == 0
     hr, _ = td.to_canonical(image.astype(np.float32), (32, 32, 24))
     lr_n = np.asarray(td.degrade(utils.normalize(hr)[0], 2, 1.0))
@@ -480,13 +490,13 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
 
 def test_options_are_reported_side_by_side_and_in_the_header(bids_run, tmp_path):
     log = Log()
-    cfg = model.resolve_config(model.build_parser().parse_args(
+    command = model.parse_command(
         ["-evaluate", "True", "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-path_volumes", str(tmp_path),
-         "-blend", "gaussian", "-tta", "flip", "-output_layout", "plain"]), log=log)
-    rows = model.evaluate(cfg, log=log)
+         "-blend", "gaussian", "-tta", "flip", "-output_layout", "plain"], log=log)
+    rows = evaluation.evaluate(command.settings, command.source_checkpoint, log=log)
     for label in ("crop", "gaussian", "gaussian+flip"):
         assert any(line.strip().startswith(f"SR {label} ") for line in log.lines), label
-    header = model._read_header_lines(str(tmp_path / "metrics.csv"))
+    header = metrics.read_header_lines(str(tmp_path / "metrics.csv"))
     assert header["blend"] == "gaussian" and header["tta"] == "flip" and header["sr"] == "gaussian+flip"
     # The written _sr volume is the fully-optioned one; the others are columns.
     assert {"psnr_sr_crop", "psnr_sr_gaussian", "ssim_sr_gaussian_fair"} <= set(rows[0])
@@ -500,11 +510,11 @@ def test_mosaic_has_a_column_per_variant():
     vol = np.random.default_rng(0).uniform(0, 1, (8, 8, 6)).astype(np.float32)
     row = {"psnr": 30.0, "ssim": 0.9}
     subject = td.Subject("s", "s.nii.gz")
-    one = model._mosaic(subject, row, vol, vol, {model.Variant(): vol}, vol)
-    three = model._mosaic(subject, row, vol, vol, {v: vol for v in model.inference_variants("gaussian", "flip")}, vol)
+    one = evaluation.mosaic(subject, row, vol, vol, {inference.Variant(): vol}, vol)
+    three = evaluation.mosaic(subject, row, vol, vol, {v: vol for v in inference.inference_variants("gaussian", "flip")}, vol)
     assert three.shape[0] == one.shape[0] and three.shape[1] > one.shape[1] * 1.3
-    no_mask = model._mosaic(subject, {"psnr": float("nan"), "ssim": float("nan")}, vol, vol,
-                            {model.Variant(): vol}, vol)
+    no_mask = evaluation.mosaic(subject, {"psnr": float("nan"), "ssim": float("nan")}, vol, vol,
+                            {inference.Variant(): vol}, vol)
     assert no_mask.shape[0] == one.shape[0]
 
 
@@ -520,7 +530,7 @@ def _adni_data(folder, n, seed):
 def test_an_evaluation_killed_half_way_resumes_each_subject_once(bids_run, tmp_path, monkeypatch, capsys):
     data = _adni_data(tmp_path / "data", 3, seed=8)
     out = tmp_path / "out"
-    original = model._evaluate_subject
+    original = evaluation.evaluate_subject
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -529,11 +539,11 @@ def test_an_evaluation_killed_half_way_resumes_each_subject_once(bids_run, tmp_p
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "_evaluate_subject", interrupted)
+    monkeypatch.setattr(evaluation, "evaluate_subject", interrupted)
     assert _evaluate(bids_run["ckpt"], out, "-data_path", data) == 130
     _, rows = _metrics(out / "metrics.csv")
     assert [r["subject"] for r in rows] == ["demo_000"]
-    monkeypatch.setattr(model, "_evaluate_subject", original)
+    monkeypatch.setattr(evaluation, "evaluate_subject", original)
     capsys.readouterr()
     assert _evaluate(bids_run["ckpt"], out, "-data_path", data) == 0
     assert "resuming: 1 of 3 subject(s)" in capsys.readouterr().out

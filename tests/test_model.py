@@ -15,6 +15,15 @@ import model
 import networks
 import train_dataset as td
 import utils
+import errors
+import inference
+import metrics
+import quiet
+import training
+import config
+from config import PERSISTED, PRECISION_POLICIES, adopt_saved_settings
+from losses import discriminator_loss, draw_targets, generator_losses
+from trainer import SRGANTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_TRAIN = ("-path_prediction YOURPATH -checkpoint_dir YOURCHECKPOINTPATH -residual_blocks 8 "
@@ -37,30 +46,32 @@ def _args(argv):
 def test_seed_readme_train_command_parses(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkdir("data")  # the default -data_path
-    cfg = model.resolve_config(_args(SEED_TRAIN), log=lambda *_: None)
-    assert cfg["path_prediction"] == "YOURPATH" and cfg["checkpoint_dir"] == "YOURCHECKPOINTPATH"
-    assert cfg["residual_blocks"] == 8 and cfg["upsampling_factor"] == 2 and cfg["feature_size"] == 64
-    assert cfg["upsampling_mode"] == "subpixel_NN" and cfg["action"] == "train"
-    assert cfg["restore"] is None and cfg["epochs"] == 10
+    command = model.parse_command(SEED_TRAIN, log=lambda *_: None)
+    cfg = command.settings
+    assert cfg.path_prediction == "YOURPATH" and cfg.checkpoint_dir == "YOURCHECKPOINTPATH"
+    assert cfg.residual_blocks == 8 and cfg.upsampling_factor == 2 and cfg.feature_size == 64
+    assert cfg.upsampling_mode == "subpixel_NN" and command.action == "train"
+    assert cfg.restore is None and cfg.epochs == 10
 
 
 def test_seed_readme_test_command_parses_and_needs_a_checkpoint(tmp_path):
     args = _args(SEED_TEST)
     assert args.evaluate is True and args.checkpoint_dir_restore == "YOURCHECKPOINTPATH"
     assert args.path_volumes == "YOURPATH" and args.subpixel_NN is True
-    with pytest.raises(model.UserError, match="YOURCHECKPOINTPATH.*does not exist"):
-        model.resolve_config(args, log=lambda *_: None)
+    with pytest.raises(errors.UserError, match="YOURCHECKPOINTPATH.*does not exist"):
+        model.resolve_command(args, log=lambda *_: None)
 
 
 def test_defaults_match_the_original(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkdir("data")
-    cfg = model.resolve_config(_args([]), log=lambda *_: None)
-    assert (cfg["residual_blocks"], cfg["upsampling_factor"], cfg["feature_size"]) == (6, 4, 32)
-    assert cfg["upsampling_mode"] == "subpixel" and cfg["epochs"] == 10 and cfg["batch_size"] == 2
-    assert cfg["volume_shape"] == (224, 224, 152) and cfg["patch_shape"] == (128, 128, 92)
-    assert cfg["patch_margin"] == 16 and cfg["train_fraction"] == 0.8 and cfg["learning_rate"] == 1e-4
-    assert cfg["action"] == "train"
+    command = model.parse_command([], log=lambda *_: None)
+    cfg = command.settings
+    assert (cfg.residual_blocks, cfg.upsampling_factor, cfg.feature_size) == (6, 4, 32)
+    assert cfg.upsampling_mode == "subpixel" and cfg.epochs == 10 and cfg.batch_size == 2
+    assert cfg.volume_shape == (224, 224, 152) and cfg.patch_shape == (128, 128, 92)
+    assert cfg.patch_margin == 16 and cfg.train_fraction == 0.8 and cfg.learning_rate == 1e-4
+    assert command.action == "train"
 
 
 @pytest.mark.parametrize("text, value", [("True", True), ("false", False), ("1", True), ("0", False),
@@ -91,8 +102,9 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         _args(["-h"])
     text = capsys.readouterr().out
-    for name in model.DEFAULTS:
-        assert f"-{name}" in text
+    for name in [*config.defaults(), *model.MODE_FLAGS]:
+        if name != "upsampling_mode":  # chosen by the two mode flags
+            assert f"-{name}" in text
     assert "(default: 224,224,152)" in text and "(default: 6)" in text
 
 
@@ -127,7 +139,7 @@ def test_losses_match_numpy():
     sr = rng.uniform(-1, 1, (2, 6, 5, 4, 1)).astype(np.float32)
     d_fake = rng.normal(size=(2, 1)).astype(np.float32)
     t = rng.uniform(0.7, 1.2, (2, 1)).astype(np.float32)
-    out = {k: float(v) for k, v in model.generator_losses(hr, sr, d_fake, t).items()}
+    out = {k: float(v) for k, v in generator_losses(hr, sr, d_fake, t).items()}
     gdl = sum(np.sum((np.abs(np.diff(hr, axis=a)) - np.abs(np.diff(sr, axis=a))) ** 2) for a in (1, 2, 3))
     assert out["mse"] == pytest.approx(np.sum((sr - hr) ** 2), rel=1e-5)
     assert out["gdl"] == pytest.approx(gdl, rel=1e-5)
@@ -135,14 +147,14 @@ def test_losses_match_numpy():
     assert out["g_loss"] == pytest.approx(out["mse"] + out["gdl"] + out["adv"], rel=1e-6)
     d_real = rng.normal(size=(2, 1)).astype(np.float32)
     tr, tf_ = np.full((2, 1), 0.9, np.float32), np.full((2, 1), 0.1, np.float32)
-    assert float(model.discriminator_loss(d_real, d_fake, tr, tf_)) == pytest.approx(
+    assert float(discriminator_loss(d_real, d_fake, tr, tf_)) == pytest.approx(
         np.mean((d_real - tr) ** 2) + np.mean((d_fake - tf_) ** 2), rel=1e-5)
 
 
 def test_targets_are_smoothed_and_flipped_one_time_in_ten():
     flips, n = 0, 2000
     for step in range(n):
-        t_real, t_fake, flipped, t_gen = model.draw_targets(7, step, 2)
+        t_real, t_fake, flipped, t_gen = draw_targets(7, step, 2)
         real, fake = t_real.numpy(), t_fake.numpy()
         assert real.shape == fake.shape == t_gen.shape == (2, 1)
         if bool(flipped):
@@ -154,9 +166,9 @@ def test_targets_are_smoothed_and_flipped_one_time_in_ten():
 
 
 def test_targets_are_a_function_of_seed_and_step_only():
-    same = [np.concatenate([t.numpy().ravel() for t in model.draw_targets(3, 41, 4)]) for _ in range(2)]
+    same = [np.concatenate([t.numpy().ravel() for t in draw_targets(3, 41, 4)]) for _ in range(2)]
     np.testing.assert_array_equal(same[0], same[1])
-    other = np.concatenate([t.numpy().ravel() for t in model.draw_targets(3, 42, 4)])
+    other = np.concatenate([t.numpy().ravel() for t in draw_targets(3, 42, 4)])
     assert not np.array_equal(same[0], other)
 
 
@@ -167,7 +179,7 @@ def test_targets_are_a_function_of_seed_and_step_only():
 def _tiny_trainer(run_eagerly=False):
     g = networks.build_generator(2, residual_blocks=1, feature_size=4)
     d = networks.build_discriminator((8, 8, 6, 1))
-    return model.SRGANTrainer(g, d, learning_rate=1e-4, seed=1, run_eagerly=run_eagerly)
+    return SRGANTrainer(g, d, learning_rate=1e-4, seed=1, run_eagerly=run_eagerly)
 
 
 def test_train_step_returns_scalars_and_decays_learning_rate():
@@ -219,9 +231,9 @@ def run(tmp_path_factory):
 def test_training_writes_checkpoint_configuration_split_and_previews(run):
     ckpt = run["ckpt"]
     assert tf.train.latest_checkpoint(str(ckpt)) is not None
-    config = json.loads((ckpt / "config.json").read_text())
-    assert config["feature_size"] == 4 and config["upsampling_mode"] == "subpixel"
-    assert config["patch_shape"] == [20, 20, 16]
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["feature_size"] == 4 and saved["upsampling_mode"] == "subpixel"
+    assert saved["patch_shape"] == [20, 20, 16]
     split = json.loads((ckpt / "split.json").read_text())
     assert len(split["train"]) == 4 and len(split["test"]) == 1
     assert sorted(split["train"] + split["test"]) == split["train"] + split["test"]
@@ -290,8 +302,8 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
         np.testing.assert_allclose(lr.affine @ np.r_[i, 1],
                                    source.affine @ np.r_[offset + 2 * np.array(i), 1], atol=1e-4)
     _, rows = utils.read_csv_rows(out / "metrics.csv")  # after its "# setting: value" lines
-    assert list(rows[0]) == list(model.METRIC_COLUMNS) and rows[0]["subject"] == name
-    assert all(np.isfinite(float(rows[0][k])) for k in model.METRIC_COLUMNS[1:])
+    assert list(rows[0]) == list(metrics.METRIC_COLUMNS) and rows[0]["subject"] == name
+    assert all(np.isfinite(float(rows[0][k])) for k in metrics.METRIC_COLUMNS[1:])
     assert (out / f"{name}_slices.png").stat().st_size > 100
     # The HR written equals the source inside the canonical region.
     hr = nib.load(str(out / f"{name}_hr.nii.gz")).get_fdata()
@@ -342,7 +354,7 @@ def test_super_resolve_volume_stitches_patches_exactly():
         x = np.asarray(x)
         return np.repeat(np.repeat(np.repeat(x, 2, 1), 2, 2), 2, 3)
     lr = np.random.default_rng(0).normal(size=(13, 11, 9)).astype(np.float32)
-    sr = model.super_resolve_volume(predict, lr, 2, (8, 8, 6), 2, batch_size=3)
+    sr = inference.super_resolve_volume(predict, lr, 2, (8, 8, 6), 2, batch_size=3)
     np.testing.assert_array_equal(sr, np.repeat(np.repeat(np.repeat(lr, 2, 0), 2, 1), 2, 2))
 
 
@@ -378,7 +390,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epoch(run, tmp_path, monkeypa
     ckpt = tmp_path / "ckpt"
     argv = ["-data_path", str(run["data"]), "-checkpoint_dir", str(ckpt), "-epochs", "1",
             "-path_prediction", str(tmp_path / "pred")] + TINY
-    original = model.SRGANTrainer.train_step
+    original = SRGANTrainer.train_step
     calls = {"n": 0}
 
     def interrupted(self, lr, hr):
@@ -387,12 +399,12 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epoch(run, tmp_path, monkeypa
         calls["n"] += 1
         return original(self, lr, hr)
 
-    monkeypatch.setattr(model.SRGANTrainer, "train_step", interrupted)
+    monkeypatch.setattr(SRGANTrainer, "train_step", interrupted)
     assert model.main(argv) == 130
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
     assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 0
     assert int(reader.get_tensor("epoch_batches/.ATTRIBUTES/VARIABLE_VALUE")) == 3
-    monkeypatch.setattr(model.SRGANTrainer, "train_step", original)
+    monkeypatch.setattr(SRGANTrainer, "train_step", original)
     # No -epochs: the run's own total (1, from config.json) is the one to reach.
     assert model.main(["-restore", str(ckpt)]) == 0
     # The rest of the interrupted epoch, not a whole new one: 16 steps in all.
@@ -413,10 +425,10 @@ def test_slices_mosaic_layout():
 
 @pytest.mark.parametrize("precision", ["float16"])
 def test_mixed_precision_train_step(precision, tmp_path):
-    policy = model.PRECISION_POLICIES[precision]
+    policy = PRECISION_POLICIES[precision]
     g = networks.build_generator(2, residual_blocks=1, feature_size=4, dtype_policy=policy)
     d = networks.build_discriminator((8, 8, 6, 1), dtype_policy=policy)
-    trainer = model.SRGANTrainer(g, d, loss_scale=precision == "float16")
+    trainer = SRGANTrainer(g, d, loss_scale=precision == "float16")
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
     before = [w.numpy().copy() for w in g.trainable_weights]
     # Dynamic loss scaling may skip the first float16 update or two while it
@@ -498,10 +510,10 @@ SAVED = {"upsampling_factor": 2, "residual_blocks": 1, "feature_size": 4, "upsam
     ({"upsampling_mode": "nn"}, "evaluate", "upsampling_mode", "nn"),  # agreeing flags are fine
 ])
 def test_saved_settings_are_adopted_by_the_table(given, action, key, expected):
-    cfg = {k: v for k, v in model.DEFAULTS.items() if k not in model.MODE_FLAGS}
-    cfg.update(given)
-    model.adopt_saved_settings(cfg, SAVED, given, action, "ckpt")
-    assert cfg[key] == expected
+    values = config.defaults()
+    values.update(given)
+    adopt_saved_settings(values, SAVED, given, action, "ckpt")
+    assert values[key] == expected
 
 
 @pytest.mark.parametrize("given, action, fragment", [
@@ -511,17 +523,17 @@ def test_saved_settings_are_adopted_by_the_table(given, action, key, expected):
     ({"mixed_precision": "float16"}, "train", "-mixed_precision float16"),
 ])
 def test_contradicting_the_checkpoint_is_an_error(given, action, fragment):
-    cfg = dict(model.DEFAULTS, **given)
-    with pytest.raises(model.UserError, match="do not match the checkpoint") as err:
-        model.adopt_saved_settings(cfg, SAVED, given, action, "ckpt")
+    values = dict(config.defaults(), **given)
+    with pytest.raises(errors.UserError, match="do not match the checkpoint") as err:
+        adopt_saved_settings(values, SAVED, given, action, "ckpt")
     assert fragment in str(err.value)
 
 
 def test_config_json_holds_exactly_the_persisted_settings(run):
-    config = json.loads((run["ckpt"] / "config.json").read_text())
-    assert set(config) == set(model.PERSISTED) | {"tensorflow", "keras", "strategy", "replicas", "workers"}
-    assert config["replicas"] == 1 and config["workers"] == 1
-    assert config["sigma"] == 1.0 and "subpixel_NN" not in config and "nn" not in config
+    saved = json.loads((run["ckpt"] / "config.json").read_text())
+    assert set(saved) == set(PERSISTED) | {"tensorflow", "keras", "strategy", "replicas", "workers"}
+    assert saved["replicas"] == 1 and saved["workers"] == 1
+    assert saved["sigma"] == 1.0 and "subpixel_NN" not in saved and "nn" not in saved
 
 
 @pytest.mark.parametrize("argv, mode", [([], "subpixel"), (["-nn"], "nn"), (["-subpixel_NN", "1"], "subpixel_NN"),
@@ -578,11 +590,11 @@ def test_mid_epoch_resume_reports_the_whole_epochs_losses(run, tmp_path, monkeyp
     def cfg_for(folder, *extra):
         argv = ["-data_path", str(run["data"]), "-checkpoint_dir", str(folder), "-epochs", "1",
                 "-path_prediction", str(tmp_path / "pred")] + TINY + list(extra)
-        return model.resolve_config(_args(argv), log=lambda *_: None)
+        return model.parse_command(argv, log=lambda *_: None).settings
 
     quiet = lambda *_: None  # noqa: E731
-    whole = model.train(cfg_for(tmp_path / "whole"), log=quiet)["losses"]
-    original = model.SRGANTrainer.train_step
+    whole = training.train(cfg_for(tmp_path / "whole"), log=quiet)["losses"]
+    original = SRGANTrainer.train_step
     calls = {"n": 0}
 
     def interrupted(self, lr, hr):
@@ -591,11 +603,11 @@ def test_mid_epoch_resume_reports_the_whole_epochs_losses(run, tmp_path, monkeyp
         calls["n"] += 1
         return original(self, lr, hr)
 
-    monkeypatch.setattr(model.SRGANTrainer, "train_step", interrupted)
+    monkeypatch.setattr(SRGANTrainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        model.train(cfg_for(tmp_path / "cut"), log=quiet)
-    monkeypatch.setattr(model.SRGANTrainer, "train_step", original)
-    resumed = model.train(cfg_for(tmp_path / "cut", "-restore", str(tmp_path / "cut")), log=quiet)["losses"]
+        training.train(cfg_for(tmp_path / "cut"), log=quiet)
+    monkeypatch.setattr(SRGANTrainer, "train_step", original)
+    resumed = training.train(cfg_for(tmp_path / "cut", "-restore", str(tmp_path / "cut")), log=quiet)["losses"]
     # All 16 batches, not the 11 since the resume: the same numbers as the uninterrupted epoch.
     assert resumed == pytest.approx(whole, rel=1e-5)
 
@@ -608,7 +620,7 @@ def test_mid_epoch_resume_reports_the_whole_epochs_losses(run, tmp_path, monkeyp
                                            (["--verbose=1"], True), (["-verbose", "no"], False),
                                            (["-verbose", "-demo"], True), (["-demo", "True"], False)])
 def test_verbose_is_read_before_tensorflow_loads(argv, verbose):
-    assert model._verbose_requested(argv) is verbose
+    assert quiet.verbose_requested(argv) is verbose
 
 
 def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path):
@@ -628,7 +640,7 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path):
 def test_pretrain_steps_train_the_generator_alone_then_the_gan():
     g = networks.build_generator(2, residual_blocks=1, feature_size=4)
     d = networks.build_discriminator((8, 8, 6, 1))
-    trainer = model.SRGANTrainer(g, d, seed=1, pretrain_steps=2)
+    trainer = SRGANTrainer(g, d, seed=1, pretrain_steps=2)
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
     lr = np.asarray(td.degrade(hr, 2))
     d_before = [w.numpy().copy() for w in d.trainable_weights]
@@ -650,8 +662,8 @@ def test_fair_metrics_use_the_references_range_for_every_method():
     close = hr + rng.normal(0, 2, hr.shape).astype(np.float32)
     overshoot = close.copy()
     overshoot[0, 0, 0] = 1000.0  # one wild voxel enlarges its own max - min
-    row = model.subject_metrics(hr, {"sr": close, "tricubic": overshoot}, mask)
-    assert set(row) == set(model.METRIC_COLUMNS[1:]) - {
+    row = metrics.subject_metrics(hr, {"sr": close, "tricubic": overshoot}, mask)
+    assert set(row) == set(metrics.METRIC_COLUMNS[1:]) - {
         f"{m}_{s}{t}" for m in ("psnr", "ssim") for s in ("nearest", "trilinear") for t in ("", "_fair")}
     mse = np.mean((overshoot.astype(np.float64) - hr) ** 2)
     expected_fair = 10 * np.log10(float(hr.max() - hr.min()) ** 2 / mse)
