@@ -86,6 +86,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import durable  # noqa: E402
 import networks  # noqa: E402
 import train_dataset as td  # noqa: E402
 import utils  # noqa: E402
@@ -409,7 +410,7 @@ def _read_json(path):
 
 
 def _write_json(path, data):
-    utils.write_json(path, data)
+    durable.write_json(path, data)
 
 
 def _flag(name, value):
@@ -1855,7 +1856,7 @@ class TrainingReporter(NullReporter):
         try:
             psnr, ssim = _write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
                                         self.cfg["path_prediction"], tag, f)
-        except utils.OutputError as err:
+        except durable.OutputError as err:
             # Previews are for looking at; a full disk stops the run at the
             # next checkpoint, with the message that matters.
             self.bar.write(f"warning: preview not written: {err}")
@@ -2008,7 +2009,7 @@ def train(cfg, log=print, placement=None):
     say = log if chief else (lambda *_: None)
     same_folder = _prepare_run_folder(cfg, write=chief)
     # The chief alone writes the folder, and holds it while the run lives.
-    lock = utils.RunLock(cfg["checkpoint_dir"], "training") if chief else contextlib.nullcontext()
+    lock = durable.RunLock(cfg["checkpoint_dir"], "training") if chief else contextlib.nullcontext()
     with lock:
         if chief:
             _remove_leftovers(cfg, say)
@@ -2061,7 +2062,7 @@ def _remove_leftovers(cfg, log):
     removed = []
     for folder in {cfg["checkpoint_dir"], cfg["path_prediction"]}:
         if os.path.isdir(folder):
-            removed += utils.remove_stale_temporaries(folder)
+            removed += durable.remove_stale_temporaries(folder)
     if removed:
         shown = ", ".join(os.path.basename(p) for p in removed[:4]) + (" ..." if len(removed) > 4 else "")
         log(f"removed {len(removed)} temporary file(s) of an interrupted run: {shown}")
@@ -2600,12 +2601,12 @@ class PlainOutputs:
             str, the NIfTI path.
 
         Raises:
-            utils.OutputError: a file could not be written.
+            durable.OutputError: a file could not be written.
         """
         path = self.path(subject, kind)
         utils.save_nifti(path, data, affine, header, zooms=zooms)
         if sidecar is not None and kind in self.SIDECAR_KINDS:
-            utils.write_json(_sidecar_path(path), sidecar)
+            durable.write_json(_sidecar_path(path), sidecar)
         return path
 
     def write_slices(self, subject, image):
@@ -2693,7 +2694,7 @@ class BidsOutputs(PlainOutputs):
         Raises:
             UserError: the folder already describes another dataset (another
                 checkpoint or program, or not a derivative).
-            utils.OutputError: a file could not be written.
+            durable.OutputError: a file could not be written.
         """
         path = os.path.join(self.folder, DESCRIPTION_NAME)
         existing = _read_json(path)
@@ -2722,10 +2723,10 @@ class BidsOutputs(PlainOutputs):
         if self.links:
             description["DatasetLinks"] = self.links
         if description != existing:
-            utils.write_json(path, description)
+            durable.write_json(path, description)
         ignore = os.path.join(self.folder, ".bidsignore")
         if not os.path.exists(ignore):
-            utils.write_text(ignore, f"{METRICS_NAME}\n**/figures/\n")
+            durable.write_text(ignore, f"{METRICS_NAME}\n**/figures/\n")
 
 
 # --------------------------------------------------------------------------- #
@@ -2838,7 +2839,7 @@ class MetricsFile:
                      for key, value in self.settings.items()
                      if key not in _INFORMATIONAL_SETTINGS and old.get(key) != value]
         try:
-            fieldnames, rows = utils.read_csv_rows(self.path)
+            fieldnames, rows = durable.read_csv_rows(self.path)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read {self.path}: {err}")
         if not different and fieldnames is not None and tuple(fieldnames) != self.columns:
@@ -2853,14 +2854,14 @@ class MetricsFile:
         """Appends one subject's row durably (creating the file with its header lines).
 
         Raises:
-            utils.OutputError: the row could not be written.
+            durable.OutputError: the row could not be written.
         """
         lines = [f"{key}: {value}" for key, value in self.settings.items()]
-        utils.append_csv_row(self.path, self.columns, row, header_lines=lines)
+        durable.append_csv_row(self.path, self.columns, row, header_lines=lines)
 
     def rows(self):
         """Every row in the file, numbers as floats (NaN kept)."""
-        _, rows = utils.read_csv_rows(self.path)
+        _, rows = durable.read_csv_rows(self.path)
         return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
 
 
@@ -3017,7 +3018,7 @@ def _evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
 
     Raises:
         td.PipelineError: the data folder has disappeared.
-        utils.OutputError: an output could not be written.
+        durable.OutputError: an output could not be written.
     """
     subject, f = scan.subject, cfg["upsampling_factor"]
     try:
@@ -3084,8 +3085,8 @@ def evaluate(cfg, log=print):
     Raises:
         UserError: unusable checkpoint, data or output folder; metrics.csv of
             an evaluation with other settings; no subject could be evaluated.
-        utils.LockedError: another run writes into the folder.
-        utils.OutputError: an output could not be written.
+        durable.LockedError: another run writes into the folder.
+        durable.OutputError: an output could not be written.
     """
     out_dir = cfg["path_volumes"]
     layout = td.detect_layout(cfg["data_path"], cfg["image_name"])
@@ -3095,8 +3096,8 @@ def evaluate(cfg, log=print):
         raise UserError(f"no test subject to evaluate in {cfg['data_path']!r}")
     scans = [InputScan(s, root, layout == "bids") for s in subjects]
     _check_output_folder(out_dir, [(root, layout)])
-    with utils.RunLock(out_dir, "evaluation"):
-        utils.remove_stale_temporaries(out_dir)
+    with durable.RunLock(out_dir, "evaluation"):
+        durable.remove_stale_temporaries(out_dir)
         return _evaluate_locked(cfg, scans, log)
 
 
@@ -3149,7 +3150,7 @@ def _super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
 
     Raises:
         td.DataError: the scan cannot be read or its maximum is <= 0.
-        utils.OutputError: the output could not be written.
+        durable.OutputError: the output could not be written.
     """
     f = cfg["upsampling_factor"]
     path = scan.subject.image_path
@@ -3189,8 +3190,8 @@ def super_resolve_file(cfg, log=print):
         UserError: unusable checkpoint, output folder or inputs; the only scan
             is unusable; no scan could be read.
         td.DataError: a single scan that cannot be read or has a maximum <= 0.
-        utils.LockedError: another run writes into the folder.
-        utils.OutputError: an output could not be written.
+        durable.LockedError: another run writes into the folder.
+        durable.OutputError: an output could not be written.
     """
     scans = _super_resolve_inputs(cfg, log)
     outputs = _make_outputs(_output_scheme(cfg, scans), cfg)
@@ -3199,8 +3200,8 @@ def super_resolve_file(cfg, log=print):
     sources += [(os.path.abspath(p), td.detect_layout(p, cfg["image_name"]))
                 for p in cfg["super_resolve"] if os.path.isdir(p)]
     _check_output_folder(outputs.folder, sources)
-    with utils.RunLock(outputs.folder, "super-resolution"):
-        utils.remove_stale_temporaries(outputs.folder)
+    with durable.RunLock(outputs.folder, "super-resolution"):
+        durable.remove_stale_temporaries(outputs.folder)
         checkpoint = checkpoint_identity(cfg["source_checkpoint"])
         _overwrite_note([outputs.path(s.subject, "sr") for s in scans], log)
         predict = _restored_predictor(cfg, log)
@@ -3284,7 +3285,7 @@ def main(argv=None):
         word = "error" if err.exit_code == EXIT_ERROR else "stopped"
         print(f"{word}: {err}", file=sys.stderr)
         return err.exit_code
-    except (UserError, td.DataError, utils.OutputError, utils.LockedError) as err:
+    except (UserError, td.DataError, durable.OutputError, durable.LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import durable  # noqa: E402
 import utils  # noqa: E402
 from train_dataset import IMAGE_NAME, MASK_NAME, DataError  # noqa: E402
 
@@ -354,7 +355,7 @@ def build_dataset(out_dir, subjects=12, seed=0, shape=None, template=None, noise
               "noise": float(noise), "bias": float(bias), "max_rotation_deg": float(max_rotation_deg),
               "scale_range": list(scale_range), "max_translation_mm": MAX_TRANSLATION_MM,
               "wm_level": WM_LEVEL, "template_wm": tpl.wm, "subject_params": records}
-    utils.atomic_write(os.path.join(out_dir, BUILD_RECORD),
+    durable.atomic_write(os.path.join(out_dir, BUILD_RECORD),
                        lambda tmp: _write_json(tmp, record), suffix=".json")
     log(f"Wrote {len(folders)} subject(s) of {shape[0]}x{shape[1]}x{shape[2]} to {out_dir} "
         f"in {time.perf_counter() - start:.1f} s")
@@ -742,7 +743,7 @@ def evaluate_with_cli(checkpoint_dir, volumes_dir, log_path):
         done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}; see {log_path}")
-    _, rows = utils.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
+    _, rows = durable.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
     return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
 
 
@@ -838,10 +839,10 @@ def write_table(out, s, info, table, paired, texture=None):
                   ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
     lines.append("")
     text = "\n".join(lines)
-    utils.write_text(os.path.join(out, "table.md"), text)
+    durable.write_text(os.path.join(out, "table.md"), text)
     csv_lines = [",".join(TABLE_COLUMNS)] + [
         ",".join(str(r[c]) if c in ("method", "n") else f"{r[c]:.6f}" for c in TABLE_COLUMNS) for r in table]
-    utils.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
+    durable.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
     return text
 
 
@@ -880,7 +881,7 @@ def plot_curve(path, curve, baselines, title):
     bottom.legend(fontsize=8, ncol=4)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+    durable.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
     plt.close(fig)
 
 
@@ -964,7 +965,7 @@ def _hardware():
 def _write_csv(path, columns, rows):
     lines = [",".join(columns)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
                                             for c in columns) for r in rows]
-    utils.write_text(path, "\n".join(lines) + "\n")
+    durable.write_text(path, "\n".join(lines) + "\n")
 
 
 def run_experiment(s, log=print):
@@ -1008,8 +1009,8 @@ def run_experiment(s, log=print):
     if not test_subjects:
         raise ValueError(f"no test subject in {data} with --train-fraction {s['train_fraction']}")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    utils.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
-    utils.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
+    durable.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
+    durable.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
         "data_path": os.path.abspath(data), "train_fraction": cfg["train_fraction"],
         "train": [x.name for x in train_subjects], "test": [x.name for x in test_subjects]})
 
@@ -1041,7 +1042,7 @@ def run_experiment(s, log=print):
                "curve_baselines_ssim_fair": evaluator.baselines_ssim,
                # The in-process curve and the evaluation command must agree on the last checkpoint.
                "last_curve_minus_cli_psnr_fair": trained["curve"][-1]["psnr_fair"] - table[0]["psnr_fair_mean"]}
-    utils.write_json(os.path.join(out, "results.json"), results)
+    durable.write_json(os.path.join(out, "results.json"), results)
     log(text)
     return results
 
@@ -1098,7 +1099,7 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
             f"{_pm(*paired['ssim'], 4)} ({paired['ssim_wins']}/{paired['n']}) | "
             + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |"))
     text = "\n".join(lines) + "\n"
-    utils.write_text(markdown_path, text)
+    durable.write_text(markdown_path, text)
     if png_path:
         import matplotlib
 
@@ -1116,7 +1117,7 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        utils.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+        durable.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
         plt.close(fig)
     return text
 

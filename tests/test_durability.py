@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
 import model
 import train_dataset as td
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
@@ -135,7 +135,7 @@ def test_a_full_disk_leaves_the_runs_files_intact_and_exits_2(data, tmp_path, mo
 
     def full(fd):
         # A disk that filled up after the run took its lock (a lock file keeps its block).
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(utils.LOCK_NAME):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(durable.LOCK_NAME):
             return real_fsync(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -171,8 +171,8 @@ def test_a_failed_checkpoint_write_says_what_was_kept(data, tmp_path, monkeypatc
 def test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies(data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import utils; "
-         "lock = utils.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import durable; "
+         "lock = durable.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
          "time.sleep(120)", ROOT, str(ckpt)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
 import model
 import networks
 import train_dataset as td
@@ -84,7 +85,7 @@ def _evaluate(ckpt, out, *extra):
 
 
 def _metrics(path):
-    fieldnames, rows = utils.read_csv_rows(str(path))
+    fieldnames, rows = durable.read_csv_rows(str(path))
     return fieldnames, rows
 
 
@@ -252,7 +253,7 @@ def test_outputs_inside_a_bids_dataset_belong_in_derivatives(tmp_path):
 
 def test_a_second_evaluation_into_the_same_folder_is_refused(bids_run, tmp_path, capsys):
     out = tmp_path / "out"
-    with utils.RunLock(str(out), "evaluation"):
+    with durable.RunLock(str(out), "evaluation"):
         assert _evaluate(bids_run["ckpt"], out) == 2
     assert "locked" in capsys.readouterr().err
     assert not (out / "metrics.csv").exists()
@@ -616,7 +617,7 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
             "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-path_volumes", str(out)]
     assert model.main(argv) == 0
     captured = capsys.readouterr()
-    assert sorted(set(os.listdir(out)) - {utils.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json", "b_sr.nii.gz",
+    assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json", "b_sr.nii.gz",
                                        "c_sr.json", "c_sr.nii.gz"]
     assert "skipping" in captured.out and "d.nii.gz: maximum intensity -1" in captured.out
     assert "super-resolve" in captured.err  # the progress bar

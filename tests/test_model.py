@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
 import model
 import networks
 import train_dataset as td
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_TRAIN = ("-path_prediction YOURPATH -checkpoint_dir YOURCHECKPOINTPATH -residual_blocks 8 "
@@ -289,7 +289,7 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
     for i in [(0, 0, 0), (3, 5, 7), (15, 15, 11)]:
         np.testing.assert_allclose(lr.affine @ np.r_[i, 1],
                                    source.affine @ np.r_[offset + 2 * np.array(i), 1], atol=1e-4)
-    _, rows = utils.read_csv_rows(out / "metrics.csv")  # after its "# setting: value" lines
+    _, rows = durable.read_csv_rows(out / "metrics.csv")  # after its "# setting: value" lines
     assert list(rows[0]) == list(model.METRIC_COLUMNS) and rows[0]["subject"] == name
     assert all(np.isfinite(float(rows[0][k])) for k in model.METRIC_COLUMNS[1:])
     assert (out / f"{name}_slices.png").stat().st_size > 100
