@@ -1,5 +1,5 @@
-"""Shared helpers: the 3-D voxel shuffle, intensity normalisation, metrics, orientation,
-slice previews and NIfTI/PNG output.
+"""Shared helpers without TensorFlow: intensity normalisation, metrics, interpolation baselines,
+orientation, slice previews and NIfTI/PNG output.
 
 The numerical helpers are plain functions of their arguments, so the training,
 evaluation and data code share one implementation of each rule. The NIfTI and
@@ -11,83 +11,8 @@ import math
 import os
 
 import numpy as np
-import tensorflow as tf
 
 import durable
-
-
-# --------------------------------------------------------------------------- #
-# 3-D periodic shuffle (sub-pixel convolution, Shi et al. 2016, in 3-D)
-# --------------------------------------------------------------------------- #
-
-
-def voxel_shuffle(x, r=2):
-    """Rearranges channels into an ``r``-times finer 3-D grid (3-D pixel shuffle).
-
-    Reproduces the channel order of the original ``subPixelConv3d`` (a
-    split/concat/reshape chain): the output voxel at offsets ``(r1, r2, r3)``
-    inside its ``r x r x r`` block, channel ``o`` of ``c``, takes input channel
-    ``((r2 * r + r1) * r + r3) * c + o`` of its low-resolution voxel.
-
-    Works for any batch and spatial size, also inside ``tf.function`` with
-    unknown static shapes; only the channel count must be known.
-
-    Args:
-        x: float tensor (b, x, y, z, r**3 * c), channels-last.
-        r: int >= 1, the upsampling factor of this stage.
-
-    Returns:
-        Tensor of x's dtype, (b, r*x, r*y, r*z, c).
-
-    Raises:
-        ValueError: if ``r`` is not a positive integer, ``x`` is not 5-D, or its
-            channel count is unknown or not divisible by ``r**3``.
-    """
-    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"voxel_shuffle factor r={r!r} must be a positive integer")
-    x = tf.convert_to_tensor(x)
-    if x.shape.rank is not None and x.shape.rank != 5:
-        raise ValueError(f"voxel_shuffle expects a 5-D (b, x, y, z, c) tensor, got shape {x.shape}")
-    channels = x.shape[-1]
-    if channels is None:
-        raise ValueError("voxel_shuffle needs a known channel count")
-    if channels % (r ** 3):
-        raise ValueError(
-            f"voxel_shuffle: {channels} channels are not divisible by r**3 = {r ** 3} (r={r})")
-    c = channels // r ** 3
-    dyn = tf.shape(x)
-    b, nx, ny, nz = dyn[0], dyn[1], dyn[2], dyn[3]
-    # Channel index ((r2*r + r1)*r + r3)*c + o  ->  axes (r2, r1, r3, c).
-    x = tf.reshape(x, tf.stack([b, nx, ny, nz, r, r, r, c]))  # (b, x, y, z, r2, r1, r3, c)
-    x = tf.transpose(x, [0, 1, 5, 2, 4, 3, 6, 7])  # (b, x, r1, y, r2, z, r3, c)
-    x = tf.reshape(x, tf.stack([b, nx * r, ny * r, nz * r, c]))  # (b, r*x, r*y, r*z, c)
-    return x
-
-
-def voxel_unshuffle(x, r=2):
-    """Inverse of :func:`voxel_shuffle` (space-to-depth with the same channel order).
-
-    Args:
-        x: float tensor (b, r*x, r*y, r*z, c).
-        r: int >= 1.
-
-    Returns:
-        Tensor (b, x, y, z, r**3 * c) with ``voxel_shuffle(voxel_unshuffle(x, r), r) == x``.
-
-    Raises:
-        ValueError: if ``r`` is not a positive integer, or the channel count is unknown.
-    """
-    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"voxel_unshuffle factor r={r!r} must be a positive integer")
-    x = tf.convert_to_tensor(x)
-    c = x.shape[-1]
-    if c is None:
-        raise ValueError("voxel_unshuffle needs a known channel count")
-    dyn = tf.shape(x)
-    b, nx, ny, nz = dyn[0], dyn[1] // r, dyn[2] // r, dyn[3] // r
-    x = tf.reshape(x, tf.stack([b, nx, r, ny, r, nz, r, c]))  # (b, x, r1, y, r2, z, r3, c)
-    x = tf.transpose(x, [0, 1, 3, 5, 4, 2, 6, 7])  # (b, x, y, z, r2, r1, r3, c)
-    return tf.reshape(x, tf.stack([b, nx, ny, nz, r ** 3 * c]))
 
 
 # --------------------------------------------------------------------------- #
