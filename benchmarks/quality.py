@@ -356,7 +356,7 @@ def build_dataset(out_dir, subjects=12, seed=0, shape=None, template=None, noise
               "scale_range": list(scale_range), "max_translation_mm": MAX_TRANSLATION_MM,
               "wm_level": WM_LEVEL, "template_wm": tpl.wm, "subject_params": records}
     durable.atomic_write(os.path.join(out_dir, BUILD_RECORD),
-                       lambda tmp: _write_json(tmp, record), suffix=".json")
+                         lambda tmp: _write_json(tmp, record), suffix=".json")
     log(f"Wrote {len(folders)} subject(s) of {shape[0]}x{shape[1]}x{shape[2]} to {out_dir} "
         f"in {time.perf_counter() - start:.1f} s")
     return sorted(folders)

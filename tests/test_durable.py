@@ -165,9 +165,9 @@ def test_csv_append_round_trip_with_comments_nan_and_a_torn_last_line(tmp_path):
     assert durable.read_csv_rows(path) == (None, [])
     fields = ["subject", "psnr", "ssim", "n"]
     durable.append_csv_row(path, fields, {"subject": "s1", "psnr": 30.1234567, "ssim": np.float32(0.5), "n": 3},
-                         header_lines=["upsampling_factor: 4", "checkpoint: ckpt-7"])
+                           header_lines=["upsampling_factor: 4", "checkpoint: ckpt-7"])
     durable.append_csv_row(path, fields, {"subject": "s,2", "psnr": float("nan"), "ssim": float("inf")},
-                         header_lines=["ignored once the file exists"])
+                           header_lines=["ignored once the file exists"])
     text = path.read_text()
     assert text.splitlines()[:3] == ["# upsampling_factor: 4", "# checkpoint: ckpt-7", "subject,psnr,ssim,n"]
     assert "ignored" not in text

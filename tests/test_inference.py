@@ -617,8 +617,8 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
             "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-path_volumes", str(out)]
     assert model.main(argv) == 0
     captured = capsys.readouterr()
-    assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json", "b_sr.nii.gz",
-                                       "c_sr.json", "c_sr.nii.gz"]
+    assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json",
+                                                                  "b_sr.nii.gz", "c_sr.json", "c_sr.nii.gz"]
     assert "skipping" in captured.out and "d.nii.gz: maximum intensity -1" in captured.out
     assert "super-resolve" in captured.err  # the progress bar
     # Two inputs with the same name would overwrite each other: refused before any work.
