@@ -87,7 +87,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import durable  # noqa: E402
+import layouts  # noqa: E402
 import networks  # noqa: E402
+import nifti_io  # noqa: E402
+import phantoms  # noqa: E402
 import train_dataset as td  # noqa: E402
 import utils  # noqa: E402
 
@@ -128,8 +131,8 @@ DEFAULTS = {
     "checkpoint_steps": 0,
     "keep_checkpoints": 3,
     "seed": 0,
-    "image_name": td.IMAGE_NAME,
-    "mask_name": td.MASK_NAME,
+    "image_name": layouts.IMAGE_NAME,
+    "mask_name": layouts.MASK_NAME,
     "super_resolve": None,
     "demo": False,
     "run_eagerly": False,
@@ -1616,7 +1619,7 @@ def _saved_split(folder, subjects, cfg, log):
     split = _read_json(os.path.join(folder, SPLIT_NAME))
     if split is None:
         log(f"note: {folder} has no {SPLIT_NAME}; splitting the sorted subjects again")
-        return td.split_subjects(subjects, cfg["train_fraction"])
+        return layouts.split_subjects(subjects, cfg["train_fraction"])
     lists = [_subjects_named(split[key], subjects, key, log) for key in ("train", "test")]
     new = len(subjects) - sum(len(x) for x in lists)
     if new:
@@ -1631,12 +1634,12 @@ def training_split(cfg, log):
     Raises:
         UserError: when no subject is left for training.
     """
-    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
-                                   bids_filter=cfg.get("bids_filter"))
+    subjects, _ = layouts.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
+                                        bids_filter=cfg.get("bids_filter"))
     if cfg.get("restore"):
         train_subjects, test_subjects = _saved_split(cfg["restore"], subjects, cfg, log)
     else:
-        train_subjects, test_subjects = td.split_subjects(subjects, cfg["train_fraction"])
+        train_subjects, test_subjects = layouts.split_subjects(subjects, cfg["train_fraction"])
     if not train_subjects:
         raise UserError(f"no training subject in {cfg['data_path']!r} with -train_fraction "
                         f"{cfg['train_fraction']}")
@@ -1661,7 +1664,7 @@ class TrainingStream:
     its usable subjects give.
 
     Args:
-        subjects: the training :class:`train_dataset.Subject` list.
+        subjects: the training :class:`layouts.Subject` list.
         cfg: the run's configuration (geometry, factor, sigma, batch size, seed).
         placement: a :class:`Placement` (None: one device).
         log: callable for the dataset's reports.
@@ -1687,7 +1690,7 @@ class TrainingStream:
             a strategy).
 
         Raises (while iterated):
-            RunStopped or train_dataset.DataError: the stream failed, or the
+            RunStopped or nifti_io.DataError: the stream failed, or the
                 epoch ended short.
         """
         self.skipped, self._failures = [], []
@@ -1739,7 +1742,7 @@ class TrainingStream:
         """The exception that explains a failed stream (the original one where known)."""
         original = td.unwrap_pipeline_error(error, self._failures)
         where = f"while reading the training data of epoch {epoch + 1}"
-        if isinstance(original, td.DataError):
+        if isinstance(original, nifti_io.DataError):
             return original
         if isinstance(original, MemoryError):
             return RunStopped(f"out of memory {where} ({original}). A -volume_shape of "
@@ -2052,7 +2055,7 @@ def check_outside_data(cfg, keys):
     data = cfg["data_path"]
     if not os.path.isdir(data):
         return
-    layout = td.detect_layout(data, cfg["image_name"])
+    layout = layouts.detect_layout(data, cfg["image_name"])
     for key in keys:
         _refuse_inside_data(cfg[key], f"-{key}", data, layout)
 
@@ -2339,14 +2342,14 @@ class InputScan:
     """One scan to super-resolve (or evaluate) and where it comes from.
 
     Attributes:
-        subject: the :class:`train_dataset.Subject` (name, image, mask,
+        subject: the :class:`layouts.Subject` (name, image, mask,
             BIDS entities).
         root: absolute path of its dataset (the BIDS dataset root, the data
             folder, the list's folder), or None for a file given alone.
         bids: bool, the scan belongs to a BIDS dataset (``root`` is its root).
     """
 
-    subject: td.Subject
+    subject: layouts.Subject
     root: "str | None" = None
     bids: bool = False
 
@@ -2359,7 +2362,7 @@ def _check_inference_options(cfg):
             does not exist or is neither a NIfTI file, a folder nor a list.
     """
     try:
-        td.parse_bids_filter(cfg.get("bids_filter"))
+        layouts.parse_bids_filter(cfg.get("bids_filter"))
     except ValueError as err:
         raise UserError(str(err))
     if cfg["action"] != "super_resolve":
@@ -2367,7 +2370,7 @@ def _check_inference_options(cfg):
     for path in cfg["super_resolve"]:
         if not os.path.exists(path):
             raise UserError(f"-super_resolve {path!r} does not exist")
-        if os.path.isfile(path) and not path.lower().endswith((".nii", ".nii.gz", ".csv", ".tsv")):
+        if os.path.isfile(path) and not (path.lower().endswith((".nii", ".nii.gz")) or layouts.is_file_list(path)):
             raise UserError(f"-super_resolve {path!r} is not a .nii/.nii.gz scan, a folder or a "
                             ".csv file list")
 
@@ -2381,7 +2384,7 @@ def _bids_filter_for(cfg, data_path, log):
     """
     bids_filter = cfg.get("bids_filter")
     if bids_filter and "bids_filter" not in cfg.get("explicit", ()) \
-            and td.detect_layout(data_path, cfg["image_name"]) != "bids":
+            and layouts.detect_layout(data_path, cfg["image_name"]) != "bids":
         log(f"note: the training's -bids_filter {bids_filter} is not used for {data_path} (not BIDS)")
         return None
     return bids_filter
@@ -2400,7 +2403,7 @@ def _bids_file_scan(path):
     """
     path = os.path.abspath(path)
     anat = os.path.dirname(path)
-    entities, suffix = td._bids_entities(os.path.basename(path))
+    entities, suffix = layouts.bids_entities(os.path.basename(path))
     labels = dict(entities)
     if suffix != "T1w" or "sub" not in labels or os.path.basename(anat) != "anat":
         return None
@@ -2413,7 +2416,7 @@ def _bids_file_scan(path):
     name = f"sub-{labels['sub']}" + (f"_ses-{session}" if session else "")
     ordered = (("sub", labels["sub"]),) + ((("ses", session),) if session else ()) + tuple(
         (k, v) for k, v in entities if k not in ("sub", "ses"))
-    return InputScan(td.Subject(name, path, entities=ordered), os.path.dirname(parent), True)
+    return InputScan(layouts.Subject(name, path, entities=ordered), os.path.dirname(parent), True)
 
 
 def _super_resolve_inputs(cfg, log):
@@ -2423,20 +2426,20 @@ def _super_resolve_inputs(cfg, log):
         list of :class:`InputScan`, in the order given (a folder's in name order).
 
     Raises:
-        UserError, td.DataError: an unusable path or dataset.
+        UserError, nifti_io.DataError: an unusable path or dataset.
     """
     scans = []
-    max_voxels = td.max_voxels_for(cfg["volume_shape"])
+    max_voxels = nifti_io.max_voxels_for(cfg["volume_shape"])
     for path in cfg["super_resolve"]:
-        if os.path.isfile(path) and not path.lower().endswith((".csv", ".tsv")):
+        if os.path.isfile(path) and not layouts.is_file_list(path):
             bids = _bids_file_scan(path)
-            name = td._strip_nifti_suffix(os.path.basename(path))
-            scans.append(bids or InputScan(td.Subject(name, os.path.abspath(path))))
+            name = layouts.strip_nifti_suffix(os.path.basename(path))
+            scans.append(bids or InputScan(layouts.Subject(name, os.path.abspath(path))))
             continue
-        layout = td.detect_layout(path, cfg["image_name"])
-        subjects, _ = td.find_subjects(path, cfg["image_name"], cfg["mask_name"], log=log,
-                                       bids_filter=_bids_filter_for(cfg, path, log),
-                                       max_voxels=max_voxels)
+        layout = layouts.detect_layout(path, cfg["image_name"])
+        subjects, _ = layouts.find_subjects(path, cfg["image_name"], cfg["mask_name"], log=log,
+                                            bids_filter=_bids_filter_for(cfg, path, log),
+                                            max_voxels=max_voxels)
         root = _data_root(path, layout)
         scans += [InputScan(s, root, layout == "bids") for s in subjects]
     return scans
@@ -2459,7 +2462,7 @@ def _refuse_inside_data(folder, flag, root, layout):
         folder: the output folder (need not exist).
         flag: the flag that named it, for the message.
         root: the data folder, or None (single files: nothing to refuse).
-        layout: one of ``td.LAYOUTS``, or None.
+        layout: one of ``layouts.LAYOUTS``, or None.
 
     Raises:
         UserError: naming the flag, both folders and where outputs belong.
@@ -2488,7 +2491,7 @@ def _check_output_folder(folder, sources):
     Args:
         folder: the -path_volumes.
         sources: iterable of (root, layout) of the inputs, layout one of
-            ``td.LAYOUTS`` or None for single files (never refused).
+            ``layouts.LAYOUTS`` or None for single files (never refused).
 
     Raises:
         UserError: naming the folder and the reason.
@@ -2589,7 +2592,7 @@ class PlainOutputs:
         """Writes one volume (and its sidecar when this scheme gives ``kind`` one).
 
         Args:
-            subject: a :class:`train_dataset.Subject`.
+            subject: a :class:`layouts.Subject`.
             kind: "sr", "lr" or "hr".
             data: float32 (x, y, z).
             affine: (4, 4) voxel-to-world matrix.
@@ -2927,19 +2930,19 @@ def _summary_lines(rows, variants=(Variant(),)):
 def _evaluation_subjects(cfg, log):
     """The test subjects: split.json's for the training data, else the data's own test split or all."""
     bids_filter = _bids_filter_for(cfg, cfg["data_path"], log)
-    subjects, _ = td.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
-                                   bids_filter=bids_filter,
-                                   max_voxels=td.max_voxels_for(cfg["volume_shape"]))
+    subjects, _ = layouts.find_subjects(cfg["data_path"], cfg["image_name"], cfg["mask_name"], log=log,
+                                        bids_filter=bids_filter,
+                                        max_voxels=nifti_io.max_voxels_for(cfg["volume_shape"]))
     split = _read_json(os.path.join(cfg["source_checkpoint"], SPLIT_NAME))
     if split is not None and os.path.abspath(cfg["data_path"]) == split.get("data_path"):
         return _subjects_named(split["test"], subjects, "test", log)
     if all(s.split is not None for s in subjects):
         log(f"note: using the test rows of the split column of {cfg['data_path']}")
-        return td.split_subjects(subjects)[1]
+        return layouts.split_subjects(subjects)[1]
     if split is not None:
         log(f"note: {cfg['data_path']} is not the training data; evaluating all its subjects")
         return subjects
-    _, test = td.split_subjects(subjects, cfg["train_fraction"])
+    _, test = layouts.split_subjects(subjects, cfg["train_fraction"])
     log(f"note: no {SPLIT_NAME} next to the checkpoint; using the last "
         f"{1 - cfg['train_fraction']:.0%} of the sorted subjects")
     return test
@@ -3017,18 +3020,18 @@ def _evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
     so a subject with a row in metrics.csv has all its outputs.
 
     Raises:
-        td.PipelineError: the data folder has disappeared.
+        nifti_io.PipelineError: the data folder has disappeared.
         durable.OutputError: an output could not be written.
     """
     subject, f = scan.subject, cfg["upsampling_factor"]
     try:
-        image, affine, header = td.load_volume(subject.image_path, log=log,
-                                               max_voxels=td.max_voxels_for(cfg["volume_shape"]))
-        td.check_intensity(image, subject.image_path)
-        mask = td.load_mask(subject, image, log=log)
-    except td.PipelineError:
+        image, affine, header = nifti_io.load_volume(subject.image_path, log=log,
+                                                     max_voxels=nifti_io.max_voxels_for(cfg["volume_shape"]))
+        nifti_io.check_intensity(image, subject.image_path)
+        mask = nifti_io.load_mask(subject, image, log=log)
+    except nifti_io.PipelineError:
         raise
-    except td.DataError as err:
+    except nifti_io.DataError as err:
         log(f"skipping {subject.name}: {err}")
         return None
     hr, grid = td.to_canonical(image, cfg["volume_shape"])
@@ -3089,7 +3092,7 @@ def evaluate(cfg, log=print):
         durable.OutputError: an output could not be written.
     """
     out_dir = cfg["path_volumes"]
-    layout = td.detect_layout(cfg["data_path"], cfg["image_name"])
+    layout = layouts.detect_layout(cfg["data_path"], cfg["image_name"])
     root = _data_root(cfg["data_path"], layout)
     subjects = _evaluation_subjects(cfg, log)
     if not subjects:
@@ -3149,13 +3152,13 @@ def _super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
 
     Raises:
-        td.DataError: the scan cannot be read or its maximum is <= 0.
+        nifti_io.DataError: the scan cannot be read or its maximum is <= 0.
         durable.OutputError: the output could not be written.
     """
     f = cfg["upsampling_factor"]
     path = scan.subject.image_path
-    image, affine, header = td.load_volume(path, log=log, max_voxels=td.max_voxels_for(cfg["volume_shape"]))
-    td.check_intensity(image, path)
+    image, affine, header = nifti_io.load_volume(path, log=log, max_voxels=nifti_io.max_voxels_for(cfg["volume_shape"]))
+    nifti_io.check_intensity(image, path)
     lr_n, nf = utils.normalize(image)
     variant = inference_variants(cfg["blend"], cfg["tta"])[-1]
     flip_axis = utils.left_right_axis(affine) if variant.flip else None
@@ -3189,7 +3192,7 @@ def super_resolve_file(cfg, log=print):
     Raises:
         UserError: unusable checkpoint, output folder or inputs; the only scan
             is unusable; no scan could be read.
-        td.DataError: a single scan that cannot be read or has a maximum <= 0.
+        nifti_io.DataError: a single scan that cannot be read or has a maximum <= 0.
         durable.LockedError: another run writes into the folder.
         durable.OutputError: an output could not be written.
     """
@@ -3197,7 +3200,7 @@ def super_resolve_file(cfg, log=print):
     outputs = _make_outputs(_output_scheme(cfg, scans), cfg)
     outputs.check_unique(scans)
     sources = [(s.root, "bids" if s.bids else None) for s in scans if s.root is not None]
-    sources += [(os.path.abspath(p), td.detect_layout(p, cfg["image_name"]))
+    sources += [(os.path.abspath(p), layouts.detect_layout(p, cfg["image_name"]))
                 for p in cfg["super_resolve"] if os.path.isdir(p)]
     _check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
@@ -3212,9 +3215,9 @@ def super_resolve_file(cfg, log=print):
                          disable=len(scans) == 1):
             try:
                 written.append(_super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
-            except td.PipelineError:
+            except nifti_io.PipelineError:
                 raise
-            except td.DataError as err:
+            except nifti_io.DataError as err:
                 if len(scans) == 1:
                     raise
                 log(f"skipping: {err}")
@@ -3236,7 +3239,7 @@ def run_demo(cfg, log=print, placement=None):
     data = cfg["data_path"]
     if not (os.path.isdir(data) and os.listdir(data)):
         log(f"writing {DEMO_SUBJECTS} demo phantoms {DEMO_SHAPE} to {data}")
-        td.make_demo_data(data, subjects=DEMO_SUBJECTS, shape=DEMO_SHAPE, seed=cfg["seed"])
+        phantoms.make_demo_data(data, subjects=DEMO_SUBJECTS, shape=DEMO_SHAPE, seed=cfg["seed"])
     ckpt = cfg["checkpoint_dir"]
     if tf.train.latest_checkpoint(ckpt) is not None and "checkpoint_dir" not in cfg["explicit"]:
         log(f"note: replacing the previous demo run in {ckpt}")
@@ -3285,7 +3288,7 @@ def main(argv=None):
         word = "error" if err.exit_code == EXIT_ERROR else "stopped"
         print(f"{word}: {err}", file=sys.stderr)
         return err.exit_code
-    except (UserError, td.DataError, durable.OutputError, durable.LockedError) as err:
+    except (UserError, nifti_io.DataError, durable.OutputError, durable.LockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

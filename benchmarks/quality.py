@@ -45,8 +45,12 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 import durable  # noqa: E402
+import layouts  # noqa: E402
+import nifti_io  # noqa: E402
+import phantoms  # noqa: E402
 import utils  # noqa: E402
-from train_dataset import IMAGE_NAME, MASK_NAME, DataError  # noqa: E402
+from layouts import IMAGE_NAME, MASK_NAME  # noqa: E402
+from nifti_io import DataError  # noqa: E402
 
 # Intensity the template's white matter is mapped to (before the bias field):
 # int16 skull-stripped T1 volumes of scanners and ADNI's pipeline sit in this range.
@@ -164,15 +168,6 @@ class _Template:
 # --------------------------------------------------------------------------- #
 
 
-def _rotation(angles):
-    """Returns the float64 (3, 3) rotation by ``angles`` (radians) about x, then y, then z."""
-    ax, ay, az = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _bias_field(rng, points, bias):
     """Returns a float32 (n,) multiplicative field spanning [1 - bias/2, 1 + bias/2] over ``points``.
 
@@ -202,7 +197,7 @@ def _subject(tpl, shape, rng, noise, bias, max_rotation_deg, scale_range):
     shift = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, 3)
     shape = np.asarray(shape)
     c = (shape - 1) / 2.0
-    back = np.diag(1.0 / scale) @ _rotation(np.deg2rad(angles)).T  # p -> q - centre
+    back = np.diag(1.0 / scale) @ phantoms.rotation(np.deg2rad(angles)).T  # p -> q - centre
     # Output voxel o -> cropped template voxel v = matrix @ o + offset.
     v3, vt = tpl.vox_from_world[:3, :3], tpl.vox_from_world[:3, 3]
     matrix = v3 @ back
@@ -520,7 +515,7 @@ class CurveEvaluator:
 
     Args:
         cfg: the run's resolved model configuration.
-        subjects: the test ``train_dataset.Subject`` list.
+        subjects: the test ``layouts.Subject`` list.
         log: callable for messages.
     """
 
@@ -532,8 +527,8 @@ class CurveEvaluator:
         self.items = []
         f = cfg["upsampling_factor"]
         for subject in subjects:
-            image, _, _ = td.load_volume(subject.image_path, log=log)
-            mask = td.load_mask(subject, image, log=log)
+            image, _, _ = nifti_io.load_volume(subject.image_path, log=log)
+            mask = nifti_io.load_mask(subject, image, log=log)
             hr, _ = td.to_canonical(image, cfg["volume_shape"])
             mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
             hr_n, nf = utils.normalize(hr)
@@ -937,7 +932,7 @@ def texture_of_evaluation(cfg, subjects, volumes_dir):
             volumes_dir, f"{subject.name}_{kind}.nii.gz")).dataobj, np.float32)
         hr, _ = td.to_canonical(read("hr"), shape)
         sr, _ = td.to_canonical(read("sr"), shape)
-        mask, _ = td.to_canonical(td.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
+        mask, _ = td.to_canonical(nifti_io.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
         mask = ndimage.binary_erosion(mask > 0.5, iterations=2)
         tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape)
         amplitudes["GAN"].append(error_phase_pattern(sr, hr, mask, f)[0])
@@ -996,8 +991,8 @@ def run_experiment(s, log=print):
     import train_dataset as td
 
     ppv = td.patches_per_volume(s["volume_shape"], s["patch_shape"], s["margin"])
-    subjects, _ = td.find_subjects(data, log=log)
-    n_train = len(td.split_subjects(subjects, s["train_fraction"])[0])
+    subjects, _ = layouts.find_subjects(data, log=log)
+    n_train = len(layouts.split_subjects(subjects, s["train_fraction"])[0])
     epochs = -(-s["steps"] // td.batches_per_epoch(n_train, s["batch_size"], s["volume_shape"],
                                                    s["patch_shape"], s["margin"]))
     try:

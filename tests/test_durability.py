@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 
 import durable
+import layouts
 import model
-import train_dataset as td
+import phantoms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
@@ -29,7 +30,7 @@ STEPS_PER_EPOCH = 8  # 2 training volumes x 8 patches / batch 2
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("durable_data")
-    td.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=6)
+    phantoms.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=6)
     return root
 
 
@@ -247,7 +248,7 @@ def test_an_epoch_that_reads_no_subject_is_an_error(data, tmp_path, capsys):
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     for folder in sorted(os.listdir(copy))[:2]:  # both training subjects: truncated gzip streams
-        path = copy / folder / td.IMAGE_NAME
+        path = copy / folder / layouts.IMAGE_NAME
         raw = path.read_bytes()
         path.write_bytes(raw[: len(raw) // 3])
     assert model.main(_argv(copy, tmp_path / "ckpt", "-epochs", "1")) == 2

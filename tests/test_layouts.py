@@ -1,4 +1,4 @@
-"""Tests of the input layouts of train_dataset.find_subjects: BIDS, CSV lists, detection, split."""
+"""Tests of the input layouts of layouts.find_subjects: BIDS, CSV lists, detection, split."""
 
 import os
 
@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import train_dataset as td
+import layouts
+import nifti_io
 from helpers import Log
 
 
@@ -46,18 +47,18 @@ def _bids_root(tmp_path):
     (lambda p: os.makedirs(p / "sub-01") or p, "bids"),
     (lambda p: os.makedirs(p / "002_S_0295") or (p / "x.nii.gz").write_text("x") and p, "folders"),
     # ADNI-layout subjects that are called sub-* stay the ADNI layout.
-    (lambda p: _nifti(p / "sub-01" / td.IMAGE_NAME) and p, "folders"),
+    (lambda p: _nifti(p / "sub-01" / layouts.IMAGE_NAME) and p, "folders"),
 ])
 def test_detect_layout(tmp_path, make, expected):
-    assert td.detect_layout(make(tmp_path)) == expected
+    assert layouts.detect_layout(make(tmp_path)) == expected
 
 
 def test_detect_layout_bad_paths_are_data_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(td.DataError, match=r"notes.txt.*is a file, not a folder \(or a .csv file list\)"):
-        td.detect_layout(tmp_path / "notes.txt")
-    with pytest.raises(td.DataError, match="nope.*does not exist"):
-        td.detect_layout(tmp_path / "nope")
+    with pytest.raises(nifti_io.DataError, match=r"notes.txt.*is a file, not a folder \(or a .csv file list\)"):
+        layouts.detect_layout(tmp_path / "notes.txt")
+    with pytest.raises(nifti_io.DataError, match="nope.*does not exist"):
+        layouts.detect_layout(tmp_path / "nope")
 
 
 # --------------------------------------------------------------------------- #
@@ -68,7 +69,7 @@ def test_detect_layout_bad_paths_are_data_errors(tmp_path):
 def test_bids_dataset_is_found_with_ids_entities_and_masks(tmp_path):
     root = _bids_root(tmp_path)
     log = Log()
-    subjects, problems = td.find_subjects(root, log=log)
+    subjects, problems = layouts.find_subjects(root, log=log)
     assert problems == []
     assert [s.name for s in subjects] == ["sub-01_ses-M00", "sub-01_ses-M12", "sub-02"]
     assert [s.entities for s in subjects] == [
@@ -94,14 +95,14 @@ def test_bids_filter_and_mask_rules(tmp_path):
     _nifti(root / "sub-02/anat/sub-02_acq-fast_desc-brain_T1w.nii.gz")
     _nifti(root / "sub-03/anat/sub-04_desc-brain_T1w.nii.gz")  # name disagrees with its folder
 
-    subjects, problems = td.find_subjects(str(root), log=Log())
+    subjects, problems = layouts.find_subjects(str(root), log=Log())
     assert [s.name for s in subjects] == ["sub-02"]  # the only one with a single T1w
     several = [p for p in problems if "sub-01" in p]
     assert len(several) == 1 and "2 T1w files" in several[0] and "-bids_filter desc-brain" in several[0]
     assert any("sub-03" in p and "sub-04" in p and "do not match its folder" in p for p in problems)
 
     log = Log()
-    subjects, problems = td.find_subjects(str(root), bids_filter="desc-brain", log=log)
+    subjects, problems = layouts.find_subjects(str(root), bids_filter="desc-brain", log=log)
     assert [s.name for s in subjects] == ["sub-01", "sub-02"]
     assert subjects[0].image_path.endswith("sub-01_desc-brain_T1w.nii.gz")
     assert subjects[0].mask_path.endswith("sub-01_desc-brain_mask.nii.gz")
@@ -109,26 +110,26 @@ def test_bids_filter_and_mask_rules(tmp_path):
     assert subjects[1].entities == (("sub", "02"), ("acq", "fast"), ("desc", "brain"))
 
     # Every filter entity must be in the name; a session left with none is a bad entry.
-    subjects, problems = td.find_subjects(str(root), bids_filter=" desc-brain , acq-fast", log=Log())
+    subjects, problems = layouts.find_subjects(str(root), bids_filter=" desc-brain , acq-fast", log=Log())
     assert [s.name for s in subjects] == ["sub-02"]
     assert any("sub-01" in p and "has the entities of -bids_filter desc-brain,acq-fast" in p for p in problems)
 
     # A user -mask_name is a glob in the anat folder; {subject} is the label.
     _nifti(root / "sub-02/anat/sub-02_brainmask.nii.gz", dtype=np.uint8)
-    subjects, _ = td.find_subjects(str(root), bids_filter="desc-brain", mask_name="sub-{subject}_brainmask.nii*",
-                                   log=Log())
+    subjects, _ = layouts.find_subjects(str(root), bids_filter="desc-brain", mask_name="sub-{subject}_brainmask.nii*",
+                                        log=Log())
     assert subjects[0].mask_path is None and subjects[1].mask_path.endswith("sub-02_brainmask.nii.gz")
-    _, problems = td.find_subjects(str(root), bids_filter="desc-brain", mask_name="*mask.nii.gz", log=Log())
+    _, problems = layouts.find_subjects(str(root), bids_filter="desc-brain", mask_name="*mask.nii.gz", log=Log())
     assert any("sub-01" in p and "2 files match -mask_name" in p for p in problems)
     with pytest.raises(ValueError, match=r"-mask_name.*\{subject\} and \{session\}"):
-        td.find_subjects(str(root), mask_name="{participant}_mask.nii.gz", log=Log())
+        layouts.find_subjects(str(root), mask_name="{participant}_mask.nii.gz", log=Log())
 
 
 def test_bids_entities_come_from_the_folders_first(tmp_path):
     root = tmp_path / "bids"
     _nifti(root / "sub-05/ses-A/anat/sub-05_run-2_T1w.nii.gz")  # the name omits ses-A
     _nifti(root / "sub-06/ses-B/anat/sub-06_ses-C_T1w.nii.gz")  # the name contradicts its folder
-    subjects, problems = td.find_subjects(str(root), log=Log())
+    subjects, problems = layouts.find_subjects(str(root), log=Log())
     assert [(s.name, s.entities) for s in subjects] == [
         ("sub-05_ses-A", (("sub", "05"), ("ses", "A"), ("run", "2")))]
     assert len(problems) == 1 and "ses-C" in problems[0] and "do not match its folder sub-06_ses-B" in problems[0]
@@ -140,7 +141,7 @@ def test_bids_entities_come_from_the_folders_first(tmp_path):
     ("run-01, ses-M00", (("run", "01"), ("ses", "M00"))),
 ])
 def test_parse_bids_filter(text, expected):
-    assert td.parse_bids_filter(text) == expected
+    assert layouts.parse_bids_filter(text) == expected
 
 
 @pytest.mark.parametrize("text, bad", [
@@ -149,7 +150,7 @@ def test_parse_bids_filter(text, expected):
 ])
 def test_bad_bids_filter_is_value_error_naming_the_token(text, bad):
     with pytest.raises(ValueError, match=bad):
-        td.parse_bids_filter(text)
+        layouts.parse_bids_filter(text)
 
 
 def test_bids_without_t1w_and_filter_elsewhere_are_data_errors(tmp_path):
@@ -158,13 +159,13 @@ def test_bids_without_t1w_and_filter_elsewhere_are_data_errors(tmp_path):
     (root / "dataset_description.json").write_text("{}")
     _nifti(root / "sub-01/anat/sub-01_T2w.nii.gz")
     _nifti(root / "derivatives/sub-01/anat/sub-01_T1w.nii.gz")  # not scanned
-    with pytest.raises(td.DataError, match=r"BIDS dataset .*bids' has no T1w image: looked for "
-                                           r"sub-<label>/\[ses-<label>/\]anat/\*_T1w\.nii\[\.gz\]"):
-        td.find_subjects(str(root), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"BIDS dataset .*bids' has no T1w image: looked for "
+                                                 r"sub-<label>/\[ses-<label>/\]anat/\*_T1w\.nii\[\.gz\]"):
+        layouts.find_subjects(str(root), log=Log())
     folders = tmp_path / "adni"
-    _nifti(folders / "s1" / td.IMAGE_NAME)
-    with pytest.raises(td.DataError, match="-bids_filter 'desc-brain' applies to BIDS datasets"):
-        td.find_subjects(str(folders), bids_filter="desc-brain", log=Log())
+    _nifti(folders / "s1" / layouts.IMAGE_NAME)
+    with pytest.raises(nifti_io.DataError, match="-bids_filter 'desc-brain' applies to BIDS datasets"):
+        layouts.find_subjects(str(folders), bids_filter="desc-brain", log=Log())
 
 
 # --------------------------------------------------------------------------- #
@@ -192,24 +193,24 @@ def test_csv_list_with_relative_paths_and_split_column_is_honoured(tmp_path):
         "\n"  # blank rows are skipped
         "../data/c.nii.gz,, ,TRAIN,\n")
     log = Log()
-    subjects, problems = td.find_subjects(str(path), log=log)
+    subjects, problems = layouts.find_subjects(str(path), log=log)
     assert problems == []
     assert [(s.name, s.split) for s in subjects] == [("b", "test"), ("c", "train"), ("s_a", "train")]
     assert subjects[2].image_path == str(data / "a.nii.gz")  # relative to the list's folder
     assert os.path.samefile(subjects[2].mask_path, data / "a_mask.nii.gz")
     assert subjects[0].mask_path is None and subjects[0].entities == ()
     assert log.lines[0] == f"data: CSV file list {path} (3 subjects, 1 with a brain mask)"
-    train, test = td.split_subjects(subjects, train_fraction=0.5)
+    train, test = layouts.split_subjects(subjects, train_fraction=0.5)
     assert [s.name for s in train] == ["c", "s_a"] and [s.name for s in test] == ["b"]
 
     # Without a split column the 80/20 rule applies; a .tsv is tab-separated.
     tsv = lists / "list.tsv"
     tsv.write_text("image\n../data/a.nii.gz\n../data/b.nii.gz\n../data/c.nii.gz\n")
     log = Log()
-    subjects, _ = td.find_subjects(str(tsv), image_name="img.nii.gz", mask_name="m.nii.gz", log=log)
+    subjects, _ = layouts.find_subjects(str(tsv), image_name="img.nii.gz", mask_name="m.nii.gz", log=log)
     assert [(s.name, s.split) for s in subjects] == [("a", None), ("b", None), ("c", None)]
     assert "note: -image_name 'img.nii.gz' and -mask_name 'm.nii.gz' not used for a CSV file list" in log.lines
-    assert [len(x) for x in td.split_subjects(subjects)] == [2, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects)] == [2, 1]
 
 
 def test_csv_bad_rows_are_named_and_skipped(tmp_path):
@@ -229,7 +230,7 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
         "../data/broken.nii.gz,,,test\n"         # row 10: header check fails
         "../data/b.nii.gz,,a/b,test\n")          # row 11: not usable in a file name
     log = Log()
-    subjects, problems = td.find_subjects(str(path), log=log)
+    subjects, problems = layouts.find_subjects(str(path), log=log)
     assert [s.name for s in subjects] == ["a"]
     expected = {
         3: "image '../data/missing.nii.gz' not found", 4: "empty image cell",
@@ -249,18 +250,18 @@ def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
     data, lists = _csv_dataset(tmp_path)
     path = lists / "list.csv"
     path.write_text("path,mask\n../data/a.nii.gz,\n")
-    with pytest.raises(td.DataError, match=r"list.csv: no 'image' column in the header row \['path', 'mask'\]"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"list.csv: no 'image' column in the header row \['path', 'mask'\]"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("")
-    with pytest.raises(td.DataError, match="list.csv: the file list is empty"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match="list.csv: the file list is empty"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("image,image\na,b\n")
-    with pytest.raises(td.DataError, match="2 'image' columns"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match="2 'image' columns"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("image\n../data/gone.nii.gz\n")
-    with pytest.raises(td.DataError, match=r"no usable subject in .*list.csv.*row 2: image '../data/gone.nii.gz' "
-                                           r"not found"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"no usable subject in .*list.csv.*row 2: image '../data/gone.nii.gz' "
+                                                 r"not found"):
+        layouts.find_subjects(str(path), log=Log())
 
 
 # --------------------------------------------------------------------------- #
@@ -269,12 +270,12 @@ def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
 
 
 def test_split_honours_subject_split_and_refuses_a_partial_one():
-    subjects = [td.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
-    train, test = td.split_subjects(subjects[::-1], train_fraction=1.0)
+    subjects = [layouts.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
+    train, test = layouts.split_subjects(subjects[::-1], train_fraction=1.0)
     assert [s.name for s in train] == ["s1", "s2"] and [s.name for s in test] == ["s0", "s3"]
     with pytest.raises(ValueError, match="2 subject.*carry a train/test split and 1 do not"):
-        td.split_subjects(subjects[:2] + [td.Subject("s9", "/x/9")])
+        layouts.split_subjects(subjects[:2] + [layouts.Subject("s9", "/x/9")])
     with pytest.raises(ValueError, match="split 'val'"):
-        td.split_subjects([td.Subject("a", "/a", split="val")])
+        layouts.split_subjects([layouts.Subject("a", "/a", split="val")])
     with pytest.raises(ValueError, match="train_fraction"):
-        td.split_subjects(subjects, 0)
+        layouts.split_subjects(subjects, 0)

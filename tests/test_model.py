@@ -12,8 +12,10 @@ import pytest
 import tensorflow as tf
 
 import durable
+import layouts
 import model
 import networks
+import phantoms
 import train_dataset as td
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +210,7 @@ def run(tmp_path_factory):
     """Trains one epoch on 5 tiny phantoms (4 train, 1 test); shared by the tests below."""
     root = tmp_path_factory.mktemp("run")
     data = root / "data"
-    td.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
+    phantoms.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
     ckpt = root / "ckpt"
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
             "-path_prediction", str(root / "pred")] + TINY
@@ -275,7 +277,7 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
     assert model.main(argv) == 0
     split = json.loads((run["ckpt"] / "split.json").read_text())
     (name,) = split["test"]
-    source = nib.load(str(run["data"] / name / td.IMAGE_NAME))
+    source = nib.load(str(run["data"] / name / layouts.IMAGE_NAME))
     for kind in ("sr", "hr"):
         img = nib.load(str(out / f"{name}_{kind}.nii.gz"))
         assert img.shape == source.shape
@@ -360,7 +362,7 @@ def test_cli_user_mistake_has_no_traceback(tmp_path):
 
 def test_cli_end_to_end_train_then_evaluate(tmp_path):
     data = tmp_path / "data"
-    td.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
+    phantoms.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
     cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-data_path", str(data),
            "-checkpoint_dir", str(tmp_path / "ckpt"), "-epochs", "1", "-train_fraction", "0.67",
            "-nn", "True"] + TINY
@@ -440,7 +442,7 @@ def test_resume_keeps_the_run_precision(run, capsys):
 def test_resume_keeps_the_runs_split_and_seed(run, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(run["data"], data)
-    td.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
+    phantoms.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
     for name in os.listdir(tmp_path / "more"):
         shutil.copytree(tmp_path / "more" / name, data / f"aaa_{name}")  # sorts first
     ckpt = tmp_path / "ckpt"
@@ -535,7 +537,7 @@ def test_mode_flags_become_one_setting(argv, mode):
 
 def test_evaluation_degrades_with_the_training_sigma(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    td.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=2)
+    phantoms.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=2)
     ckpt = tmp_path / "ckpt"
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1", "-sigma", "0.5"] + TINY
     seen = []
