@@ -1,6 +1,8 @@
-"""Tests of the input layouts of layouts.find_subjects: BIDS, CSV lists, detection, split."""
+"""Tests of the data layouts (layouts.py): ADNI folders and bad subjects, detection, BIDS, CSV lists, split."""
 
+import gzip
 import os
+import struct
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 import layouts
 import nifti_io
-from helpers import Log
+from helpers import Log, write_nifti
 
 
 def _nifti(path, shape=(8, 8, 8), dtype=np.float32):
@@ -59,6 +61,123 @@ def test_detect_layout_bad_paths_are_data_errors(tmp_path):
         layouts.detect_layout(tmp_path / "notes.txt")
     with pytest.raises(nifti_io.DataError, match="nope.*does not exist"):
         layouts.detect_layout(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- #
+# Folders (the ADNI layout, flat NIfTI files) and bad subjects
+# --------------------------------------------------------------------------- #
+
+
+def _subject(root, name, data, mask=None, dtype=np.float32):
+    folder = os.path.join(root, name)
+    write_nifti(os.path.join(folder, layouts.IMAGE_NAME), data, dtype=dtype)
+    if mask is not None:
+        write_nifti(os.path.join(folder, layouts.MASK_NAME), mask, dtype=np.uint8)
+    return folder
+
+
+def test_find_subjects_layouts_and_sorting(tmp_path):
+    root = str(tmp_path)
+    vol = np.ones((8, 8, 8), np.float32)
+    for name in ("s10", "s02", "s1"):
+        _subject(root, name, vol, mask=vol)
+    with open(os.path.join(root, "ADNI_clinical.csv"), "w") as fh:
+        fh.write("subject,age\ns1,70\n")
+    with open(os.path.join(root, "notes.txt"), "w") as fh:
+        fh.write("stray")
+    log = Log()
+    subjects, problems = layouts.find_subjects(root, log=log)
+    assert [s.name for s in subjects] == ["s02", "s1", "s10"]
+    assert problems == [] and log.lines == [f"data: ADNI layout (one folder per subject) {root} "
+                                            f"(3 subjects, 3 with a brain mask)"]
+    assert all(s.mask_path and s.mask_path.endswith(layouts.MASK_NAME) for s in subjects)
+
+    flat = tmp_path / "flat"
+    write_nifti(str(flat / "b.nii.gz"), vol)
+    write_nifti(str(flat / "a.nii"), vol)
+    subjects, problems = layouts.find_subjects(str(flat), log=log)
+    assert [s.name for s in subjects] == ["a", "b"] and all(s.mask_path is None for s in subjects)
+
+    custom = tmp_path / "custom"
+    write_nifti(str(custom / "x" / "img.nii.gz"), vol)
+    write_nifti(str(custom / "x" / "brainmask.nii.gz"), vol)
+    subjects, _ = layouts.find_subjects(str(custom), image_name="img.nii.gz", mask_name="brainmask.nii.gz", log=log)
+    assert subjects[0].mask_path.endswith("brainmask.nii.gz")
+
+
+def test_bad_subjects_are_reported_once_and_skipped(tmp_path):
+    root = str(tmp_path)
+    good = np.ones((8, 8, 8), np.float32)
+    _subject(root, "a_good", good, mask=good)
+    _subject(root, "b_nomask", good)
+    _subject(root, "c_4d_many", np.ones((8, 8, 8, 3), np.float32))
+    _subject(root, "c_4d_one", np.ones((8, 8, 8, 1), np.float32), mask=good)
+    os.makedirs(os.path.join(root, "d_empty_folder"))
+    _subject(root, "e_small", np.ones((4, 8, 8), np.float32), mask=np.ones((4, 8, 8)))
+    _subject(root, "f_mask_shape", good, mask=np.ones((8, 8, 7)))
+    for name, size in (("g_zero_voxel", 0.0), ("g_negative_voxel", -1.0), ("g_nan_voxel", float("nan"))):
+        # nibabel repairs zero/negative voxel sizes when saving, so patch the header bytes.
+        path = os.path.join(_subject(root, name, good), layouts.IMAGE_NAME)
+        raw = bytearray(gzip.decompress(open(path, "rb").read()))
+        raw[84:88] = struct.pack("<f", size)  # pixdim[2] of the NIfTI-1 header
+        open(path, "wb").write(gzip.compress(bytes(raw)))
+    with open(os.path.join(root, "h_garbage.nii.gz"), "wb") as fh:
+        fh.write(b"not a nifti at all")
+    write_nifti(os.path.join(root, "i_wrong_name", layouts.IMAGE_NAME.replace(".gz", "")), good)
+    write_nifti(os.path.join(root, "j_empty", layouts.IMAGE_NAME), np.ones((8, 0, 8), np.float32))
+    with open(os.path.join(root, "clinical.csv"), "w") as fh:
+        fh.write("a,b\n")
+
+    log = Log()
+    subjects, problems = layouts.find_subjects(root, image_name=layouts.IMAGE_NAME, min_shape=(6, 6, 6), log=log)
+    assert [s.name for s in subjects] == ["a_good", "b_nomask", "c_4d_one"]
+    assert subjects[1].mask_path is None
+    reasons = {
+        "c_4d_many": "8x8x8x3", "d_empty_folder": "no image", "e_small": "smaller than the minimum 6x6x6",
+        "f_mask_shape": "mask shape 8x8x7", "g_zero_voxel": "voxel sizes must be positive", "g_negative_voxel": "got (1.0, -1.0, 1.0)",
+        "g_nan_voxel": "voxel sizes must be positive",
+        "h_garbage": "cannot read", "i_wrong_name": "no image", "j_empty": "empty volume",
+    }
+    assert len(problems) == len(reasons)
+    for name, reason in reasons.items():
+        line = [p for p in problems if name in p]
+        assert len(line) == 1 and reason in line[0], (name, problems)
+        assert line[0].startswith(root)
+    summaries = [m for m in log.lines if "bad subject" in m]
+    assert len(summaries) == 1 and all(p in summaries[0] for p in problems)
+    no_mask = [m for m in log.lines if "image > 0" in m]
+    assert len(no_mask) == 1 and no_mask[0].startswith("1 of 3")
+
+    # The uncompressed file shorter than its header says is caught from its size.
+    flat = tmp_path / "flat"
+    short = write_nifti(str(flat / "s.nii"), good)
+    os.truncate(short, os.path.getsize(short) - 100)
+    write_nifti(str(flat / "t.nii"), good)
+    subjects, problems = layouts.find_subjects(str(flat), log=Log())
+    assert [s.name for s in subjects] == ["t"] and "truncated" in problems[0]
+
+
+def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(nifti_io.DataError, match="nope.*does not exist"):
+        layouts.find_subjects(missing, log=Log())
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(nifti_io.DataError, match=r"file.txt.*is a file, not a folder \(or a .csv file list\)"):
+        layouts.find_subjects(str(a_file), log=Log())
+    # A .csv file is a file list now: one without an image column says so.
+    (tmp_path / "file.csv").write_text("x")
+    with pytest.raises(nifti_io.DataError, match="file.csv: no 'image' column"):
+        layouts.find_subjects(str(tmp_path / "file.csv"), log=Log())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(nifti_io.DataError, match="no usable subject in .*empty"):
+        layouts.find_subjects(str(empty), log=Log())
+    (empty / "clinical.csv").write_text("a,b\n")
+    os.makedirs(empty / "sub01")
+    with pytest.raises(nifti_io.DataError, match="sub01.*no image"):
+        layouts.find_subjects(str(empty), log=Log())
+    assert issubclass(nifti_io.DataError, ValueError)
 
 
 # --------------------------------------------------------------------------- #
@@ -279,3 +398,19 @@ def test_split_honours_subject_split_and_refuses_a_partial_one():
         layouts.split_subjects([layouts.Subject("a", "/a", split="val")])
     with pytest.raises(ValueError, match="train_fraction"):
         layouts.split_subjects(subjects, 0)
+
+
+def test_split_is_deterministic_and_never_leaves_a_list_empty():
+    subjects = [layouts.Subject(f"s{i:03d}", f"/x/{i}", None) for i in range(589)]
+    train, test = layouts.split_subjects(subjects[::-1])
+    assert (len(train), len(test)) == (471, 118)
+    assert [s.name for s in train + test] == sorted(s.name for s in subjects)
+    assert layouts.split_subjects(subjects) == (train, test)
+    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.99)] == [1, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.01)] == [1, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects[:5], 1.0)] == [5, 0]
+    assert [len(x) for x in layouts.split_subjects(subjects[:1], 0.8)] == [1, 0]
+    assert [len(x) for x in layouts.split_subjects(subjects[:10])] == [8, 2]
+    for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
+        with pytest.raises(ValueError, match="train_fraction"):
+            layouts.split_subjects(subjects, bad)
