@@ -55,6 +55,15 @@ def test_detect_layout(tmp_path, make, expected):
     assert layouts.detect_layout(make(tmp_path)) == expected
 
 
+@pytest.mark.parametrize("path, expected", [
+    ("list.csv", True), ("a/b/LIST.TSV", True), ("list.Csv", True), ("list.csv.gz", False),
+    ("csv", False), ("scan.nii.gz", False), ("folder", False),
+])
+def test_is_file_list(tmp_path, path, expected):
+    assert layouts.is_file_list(path) is expected
+    assert layouts.is_file_list(tmp_path / path) is expected  # path-like, need not exist
+
+
 def test_detect_layout_bad_paths_are_data_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(nifti_io.DataError, match=r"notes.txt.*is a file, not a folder \(or a .csv file list\)"):

@@ -49,3 +49,14 @@ def test_gzip_files_are_real_gzip(demo):
     subjects, _ = layouts.find_subjects(demo, log=Log())
     with gzip.open(subjects[0].image_path) as fh:
         assert len(fh.read(348)) == 348
+
+
+def test_rotation_is_a_proper_rotation_about_x_then_y_then_z():
+    np.testing.assert_array_equal(phantoms.rotation((0.0, 0.0, 0.0)), np.eye(3))
+    r = phantoms.rotation((0.3, -0.2, 0.1))
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(r) == pytest.approx(1.0)
+    # A quarter turn about z takes x to y. The x turn comes first: y -> z, which the z turn keeps
+    # (z first would give -x).
+    np.testing.assert_allclose(phantoms.rotation((0, 0, np.pi / 2)) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+    np.testing.assert_allclose(phantoms.rotation((np.pi / 2, 0, np.pi / 2)) @ [0, 1, 0], [0, 0, 1], atol=1e-12)
