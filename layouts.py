@@ -298,6 +298,54 @@ def _bids_pattern_mask(anat, image_file, pattern, subject, session):
     return (os.path.join(anat, matches[0]) if matches else None), None
 
 
+def _filter_text(bids_filter):
+    """Returns parsed ``-bids_filter`` pairs as the text the user gives, e.g. ``"desc-brain,acq-mprage"``."""
+    return ",".join(f"{k}-{v}" for k, v in bids_filter)
+
+
+def _bids_session(anat, name, sub, ses, bids_filter, mask_pattern):
+    """The candidate of one subject-session's anat folder, or None when it holds no T1w image.
+
+    Args:
+        anat: the anat folder.
+        name: the subject-session's name, ``"sub-X_ses-Y"`` or ``"sub-X"``.
+        sub, ses: its folder names, ``"sub-X"`` and ``"ses-Y"`` or None.
+        bids_filter: parsed ``-bids_filter`` pairs.
+        mask_pattern: the user's ``-mask_name`` glob, or None for the BIDS
+            derivatives convention.
+    """
+    t1w = [f for f in _listdir(anat) if f.endswith(("_T1w.nii.gz", "_T1w.nii"))
+           and os.path.isfile(os.path.join(anat, f))]
+    if not t1w:
+        return None
+    filter_text = _filter_text(bids_filter)
+    chosen = [f for f in t1w if set(bids_filter) <= set(bids_entities(f)[0])]
+    if not chosen:
+        return _Candidate(name, anat, problem=(
+            f"none of its T1w files ({', '.join(t1w)}) has the entities of -bids_filter {filter_text}"))
+    if len(chosen) > 1:
+        hint = _bids_filter_hint(chosen)
+        return _Candidate(name, anat, problem=(
+            f"{len(chosen)} T1w files ({', '.join(chosen)}); choose one with -bids_filter"
+            + (f" (e.g. -bids_filter {','.join(filter(None, [filter_text, hint]))})" if hint else "")))
+    image_path = os.path.join(anat, chosen[0])
+    file_entities = bids_entities(chosen[0])[0]
+    labels = dict(file_entities)
+    expected = {"sub": sub[4:], "ses": None if ses is None else ses[4:]}
+    wrong = [f"{k}-{labels[k]}" for k in ("sub", "ses") if k in labels and labels[k] != expected[k]]
+    if wrong:
+        return _Candidate(name, image_path, problem=(
+            f"its name's entities ({', '.join(wrong)}) do not match its folder {name}"))
+    # sub and ses from the folders, first (BIDS order), whether or not the name repeats them.
+    entities = tuple((k, v) for k, v in expected.items() if v is not None) + tuple(
+        (k, v) for k, v in file_entities if k not in expected)
+    if mask_pattern is None:
+        mask_path, problem = _bids_convention_mask(anat, entities)
+    else:
+        mask_path, problem = _bids_pattern_mask(anat, chosen[0], mask_pattern, expected["sub"], expected["ses"])
+    return _Candidate(name, image_path, mask_path, problem=problem, entities=entities)
+
+
 def _bids_candidates(data_path, mask_name, bids_filter):
     """Reads a BIDS dataset: one candidate per subject-session holding a T1w image.
 
@@ -317,7 +365,7 @@ def _bids_candidates(data_path, mask_name, bids_filter):
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"-mask_name {mask_name!r}: a BIDS mask pattern may use {{subject}} and "
                              f"{{session}} only ({type(e).__name__}: {e})") from None
-    filter_text = ",".join(f"{k}-{v}" for k, v in bids_filter)
+    filter_text = _filter_text(bids_filter)
     candidates, without_t1w = [], []
     for sub in _listdir(data_path):
         sub_dir = os.path.join(data_path, sub)
@@ -327,39 +375,11 @@ def _bids_candidates(data_path, mask_name, bids_filter):
         for ses in sessions or [None]:
             name = sub if ses is None else f"{sub}_{ses}"
             anat = os.path.join(sub_dir, "anat") if ses is None else os.path.join(sub_dir, ses, "anat")
-            t1w = [f for f in _listdir(anat) if f.endswith(("_T1w.nii.gz", "_T1w.nii"))
-                   and os.path.isfile(os.path.join(anat, f))]
-            if not t1w:
+            candidate = _bids_session(anat, name, sub, ses, bids_filter, None if convention else mask_name)
+            if candidate is None:
                 without_t1w.append(name)
-                continue
-            chosen = [f for f in t1w if set(bids_filter) <= set(bids_entities(f)[0])]
-            if not chosen:
-                candidates.append(_Candidate(name, anat, problem=(
-                    f"none of its T1w files ({', '.join(t1w)}) has the entities of -bids_filter {filter_text}")))
-                continue
-            if len(chosen) > 1:
-                hint = _bids_filter_hint(chosen)
-                candidates.append(_Candidate(name, anat, problem=(
-                    f"{len(chosen)} T1w files ({', '.join(chosen)}); choose one with -bids_filter"
-                    + (f" (e.g. -bids_filter {','.join(filter(None, [filter_text, hint]))})" if hint else ""))))
-                continue
-            image_path = os.path.join(anat, chosen[0])
-            file_entities = bids_entities(chosen[0])[0]
-            labels = dict(file_entities)
-            expected = {"sub": sub[4:], "ses": None if ses is None else ses[4:]}
-            wrong = [f"{k}-{labels[k]}" for k in ("sub", "ses") if k in labels and labels[k] != expected[k]]
-            if wrong:
-                candidates.append(_Candidate(name, image_path, problem=(
-                    f"its name's entities ({', '.join(wrong)}) do not match its folder {name}")))
-                continue
-            # sub and ses from the folders, first (BIDS order), whether or not the name repeats them.
-            entities = tuple((k, v) for k, v in expected.items() if v is not None) + tuple(
-                (k, v) for k, v in file_entities if k not in expected)
-            if convention:
-                mask_path, problem = _bids_convention_mask(anat, entities)
             else:
-                mask_path, problem = _bids_pattern_mask(anat, chosen[0], mask_name, expected["sub"], expected["ses"])
-            candidates.append(_Candidate(name, image_path, mask_path, problem=problem, entities=entities))
+                candidates.append(candidate)
     if not candidates:
         raise nifti_io.DataError(f"BIDS dataset {data_path!r} has no T1w image: looked for {BIDS_T1W_PATTERN} "
                                  f"in its sub-* folders ({_plural(len(without_t1w), 'subject-session')} found "
@@ -375,17 +395,16 @@ def _bids_candidates(data_path, mask_name, bids_filter):
                     candidates=candidates, notes=notes)
 
 
-def _csv_candidates(csv_path):
-    """Reads a CSV (``.tsv``: tab-separated) file list, one candidate per row.
+def _read_csv_list(csv_path):
+    """Reads a CSV (``.tsv``: tab-separated) file list and checks its header row.
 
-    Columns (header names case-insensitive, others ignored): ``image``
-    (required), ``mask``, ``subject``, ``split``. Paths are relative to the
-    list's folder. Rows that name missing files, an empty image or split cell,
-    a split other than train/test, or a subject ID another row has, are bad
-    entries named by their row (the header is row 1).
+    Returns:
+        (rows, index): the ``(line number, cells)`` of the rows after the
+        header, and the column index of each :data:`CSV_COLUMNS` entry present.
 
     Raises:
-        nifti_io.DataError: if the file cannot be read or has no ``image`` column.
+        nifti_io.DataError: if the file cannot be read, is empty, has no
+            ``image`` column, or has a column twice.
     """
     delimiter = "\t" if csv_path.lower().endswith(".tsv") else ","
     try:
@@ -404,41 +423,45 @@ def _csv_candidates(csv_path):
     for column in CSV_COLUMNS:
         if header.count(column) > 1:
             raise nifti_io.DataError(f"{csv_path}: the header row has {header.count(column)} {column!r} columns")
-    index = {c: header.index(c) for c in CSV_COLUMNS if c in header}
+    return rows[1:], {c: header.index(c) for c in CSV_COLUMNS if c in header}
+
+
+def _csv_row_candidate(csv_path, index, line, row):
+    """The candidate of one row (number ``line``) of a CSV file list; its problem says why it is unusable."""
+
+    def cell(column):
+        i = index.get(column)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
     base = os.path.dirname(csv_path)
+    where = f"{csv_path} row {line}"
+    image, mask, name, split = cell("image"), cell("mask"), cell("subject"), cell("split").lower()
+    image_path = os.path.normpath(os.path.join(base, os.path.expanduser(image))) if image else ""
+    mask_path = os.path.normpath(os.path.join(base, os.path.expanduser(mask))) if mask else None
+    if not name and image:
+        base_name = os.path.basename(image_path)
+        name = strip_nifti_suffix(base_name) or base_name
+    problem = None
+    if not image:
+        problem = "empty image cell"
+    elif not os.path.isfile(image_path):
+        problem = f"image {image!r} not found (no file {image_path})"
+    elif mask_path is not None and not os.path.isfile(mask_path):
+        problem = f"mask {mask!r} not found (no file {mask_path})"
+    elif "/" in name or os.sep in name or name in (".", ".."):
+        problem = f"subject {name!r} cannot be used in file names (no '/' allowed)"
+    elif "split" in index and split not in SPLITS:
+        problem = ("empty split cell (with a split column every row needs train or test)" if not split
+                   else f"split {cell('split')!r} must be train or test")
+    return _Candidate(name, image_path, mask_path, problem=problem, where=where,
+                      split=split if "split" in index else None)
 
-    entries = []  # (row number, candidate)
-    for line, row in rows[1:]:
-        if not any(cell.strip() for cell in row):
-            continue
 
-        def cell(column, row=row):
-            i = index.get(column)
-            return row[i].strip() if i is not None and i < len(row) else ""
+def _refuse_duplicate_ids(entries):
+    """Returns the candidates of ``(row number, candidate)`` entries, those sharing a subject ID refused.
 
-        where = f"{csv_path} row {line}"
-        image, mask, name, split = cell("image"), cell("mask"), cell("subject"), cell("split").lower()
-        image_path = os.path.normpath(os.path.join(base, os.path.expanduser(image))) if image else ""
-        mask_path = os.path.normpath(os.path.join(base, os.path.expanduser(mask))) if mask else None
-        if not name and image:
-            base_name = os.path.basename(image_path)
-            name = strip_nifti_suffix(base_name) or base_name
-        problem = None
-        if not image:
-            problem = "empty image cell"
-        elif not os.path.isfile(image_path):
-            problem = f"image {image!r} not found (no file {image_path})"
-        elif mask_path is not None and not os.path.isfile(mask_path):
-            problem = f"mask {mask!r} not found (no file {mask_path})"
-        elif "/" in name or os.sep in name or name in (".", ".."):
-            problem = f"subject {name!r} cannot be used in file names (no '/' allowed)"
-        elif "split" in index and split not in SPLITS:
-            problem = ("empty split cell (with a split column every row needs train or test)" if not split
-                       else f"split {cell('split')!r} must be train or test")
-        entries.append((line, _Candidate(name, image_path, mask_path, problem=problem, where=where,
-                                         split=split if "split" in index else None)))
-
-    # Duplicate IDs: no row of them is used, every one is named.
+    No row of a duplicate ID is used, and every one is named.
+    """
     rows_of = {}
     for line, c in entries:
         if c.problem is None:
@@ -451,12 +474,102 @@ def _csv_candidates(csv_path):
                 f"subject {c.name!r} is also row {', '.join(others)}'s; subject IDs must be unique "
                 f"(give a subject column)"))
         candidates.append(c)
+    return candidates
+
+
+def _csv_candidates(csv_path):
+    """Reads a CSV (``.tsv``: tab-separated) file list, one candidate per row.
+
+    Columns (header names case-insensitive, others ignored): ``image``
+    (required), ``mask``, ``subject``, ``split``. Paths are relative to the
+    list's folder. Rows that name missing files, an empty image or split cell,
+    a split other than train/test, or a subject ID another row has, are bad
+    entries named by their row (the header is row 1).
+
+    Raises:
+        nifti_io.DataError: if the file cannot be read or has no ``image`` column.
+    """
+    rows, index = _read_csv_list(csv_path)
+    entries = [(line, _csv_row_candidate(csv_path, index, line, row))
+               for line, row in rows if any(cell.strip() for cell in row)]
+    candidates = _refuse_duplicate_ids(entries)
     notes = []
     if "split" in index:
         notes.append(f"note: train/test split from the split column of {csv_path} (-train_fraction not used)")
     return _Listing(description="CSV file list", unit="subject",
                     expected="rows naming existing NIfTI files in an image column",
                     mask_source="mask in the list", candidates=candidates, notes=notes)
+
+
+def _listing(layout, data_path, image_name, mask_name, bids_filter):
+    """Returns the :class:`_Listing` of ``layout``'s reader, noting the options it does not use."""
+    if layout == "bids":
+        listing = _bids_candidates(data_path, mask_name, bids_filter)
+    elif layout == "csv":
+        listing = _csv_candidates(data_path)
+    else:
+        listing = _folder_candidates(data_path, image_name, mask_name)
+    if layout != "folders":
+        ignored = [f"-image_name {image_name!r}"] if image_name != IMAGE_NAME else []
+        if layout == "csv" and mask_name not in (None, MASK_NAME):
+            ignored.append(f"-mask_name {mask_name!r}")
+        if ignored:
+            listing.notes.append(f"note: {' and '.join(ignored)} not used for a {listing.description}")
+    return listing
+
+
+def _header_checks(c, min_shape, max_voxels):
+    """Checks a candidate's image and mask from their headers: returns (problem or None, where)."""
+    where = c.where or c.image_path
+    problem, shape = nifti_io.header_problem(c.image_path, min_shape, max_voxels)
+    if problem is not None and c.where:
+        problem = f"{c.image_path}: {problem}"
+    if problem is None and c.mask_path is not None:
+        mask_problem, mask_shape = nifti_io.header_problem(c.mask_path)
+        if mask_problem is not None:
+            problem = f"mask: {mask_problem}"
+        elif mask_shape != shape:
+            problem = (f"mask shape {nifti_io.shape_str(mask_shape)} differs from the image's "
+                       f"{nifti_io.shape_str(shape)}")
+        if problem is not None:
+            where = f"{c.where}: {c.mask_path}" if c.where else c.mask_path
+    return problem, where
+
+
+def _check_candidates(candidates, min_shape, max_voxels):
+    """Returns (usable subjects sorted by name, one ``"<where>: <reason>"`` per bad candidate)."""
+    subjects, problems, seen = [], [], set()
+    for c in candidates:
+        problem, where = c.problem, c.where or c.image_path
+        if problem is None and c.name in seen:
+            problem = f"subject name {c.name!r} is used twice (a folder and a file?)"
+        if problem is None:
+            problem, where = _header_checks(c, min_shape, max_voxels)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            continue
+        seen.add(c.name)
+        subjects.append(Subject(c.name, c.image_path, c.mask_path, split=c.split, entities=c.entities))
+    subjects.sort(key=lambda s: s.name)
+    return subjects, problems
+
+
+def _report(listing, data_path, subjects, problems, log):
+    """Logs what :func:`find_subjects` found; DataError when no subject is usable."""
+    with_mask = sum(s.mask_path is not None for s in subjects)
+    log(f"data: {listing.description} {data_path} ({_plural(len(subjects), listing.unit)}, "
+        f"{with_mask} with a brain mask)")
+    for note in listing.notes:
+        log(note)
+    if problems:
+        log(f"Skipping {len(problems)} bad subject(s) of {len(listing.candidates)} in {data_path}:\n  "
+            + "\n  ".join(problems))
+    if subjects and with_mask < len(subjects):
+        log(f"{len(subjects) - with_mask} of {len(subjects)} subject(s) have no {listing.mask_source}; "
+            f"their mask is image > 0")
+    if not subjects:
+        details = ("; problems: " + "; ".join(problems)) if problems else ""
+        raise nifti_io.DataError(f"no usable subject in {data_path!r}: expected {listing.expected}{details}")
 
 
 def find_subjects(data_path, image_name=IMAGE_NAME, mask_name=MASK_NAME, min_shape=None, log=print,
@@ -522,59 +635,9 @@ def find_subjects(data_path, image_name=IMAGE_NAME, mask_name=MASK_NAME, min_sha
     if entities_filter and layout != "bids":
         raise nifti_io.DataError(f"-bids_filter {bids_filter!r} applies to BIDS datasets, but {data_path!r} "
                                  f"is not one (no dataset_description.json or sub-* folder)")
-
-    if layout == "bids":
-        listing = _bids_candidates(data_path, mask_name, entities_filter)
-    elif layout == "csv":
-        listing = _csv_candidates(data_path)
-    else:
-        listing = _folder_candidates(data_path, image_name, mask_name)
-    if layout != "folders":
-        ignored = [f"-image_name {image_name!r}"] if image_name != IMAGE_NAME else []
-        if layout == "csv" and mask_name not in (None, MASK_NAME):
-            ignored.append(f"-mask_name {mask_name!r}")
-        if ignored:
-            listing.notes.append(f"note: {' and '.join(ignored)} not used for a {listing.description}")
-
-    subjects, problems, seen = [], [], set()
-    for c in listing.candidates:
-        problem, where = c.problem, c.where or c.image_path
-        if problem is None and c.name in seen:
-            problem = f"subject name {c.name!r} is used twice (a folder and a file?)"
-        if problem is None:
-            problem, shape = nifti_io.header_problem(c.image_path, min_shape, max_voxels)
-            if problem is not None and c.where:
-                problem = f"{c.image_path}: {problem}"
-            if problem is None and c.mask_path is not None:
-                mask_problem, mask_shape = nifti_io.header_problem(c.mask_path)
-                if mask_problem is not None:
-                    problem = f"mask: {mask_problem}"
-                elif mask_shape != shape:
-                    problem = (f"mask shape {nifti_io.shape_str(mask_shape)} differs from the image's "
-                               f"{nifti_io.shape_str(shape)}")
-                if problem is not None:
-                    where = f"{c.where}: {c.mask_path}" if c.where else c.mask_path
-        if problem is not None:
-            problems.append(f"{where}: {problem}")
-            continue
-        seen.add(c.name)
-        subjects.append(Subject(c.name, c.image_path, c.mask_path, split=c.split, entities=c.entities))
-    subjects.sort(key=lambda s: s.name)
-
-    with_mask = sum(s.mask_path is not None for s in subjects)
-    log(f"data: {listing.description} {data_path} ({_plural(len(subjects), listing.unit)}, "
-        f"{with_mask} with a brain mask)")
-    for note in listing.notes:
-        log(note)
-    if problems:
-        log(f"Skipping {len(problems)} bad subject(s) of {len(listing.candidates)} in {data_path}:\n  "
-            + "\n  ".join(problems))
-    if subjects and with_mask < len(subjects):
-        log(f"{len(subjects) - with_mask} of {len(subjects)} subject(s) have no {listing.mask_source}; "
-            f"their mask is image > 0")
-    if not subjects:
-        details = ("; problems: " + "; ".join(problems)) if problems else ""
-        raise nifti_io.DataError(f"no usable subject in {data_path!r}: expected {listing.expected}{details}")
+    listing = _listing(layout, data_path, image_name, mask_name, entities_filter)
+    subjects, problems = _check_candidates(listing.candidates, min_shape, max_voxels)
+    _report(listing, data_path, subjects, problems, log)
     return subjects, problems
 
 

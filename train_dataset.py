@@ -532,6 +532,56 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
     return (patches, factors) if with_norm_factor else patches
 
 
+def _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma):
+    """Validates :func:`make_train_dataset`'s factor, batch size and blur; returns the factor as an int."""
+    f = upsampling_factor
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+        raise ValueError(f"upsampling_factor {f!r} must be an integer >= 1")
+    f = int(f)
+    if any(p % f for p in patch_shape):
+        raise ValueError(f"upsampling_factor {f} must divide every entry of patch_shape {patch_shape} "
+                         f"so that the network's output matches the HR patch")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
+    return f
+
+
+def _subject_loader(volume_shape, patch_shape, margin, log, on_skip, failures):
+    """Returns ``load(path)``: one subject's ``(patches, factors)``, or none when its file is bad.
+
+    A bad file (a DataError that is not a PipelineError) is reported via
+    ``log`` and ``on_skip`` and gives no patch; any other exception is
+    appended to ``failures`` and raised (see :func:`make_train_dataset`).
+    """
+    empty = (np.zeros((0, *patch_shape, 1), np.float32), np.zeros(0, np.float32))
+
+    def load(path):
+        path = path.decode() if isinstance(path, bytes) else str(path)
+        try:
+            try:
+                return load_training_patches(path, volume_shape, patch_shape, margin, log=log,
+                                             with_norm_factor=True)
+            except nifti_io.PipelineError:
+                raise
+            except nifti_io.DataError as e:
+                # Only this subject's file is bad: skip it, keep the epoch going.
+                log(f"Skipping subject this epoch: {e}")
+                if on_skip is not None:
+                    reason = str(e)
+                    on_skip(path, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason)
+                return empty
+        except BaseException as e:
+            # Not a bad file: the epoch must stop rather than quietly run short
+            # (or empty). tf.data will wrap this; keep the original for the consumer.
+            if failures is not None:
+                failures.append(e)
+            raise
+
+    return load
+
+
 def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shape=VOLUME_SHAPE,
                        patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0,
                        with_norm_factor=False, log=print, on_skip=None, failures=None, shard=(0, 1)):
@@ -595,17 +645,7 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     volume_shape = nifti_io.check_shape("volume_shape", volume_shape)
     patch_shape = nifti_io.check_shape("patch_shape", patch_shape)
     patch_starts(volume_shape, patch_shape, margin)  # validates the geometry early
-    f = upsampling_factor
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
-        raise ValueError(f"upsampling_factor {f!r} must be an integer >= 1")
-    f = int(f)
-    if any(p % f for p in patch_shape):
-        raise ValueError(f"upsampling_factor {f} must divide every entry of patch_shape {patch_shape} "
-                         f"so that the network's output matches the HR patch")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
-    if not np.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
+    f = _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma)
 
     shard_index, shard_count = (int(n) for n in shard)
     if not 0 <= shard_index < shard_count:
@@ -616,29 +656,7 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     # order (whole subjects, so each worker decodes only its own volumes).
     order = order[shard_index::shard_count]
     paths = [os.fspath(subjects[i].image_path) for i in order]
-    empty = (np.zeros((0, *patch_shape, 1), np.float32), np.zeros(0, np.float32))
-
-    def load(path):
-        path = path.decode() if isinstance(path, bytes) else str(path)
-        try:
-            try:
-                return load_training_patches(path, volume_shape, patch_shape, margin, log=log,
-                                             with_norm_factor=True)
-            except nifti_io.PipelineError:
-                raise
-            except nifti_io.DataError as e:
-                # Only this subject's file is bad: skip it, keep the epoch going.
-                log(f"Skipping subject this epoch: {e}")
-                if on_skip is not None:
-                    reason = str(e)
-                    on_skip(path, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason)
-                return empty
-        except BaseException as e:
-            # Not a bad file: the epoch must stop rather than quietly run short
-            # (or empty). tf.data will wrap this; keep the original for the consumer.
-            if failures is not None:
-                failures.append(e)
-            raise
+    load = _subject_loader(volume_shape, patch_shape, margin, log, on_skip, failures)
 
     def load_tf(path):
         patches, factors = tf.numpy_function(load, [path], (tf.float32, tf.float32), stateful=False)
