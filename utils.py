@@ -34,7 +34,7 @@ def normalize(x):
         negative factor would flip the sign of the image, and
         :func:`denormalize` with ``nf = 0`` is the identity, so the pair stays
         consistent. Whole volumes with such a maximum are refused before this
-        is reached (``train_dataset.check_intensity``).
+        is reached (``nifti_io.check_intensity``).
     """
     x = np.asarray(x, dtype=np.float32)
     nf = float(np.max(x)) / 2.0 if x.size else 0.0
