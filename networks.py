@@ -1,4 +1,4 @@
-"""3D SRGAN generator and least-squares discriminator (Keras 3, channels-last).
+"""3D SRGAN generator and least-squares discriminator (Keras 3, channels-last), and the 3-D voxel shuffle.
 
 Sánchez & Vilaplana, "Brain MRI super-resolution using 3D generative adversarial
 networks", MIDL 2018 (arXiv 1812.11440); the layer-by-layer reference is
@@ -12,8 +12,6 @@ variables and the models' outputs stay float32.
 import keras
 import numpy as np
 import tensorflow as tf
-
-import utils
 
 # Initialisers of the original (TensorFlow 1 / TensorLayer).
 _CONV_STDDEV = 0.02
@@ -30,11 +28,84 @@ _UPSAMPLING_FILTERS = 64
 UPSAMPLING_MODES = ("subpixel", "nn", "subpixel_NN")
 
 
+# 3-D periodic shuffle (sub-pixel convolution, Shi et al. 2016, in 3-D): the
+# functions, then the layer built on them.
+
+
+def voxel_shuffle(x, r=2):
+    """Rearranges channels into an ``r``-times finer 3-D grid (3-D pixel shuffle).
+
+    Reproduces the channel order of the original ``subPixelConv3d`` (a
+    split/concat/reshape chain): the output voxel at offsets ``(r1, r2, r3)``
+    inside its ``r x r x r`` block, channel ``o`` of ``c``, takes input channel
+    ``((r2 * r + r1) * r + r3) * c + o`` of its low-resolution voxel.
+
+    Works for any batch and spatial size, also inside ``tf.function`` with
+    unknown static shapes; only the channel count must be known.
+
+    Args:
+        x: float tensor (b, x, y, z, r**3 * c), channels-last.
+        r: int >= 1, the upsampling factor of this stage.
+
+    Returns:
+        Tensor of x's dtype, (b, r*x, r*y, r*z, c).
+
+    Raises:
+        ValueError: if ``r`` is not a positive integer, ``x`` is not 5-D, or its
+            channel count is unknown or not divisible by ``r**3``.
+    """
+    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"voxel_shuffle factor r={r!r} must be a positive integer")
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank is not None and x.shape.rank != 5:
+        raise ValueError(f"voxel_shuffle expects a 5-D (b, x, y, z, c) tensor, got shape {x.shape}")
+    channels = x.shape[-1]
+    if channels is None:
+        raise ValueError("voxel_shuffle needs a known channel count")
+    if channels % (r ** 3):
+        raise ValueError(
+            f"voxel_shuffle: {channels} channels are not divisible by r**3 = {r ** 3} (r={r})")
+    c = channels // r ** 3
+    dyn = tf.shape(x)
+    b, nx, ny, nz = dyn[0], dyn[1], dyn[2], dyn[3]
+    # Channel index ((r2*r + r1)*r + r3)*c + o  ->  axes (r2, r1, r3, c).
+    x = tf.reshape(x, tf.stack([b, nx, ny, nz, r, r, r, c]))  # (b, x, y, z, r2, r1, r3, c)
+    x = tf.transpose(x, [0, 1, 5, 2, 4, 3, 6, 7])  # (b, x, r1, y, r2, z, r3, c)
+    x = tf.reshape(x, tf.stack([b, nx * r, ny * r, nz * r, c]))  # (b, r*x, r*y, r*z, c)
+    return x
+
+
+def voxel_unshuffle(x, r=2):
+    """Inverse of :func:`voxel_shuffle` (space-to-depth with the same channel order).
+
+    Args:
+        x: float tensor (b, r*x, r*y, r*z, c).
+        r: int >= 1.
+
+    Returns:
+        Tensor (b, x, y, z, r**3 * c) with ``voxel_shuffle(voxel_unshuffle(x, r), r) == x``.
+
+    Raises:
+        ValueError: if ``r`` is not a positive integer, or the channel count is unknown.
+    """
+    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"voxel_unshuffle factor r={r!r} must be a positive integer")
+    x = tf.convert_to_tensor(x)
+    c = x.shape[-1]
+    if c is None:
+        raise ValueError("voxel_unshuffle needs a known channel count")
+    dyn = tf.shape(x)
+    b, nx, ny, nz = dyn[0], dyn[1] // r, dyn[2] // r, dyn[3] // r
+    x = tf.reshape(x, tf.stack([b, nx, r, ny, r, nz, r, c]))  # (b, x, r1, y, r2, z, r3, c)
+    x = tf.transpose(x, [0, 1, 3, 5, 4, 2, 6, 7])  # (b, x, y, z, r2, r1, r3, c)
+    return tf.reshape(x, tf.stack([b, nx, ny, nz, r ** 3 * c]))
+
+
 @keras.saving.register_keras_serializable(package="srgan3d")
 class VoxelShuffle(keras.layers.Layer):
     """3-D periodic shuffle layer: ``(b, x, y, z, r³·c) -> (b, r·x, r·y, r·z, c)``.
 
-    Thin wrapper of :func:`utils.voxel_shuffle` (the original's channel order).
+    Thin wrapper of :func:`voxel_shuffle` (the original's channel order).
 
     Args:
         r: int >= 1, the upsampling factor of the stage.
@@ -45,7 +116,7 @@ class VoxelShuffle(keras.layers.Layer):
         self.r = int(r)
 
     def call(self, x):
-        return utils.voxel_shuffle(x, self.r)
+        return voxel_shuffle(x, self.r)
 
     def compute_output_shape(self, input_shape):
         b, x, y, z, c = input_shape

@@ -55,8 +55,9 @@ def measure_loop(args, replicas):
     """Times the real training loop with ``replicas`` replicas; returns a dict."""
     import tensorflow as tf
 
+    import layouts
     import model
-    import train_dataset as td
+    import phantoms
 
     work = tempfile.mkdtemp(prefix="srgan-bench-")
     data = os.path.join(work, "data")
@@ -64,9 +65,9 @@ def measure_loop(args, replicas):
     parsed = model.build_parser().parse_args(_argv(args, replicas, data))
     placement = model.choose_placement(parsed.gpus, multi_worker=False, log=lambda *_: None)
     subjects_needed = max(2, -(-(args.warmup + args.steps) * args.batch_size // 8))
-    td.make_demo_data(data, subjects=subjects_needed, shape=volume, seed=0)
+    phantoms.make_demo_data(data, subjects=subjects_needed, shape=volume, seed=0)
     cfg = model.resolve_config(parsed, log=lambda *_: None)
-    subjects, _ = td.find_subjects(data, log=lambda *_: None)
+    subjects, _ = layouts.find_subjects(data, log=lambda *_: None)
     generator, discriminator = model.build_networks(cfg, placement)
     trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
                                  loss_scale=cfg["mixed_precision"] == "float16",

@@ -120,9 +120,9 @@ def main():
 
     data = args.data or os.path.join(tempfile.gettempdir(), "srgan3d_bench_phantoms")
     if args.generate_only:
-        import train_dataset as td
+        import phantoms
 
-        td.make_demo_data(data, subjects=args.subjects, shape=SHAPE, seed=0)
+        phantoms.make_demo_data(data, subjects=args.subjects, shape=SHAPE, seed=0)
         return
     if not os.path.isdir(data) or len(os.listdir(data)) < args.subjects:
         # In a child process, so that its memory does not count in our peak RSS.
@@ -134,15 +134,17 @@ def main():
 
     import tensorflow as tf
 
+    import layouts
+    import nifti_io
     import train_dataset as td
 
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; rss at start {_rss_mib():.0f} MiB")
-    subjects, _ = td.find_subjects(data, log=lambda m: None)
+    subjects, _ = layouts.find_subjects(data, log=lambda m: None)
     subjects = subjects[: args.subjects]
 
     t0 = time.perf_counter()
     for s in subjects:
-        td.load_volume(s.image_path)
+        nifti_io.load_volume(s.image_path)
     decode = len(subjects) / (time.perf_counter() - t0)
     print(f"decode: {decode:.2f} volumes/s (load_volume, one thread, {SHAPE} int16 .nii.gz)")
 

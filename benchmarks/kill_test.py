@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import train_dataset as td  # noqa: E402
+import phantoms  # noqa: E402
 
 GEOMETRY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
             "-feature_size", "8", "-residual_blocks", "2", "-upsampling_factor", "2"]
@@ -151,7 +151,7 @@ def main():
     work = tempfile.mkdtemp(prefix="srgan-kill-")
     try:
         data = os.path.join(work, "data")
-        td.make_demo_data(data, subjects=args.subjects, shape=(32, 32, 24), seed=args.seed)
+        phantoms.make_demo_data(data, subjects=args.subjects, shape=(32, 32, 24), seed=args.seed)
         reference_ckpt = os.path.join(work, "reference")
         t = time.perf_counter()
         subprocess.run(_argv(data, reference_ckpt, args.epochs, args.seed, []), check=True,

@@ -44,8 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import durable  # noqa: E402
+import layouts  # noqa: E402
+import nifti_io  # noqa: E402
+import phantoms  # noqa: E402
 import utils  # noqa: E402
-from train_dataset import IMAGE_NAME, MASK_NAME, DataError  # noqa: E402
+from layouts import IMAGE_NAME, MASK_NAME  # noqa: E402
+from nifti_io import DataError  # noqa: E402
 
 # Intensity the template's white matter is mapped to (before the bias field):
 # int16 skull-stripped T1 volumes of scanners and ADNI's pipeline sit in this range.
@@ -163,15 +168,6 @@ class _Template:
 # --------------------------------------------------------------------------- #
 
 
-def _rotation(angles):
-    """Returns the float64 (3, 3) rotation by ``angles`` (radians) about x, then y, then z."""
-    ax, ay, az = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _bias_field(rng, points, bias):
     """Returns a float32 (n,) multiplicative field spanning [1 - bias/2, 1 + bias/2] over ``points``.
 
@@ -201,7 +197,7 @@ def _subject(tpl, shape, rng, noise, bias, max_rotation_deg, scale_range):
     shift = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, 3)
     shape = np.asarray(shape)
     c = (shape - 1) / 2.0
-    back = np.diag(1.0 / scale) @ _rotation(np.deg2rad(angles)).T  # p -> q - centre
+    back = np.diag(1.0 / scale) @ phantoms.rotation(np.deg2rad(angles)).T  # p -> q - centre
     # Output voxel o -> cropped template voxel v = matrix @ o + offset.
     v3, vt = tpl.vox_from_world[:3, :3], tpl.vox_from_world[:3, 3]
     matrix = v3 @ back
@@ -354,8 +350,8 @@ def build_dataset(out_dir, subjects=12, seed=0, shape=None, template=None, noise
               "noise": float(noise), "bias": float(bias), "max_rotation_deg": float(max_rotation_deg),
               "scale_range": list(scale_range), "max_translation_mm": MAX_TRANSLATION_MM,
               "wm_level": WM_LEVEL, "template_wm": tpl.wm, "subject_params": records}
-    utils.atomic_write(os.path.join(out_dir, BUILD_RECORD),
-                       lambda tmp: _write_json(tmp, record), suffix=".json")
+    durable.atomic_write(os.path.join(out_dir, BUILD_RECORD),
+                         lambda tmp: _write_json(tmp, record), suffix=".json")
     log(f"Wrote {len(folders)} subject(s) of {shape[0]}x{shape[1]}x{shape[2]} to {out_dir} "
         f"in {time.perf_counter() - start:.1f} s")
     return sorted(folders)
@@ -519,7 +515,7 @@ class CurveEvaluator:
 
     Args:
         cfg: the run's resolved model configuration.
-        subjects: the test ``train_dataset.Subject`` list.
+        subjects: the test ``layouts.Subject`` list.
         log: callable for messages.
     """
 
@@ -531,8 +527,8 @@ class CurveEvaluator:
         self.items = []
         f = cfg["upsampling_factor"]
         for subject in subjects:
-            image, _, _ = td.load_volume(subject.image_path, log=log)
-            mask = td.load_mask(subject, image, log=log)
+            image, _, _ = nifti_io.load_volume(subject.image_path, log=log)
+            mask = nifti_io.load_mask(subject, image, log=log)
             hr, _ = td.to_canonical(image, cfg["volume_shape"])
             mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
             hr_n, nf = utils.normalize(hr)
@@ -742,7 +738,7 @@ def evaluate_with_cli(checkpoint_dir, volumes_dir, log_path):
         done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}; see {log_path}")
-    _, rows = utils.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
+    _, rows = durable.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
     return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
 
 
@@ -838,10 +834,10 @@ def write_table(out, s, info, table, paired, texture=None):
                   ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
     lines.append("")
     text = "\n".join(lines)
-    utils.write_text(os.path.join(out, "table.md"), text)
+    durable.write_text(os.path.join(out, "table.md"), text)
     csv_lines = [",".join(TABLE_COLUMNS)] + [
         ",".join(str(r[c]) if c in ("method", "n") else f"{r[c]:.6f}" for c in TABLE_COLUMNS) for r in table]
-    utils.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
+    durable.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
     return text
 
 
@@ -880,7 +876,7 @@ def plot_curve(path, curve, baselines, title):
     bottom.legend(fontsize=8, ncol=4)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+    durable.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
     plt.close(fig)
 
 
@@ -936,7 +932,7 @@ def texture_of_evaluation(cfg, subjects, volumes_dir):
             volumes_dir, f"{subject.name}_{kind}.nii.gz")).dataobj, np.float32)
         hr, _ = td.to_canonical(read("hr"), shape)
         sr, _ = td.to_canonical(read("sr"), shape)
-        mask, _ = td.to_canonical(td.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
+        mask, _ = td.to_canonical(nifti_io.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
         mask = ndimage.binary_erosion(mask > 0.5, iterations=2)
         tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape)
         amplitudes["GAN"].append(error_phase_pattern(sr, hr, mask, f)[0])
@@ -964,7 +960,7 @@ def _hardware():
 def _write_csv(path, columns, rows):
     lines = [",".join(columns)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
                                             for c in columns) for r in rows]
-    utils.write_text(path, "\n".join(lines) + "\n")
+    durable.write_text(path, "\n".join(lines) + "\n")
 
 
 def run_experiment(s, log=print):
@@ -995,8 +991,8 @@ def run_experiment(s, log=print):
     import train_dataset as td
 
     ppv = td.patches_per_volume(s["volume_shape"], s["patch_shape"], s["margin"])
-    subjects, _ = td.find_subjects(data, log=log)
-    n_train = len(td.split_subjects(subjects, s["train_fraction"])[0])
+    subjects, _ = layouts.find_subjects(data, log=log)
+    n_train = len(layouts.split_subjects(subjects, s["train_fraction"])[0])
     epochs = -(-s["steps"] // td.batches_per_epoch(n_train, s["batch_size"], s["volume_shape"],
                                                    s["patch_shape"], s["margin"]))
     try:
@@ -1008,8 +1004,8 @@ def run_experiment(s, log=print):
     if not test_subjects:
         raise ValueError(f"no test subject in {data} with --train-fraction {s['train_fraction']}")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    utils.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
-    utils.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
+    durable.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
+    durable.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
         "data_path": os.path.abspath(data), "train_fraction": cfg["train_fraction"],
         "train": [x.name for x in train_subjects], "test": [x.name for x in test_subjects]})
 
@@ -1041,7 +1037,7 @@ def run_experiment(s, log=print):
                "curve_baselines_ssim_fair": evaluator.baselines_ssim,
                # The in-process curve and the evaluation command must agree on the last checkpoint.
                "last_curve_minus_cli_psnr_fair": trained["curve"][-1]["psnr_fair"] - table[0]["psnr_fair_mean"]}
-    utils.write_json(os.path.join(out, "results.json"), results)
+    durable.write_json(os.path.join(out, "results.json"), results)
     log(text)
     return results
 
@@ -1098,7 +1094,7 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
             f"{_pm(*paired['ssim'], 4)} ({paired['ssim_wins']}/{paired['n']}) | "
             + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |"))
     text = "\n".join(lines) + "\n"
-    utils.write_text(markdown_path, text)
+    durable.write_text(markdown_path, text)
     if png_path:
         import matplotlib
 
@@ -1116,7 +1112,7 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        utils.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+        durable.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
         plt.close(fig)
     return text
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, project root on sys.path, deterministic seeds."""
+"""Shared test set-up: quiet TensorFlow, project root on sys.path, deterministic seeds, demo phantoms."""
 
 import os
 import sys
@@ -25,3 +25,13 @@ def _seed_everything():
 
     keras.utils.set_random_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Five demo phantoms of 36x38x22 (seed 3) in the ADNI layout: the dataset's folder."""
+    import phantoms
+
+    root = tmp_path_factory.mktemp("demo")
+    phantoms.make_demo_data(root, subjects=5, shape=(36, 38, 22), seed=3)
+    return str(root)

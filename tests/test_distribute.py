@@ -19,6 +19,7 @@ import tensorflow as tf
 
 import model
 import networks
+import phantoms
 import train_dataset as td
 import training
 from config import Settings
@@ -182,7 +183,7 @@ def _run_cfg(data, ckpt, pred, *extra):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("distdata")
-    td.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=4)
+    phantoms.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=4)
     return root
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
+import layouts
 import model
 import train_dataset as td
 import utils
@@ -23,6 +25,7 @@ import errors
 import training
 from trainer import SRGANTrainer
 from training_loop import CheckpointPolicy, StopSignals
+import phantoms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
@@ -33,7 +36,7 @@ STEPS_PER_EPOCH = 8  # 2 training volumes x 8 patches / batch 2
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("durable_data")
-    td.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=6)
+    phantoms.make_demo_data(str(root), subjects=3, shape=(32, 32, 24), seed=6)
     return root
 
 
@@ -139,7 +142,7 @@ def test_a_full_disk_leaves_the_runs_files_intact_and_exits_2(data, tmp_path, mo
 
     def full(fd):
         # A disk that filled up after the run took its lock (a lock file keeps its block).
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(utils.LOCK_NAME):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(durable.LOCK_NAME):
             return real_fsync(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -175,8 +178,8 @@ def test_a_failed_checkpoint_write_says_what_was_kept(data, tmp_path, monkeypatc
 def test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies(data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import utils; "
-         "lock = utils.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import durable; "
+         "lock = durable.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
          "time.sleep(120)", ROOT, str(ckpt)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -251,7 +254,7 @@ def test_an_epoch_that_reads_no_subject_is_an_error(data, tmp_path, capsys):
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     for folder in sorted(os.listdir(copy))[:2]:  # both training subjects: truncated gzip streams
-        path = copy / folder / td.IMAGE_NAME
+        path = copy / folder / layouts.IMAGE_NAME
         raw = path.read_bytes()
         path.write_bytes(raw[: len(raw) // 3])
     assert model.main(_argv(copy, tmp_path / "ckpt", "-epochs", "1")) == 2

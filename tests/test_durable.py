@@ -1,4 +1,4 @@
-"""Tests of the durable output helpers (utils.py): atomic writes on a full disk,
+"""Tests of the durable output helpers (durable.py): atomic writes on a full disk,
 permissions, the resumable CSV, stale temporaries and the run lock."""
 
 import errno
@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import durable
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,13 +63,13 @@ def _write_png(path):
 
 # (name, writer, what fails): every writer, and each place a full disk can show up.
 FULL_DISK_CASES = [
-    ("config.json", lambda p: utils.write_json(p, {"a": 1}), "fsync"),
-    ("notes.txt", lambda p: utils.write_text(p, "new"), "write"),
-    ("notes.txt", lambda p: utils.write_text(p, "new"), "close"),  # finding 1: ENOSPC at close
-    ("metrics.csv", lambda p: utils.append_csv_row(p, ["a"], {"a": 1}), "fsync"),
+    ("config.json", lambda p: durable.write_json(p, {"a": 1}), "fsync"),
+    ("notes.txt", lambda p: durable.write_text(p, "new"), "write"),
+    ("notes.txt", lambda p: durable.write_text(p, "new"), "close"),  # finding 1: ENOSPC at close
+    ("metrics.csv", lambda p: durable.append_csv_row(p, ["a"], {"a": 1}), "fsync"),
     ("out.nii.gz", _write_nifti, "fsync"),
     ("slices.png", _write_png, "fsync"),
-    ("raw.bin", lambda p: utils.atomic_write(p, lambda tmp: _enospc()), "write_fn"),
+    ("raw.bin", lambda p: durable.atomic_write(p, lambda tmp: _enospc()), "write_fn"),
 ]
 
 
@@ -79,8 +80,8 @@ def test_full_disk_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypat
     if fails == "fsync":
         monkeypatch.setattr(os, "fsync", _enospc)
     elif fails in ("write", "close"):
-        monkeypatch.setattr(utils, "open", _failing_open(fails), raising=False)
-    with pytest.raises(utils.OutputError) as info:
+        monkeypatch.setattr(durable, "open", _failing_open(fails), raising=False)
+    with pytest.raises(durable.OutputError) as info:
         writer(path)
     err = info.value
     assert err.path == str(path) and err.errno == errno.ENOSPC
@@ -91,14 +92,14 @@ def test_full_disk_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypat
 
 
 def test_output_error_keeps_path_errno_and_pickles(tmp_path):
-    err = utils.OutputError("/x/y.json", "No space left on device", errno.ENOSPC)
+    err = durable.OutputError("/x/y.json", "No space left on device", errno.ENOSPC)
     back = pickle.loads(pickle.dumps(err))
     assert (back.path, back.errno, str(back)) == ("/x/y.json", errno.ENOSPC,
                                                   "cannot write /x/y.json: No space left on device")
     # A non-OS exception of the writer is named with its type; the folder is created.
     path = tmp_path / "new" / "r.txt"
-    with pytest.raises(utils.OutputError, match=r"cannot write .*r.txt: ValueError: bad data") as info:
-        utils.atomic_write(path, lambda tmp: (_ for _ in ()).throw(ValueError("bad data")))
+    with pytest.raises(durable.OutputError, match=r"cannot write .*r.txt: ValueError: bad data") as info:
+        durable.atomic_write(path, lambda tmp: (_ for _ in ()).throw(ValueError("bad data")))
     assert info.value.errno is None and os.listdir(tmp_path / "new") == []
 
 
@@ -112,18 +113,32 @@ def test_interrupt_removes_the_temporary_and_propagates_unchanged(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write(path, interrupted, suffix=".json")
+        durable.atomic_write(path, interrupted, suffix=".json")
     assert path.read_text() == "previous" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_failed_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "result.txt"
+    path.write_text("previous")
+
+    def broken(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        durable.atomic_write(path, broken, suffix=".txt")
+    assert path.read_text() == "previous" and os.listdir(tmp_path) == ["result.txt"]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_outputs_follow_the_umask(tmp_path, monkeypatch, umask, mode):
-    monkeypatch.setattr(utils, "_umask_cache", None)  # read once per process otherwise
+    monkeypatch.setattr(durable, "_umask_cache", None)  # read once per process otherwise
     old = os.umask(umask)
     try:
-        utils.write_json(tmp_path / "c.json", {"b": [1, 2], "a": 1.5})
+        durable.write_json(tmp_path / "c.json", {"b": [1, 2], "a": 1.5})
         utils.save_nifti(tmp_path / "v.nii.gz", np.zeros((2, 2, 2)), np.eye(4))
-        utils.append_csv_row(tmp_path / "m.csv", ["a"], {"a": 1})
+        durable.append_csv_row(tmp_path / "m.csv", ["a"], {"a": 1})
         assert os.umask(umask) == umask  # the helper put the umask back
     finally:
         os.umask(old)
@@ -134,9 +149,9 @@ def test_outputs_follow_the_umask(tmp_path, monkeypatch, umask, mode):
 
 def test_write_json_refuses_unserialisable_data_before_touching_the_file(tmp_path):
     path = tmp_path / "c.json"
-    utils.write_json(path, {"k": "v"})
+    durable.write_json(path, {"k": "v"})
     with pytest.raises(TypeError):
-        utils.write_json(path, {"k": object()})
+        durable.write_json(path, {"k": object()})
     assert json.loads(path.read_text()) == {"k": "v"} and os.listdir(tmp_path) == ["c.json"]
 
 
@@ -147,48 +162,48 @@ def test_write_json_refuses_unserialisable_data_before_touching_the_file(tmp_pat
 
 def test_csv_append_round_trip_with_comments_nan_and_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.csv"
-    assert utils.read_csv_rows(path) == (None, [])
+    assert durable.read_csv_rows(path) == (None, [])
     fields = ["subject", "psnr", "ssim", "n"]
-    utils.append_csv_row(path, fields, {"subject": "s1", "psnr": 30.1234567, "ssim": np.float32(0.5), "n": 3},
-                         header_lines=["upsampling_factor: 4", "checkpoint: ckpt-7"])
-    utils.append_csv_row(path, fields, {"subject": "s,2", "psnr": float("nan"), "ssim": float("inf")},
-                         header_lines=["ignored once the file exists"])
+    durable.append_csv_row(path, fields, {"subject": "s1", "psnr": 30.1234567, "ssim": np.float32(0.5), "n": 3},
+                           header_lines=["upsampling_factor: 4", "checkpoint: ckpt-7"])
+    durable.append_csv_row(path, fields, {"subject": "s,2", "psnr": float("nan"), "ssim": float("inf")},
+                           header_lines=["ignored once the file exists"])
     text = path.read_text()
     assert text.splitlines()[:3] == ["# upsampling_factor: 4", "# checkpoint: ckpt-7", "subject,psnr,ssim,n"]
     assert "ignored" not in text
-    got_fields, rows = utils.read_csv_rows(path)
+    got_fields, rows = durable.read_csv_rows(path)
     assert got_fields == fields
     assert rows == [{"subject": "s1", "psnr": "30.123457", "ssim": "0.500000", "n": "3"},
                     {"subject": "s,2", "psnr": "nan", "ssim": "inf", "n": ""}]
     # A process killed mid-append leaves a line without its newline: readers ignore it ...
     with open(path, "a") as fh:
         fh.write("s3,29.0")
-    assert utils.read_csv_rows(path) == (fields, rows)
+    assert durable.read_csv_rows(path) == (fields, rows)
     # ... and the next append replaces it instead of gluing onto it.
-    utils.append_csv_row(path, fields, {"subject": "s3", "psnr": 29.0, "ssim": 0.9, "n": 1})
-    _, rows = utils.read_csv_rows(path)
+    durable.append_csv_row(path, fields, {"subject": "s3", "psnr": 29.0, "ssim": 0.9, "n": 1})
+    _, rows = durable.read_csv_rows(path)
     assert [r["subject"] for r in rows] == ["s1", "s,2", "s3"] and rows[2]["psnr"] == "29.000000"
     assert path.read_text().endswith("s3,29.000000,0.900000,1\n")
 
 
 def test_csv_argument_and_format_checks(tmp_path):
     path = tmp_path / "m.csv"
-    utils.append_csv_row(path, ["a", "b"], {"a": 1})
+    durable.append_csv_row(path, ["a", "b"], {"a": 1})
     with pytest.raises(ValueError, match=r"m.csv has the columns \['a', 'b'\], expected \['a', 'c'\]"):
-        utils.append_csv_row(path, ["a", "c"], {"a": 1})
+        durable.append_csv_row(path, ["a", "c"], {"a": 1})
     with pytest.raises(ValueError, match=r"columns \['z'\]"):
-        utils.append_csv_row(path, ["a", "b"], {"a": 1, "z": 2})
+        durable.append_csv_row(path, ["a", "b"], {"a": 1, "z": 2})
     with pytest.raises(ValueError, match="newlines"):
-        utils.append_csv_row(path, ["a", "b"], {"a": "x\ny"})
-    assert utils.read_csv_rows(path) == (["a", "b"], [{"a": "1", "b": ""}])
+        durable.append_csv_row(path, ["a", "b"], {"a": "x\ny"})
+    assert durable.read_csv_rows(path) == (["a", "b"], [{"a": "1", "b": ""}])
     # An empty file (emptied by an old non-atomic writer) is started afresh.
     path.write_text("")
-    utils.append_csv_row(path, ["a"], {"a": 2})
-    assert utils.read_csv_rows(path) == (["a"], [{"a": "2"}])
+    durable.append_csv_row(path, ["a"], {"a": 2})
+    assert durable.read_csv_rows(path) == (["a"], [{"a": "2"}])
     # Windows line ends (csv.DictWriter's default) read too; a short row is an error naming the line.
     (tmp_path / "w.csv").write_bytes(b"a,b\r\n1,2\r\n3\r\n")
     with pytest.raises(ValueError, match=r"w.csv, line 3: 1 fields, the header has 2"):
-        utils.read_csv_rows(tmp_path / "w.csv")
+        durable.read_csv_rows(tmp_path / "w.csv")
 
 
 # --------------------------------------------------------------------------- #
@@ -212,29 +227,27 @@ def test_remove_stale_temporaries_removes_only_the_projects_leftovers(tmp_path):
     os.symlink(outside, tmp_path / ".tmp-link")  # a link is never followed nor removed
     os.symlink(tmp_path / "sub", tmp_path / "ckpt-4_temp")
 
-    removed = utils.remove_stale_temporaries(tmp_path)
+    removed = durable.remove_stale_temporaries(tmp_path)
     expected = sorted(stale_files + ["ckpt-12_temp"])
     assert removed == [str(tmp_path / n) for n in expected]
     left = sorted(os.listdir(tmp_path))
     assert left == sorted(keep_files + ["ckpt-best_temp", "my_ckpt-1_temp", ".tmp-folder", "sub",
                                         ".tmp-link", "ckpt-4_temp"])
     assert sorted(os.listdir(tmp_path / "sub")) == [".tmp-nested", "target"] and outside.read_text() == "keep me"
-    assert utils.remove_stale_temporaries(tmp_path) == []
-    assert utils.remove_stale_temporaries(tmp_path / "missing") == []
+    assert durable.remove_stale_temporaries(tmp_path) == []
+    assert durable.remove_stale_temporaries(tmp_path / "missing") == []
 
 
 # --------------------------------------------------------------------------- #
 # Run lock
 # --------------------------------------------------------------------------- #
 
-# utils imports TensorFlow only for the voxel shuffle; a stub module keeps the
-# child process's start-up well under a second.
+# durable imports no TensorFlow: the child process starts well under a second.
 _HOLDER = textwrap.dedent("""
-    import sys, time, types
-    sys.modules.setdefault("tensorflow", types.ModuleType("tensorflow"))
+    import sys, time
     sys.path.insert(0, sys.argv[1])
-    import utils
-    utils.RunLock(sys.argv[2], "training").acquire()
+    import durable
+    durable.RunLock(sys.argv[2], "training").acquire()
     print("locked", flush=True)
     time.sleep(120)
 """)
@@ -251,20 +264,20 @@ def test_run_lock_refuses_a_second_run_until_the_holder_is_killed(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         assert _read_line(proc, 30) == "locked"
-        with pytest.raises(utils.LockedError) as info:
-            utils.RunLock(folder, "evaluation").acquire()
+        with pytest.raises(durable.LockedError) as info:
+            durable.RunLock(folder, "evaluation").acquire()
         msg = str(info.value)
         for part in (folder, f"process {proc.pid}", socket.gethostname(), "training", "--fake-flag",
                      "Wait for that run to finish or choose another folder"):
             assert part in msg, (part, msg)
-        record = json.loads(open(os.path.join(folder, utils.LOCK_NAME)).read())
+        record = json.loads(open(os.path.join(folder, durable.LOCK_NAME)).read())
         assert record["pid"] == proc.pid and record["started"][:2] == "20" and "T" in record["started"]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         proc.stdout.close()
     # The kernel released the dead holder's lock: no clean-up is needed.
-    with utils.RunLock(folder, "resume") as lock:
+    with durable.RunLock(folder, "resume") as lock:
         assert lock.held
         record = json.loads(open(lock.path).read())
         assert record["pid"] == os.getpid() and record["purpose"] == "resume"
@@ -272,27 +285,27 @@ def test_run_lock_refuses_a_second_run_until_the_holder_is_killed(tmp_path):
 
 
 def test_run_lock_within_one_process(tmp_path):
-    first = utils.RunLock(tmp_path, "training").acquire()
+    first = durable.RunLock(tmp_path, "training").acquire()
     try:
-        with pytest.raises(utils.LockedError, match="already locked by this process"):
-            utils.RunLock(str(tmp_path) + "/", "evaluation").acquire()
-        with pytest.raises(utils.LockedError, match="already locked by this process"):
+        with pytest.raises(durable.LockedError, match="already locked by this process"):
+            durable.RunLock(str(tmp_path) + "/", "evaluation").acquire()
+        with pytest.raises(durable.LockedError, match="already locked by this process"):
             first.acquire()
     finally:
         first.release()
     first.release()  # releasing twice is harmless
-    with utils.RunLock(tmp_path, "evaluation"):
+    with durable.RunLock(tmp_path, "evaluation"):
         pass
 
 
 def test_run_lock_ignores_a_dead_holders_record(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=10)
-    path = tmp_path / utils.LOCK_NAME
+    path = tmp_path / durable.LOCK_NAME
     path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "2020-01-01T00:00:00",
                                 "purpose": "training", "command": "model.py"}))
     # Nobody holds the flock: the stale file is simply locked again.
-    with utils.RunLock(tmp_path, "training"):
+    with durable.RunLock(tmp_path, "training"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     # A holder that has locked but not yet written its record is not confused with the dead one.
     import fcntl
@@ -300,8 +313,8 @@ def test_run_lock_ignores_a_dead_holders_record(tmp_path):
     fd = os.open(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(utils.LockedError, match="has not recorded its PID yet") as info:
-            utils.RunLock(tmp_path, "training").acquire()
+        with pytest.raises(durable.LockedError, match="has not recorded its PID yet") as info:
+            durable.RunLock(tmp_path, "training").acquire()
         assert f"process {dead.pid}" not in str(info.value)
     finally:
         os.close(fd)

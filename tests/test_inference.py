@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
+import layouts
 import model
 import networks
+import phantoms
 import train_dataset as td
 import utils
 import checkpoints
@@ -42,11 +45,11 @@ def _phantoms(n, seed):
     """n (image int16, mask uint8, affine) phantoms from make_demo_data, read back."""
     folder = f"/tmp/phantoms-{os.getpid()}-{seed}-{n}"
     if not os.path.isdir(folder):
-        td.make_demo_data(folder, subjects=n, shape=SHAPE, seed=seed)
+        phantoms.make_demo_data(folder, subjects=n, shape=SHAPE, seed=seed)
     out = []
     for i in range(n):
-        image = nib.load(os.path.join(folder, f"demo_{i:03d}", td.IMAGE_NAME))
-        mask = nib.load(os.path.join(folder, f"demo_{i:03d}", td.MASK_NAME))
+        image = nib.load(os.path.join(folder, f"demo_{i:03d}", layouts.IMAGE_NAME))
+        mask = nib.load(os.path.join(folder, f"demo_{i:03d}", layouts.MASK_NAME))
         out.append((np.asarray(image.dataobj), np.asarray(mask.dataobj), image.affine))
     return out
 
@@ -94,7 +97,7 @@ def _evaluate(ckpt, out, *extra):
 
 
 def _metrics(path):
-    fieldnames, rows = utils.read_csv_rows(str(path))
+    fieldnames, rows = durable.read_csv_rows(str(path))
     return fieldnames, rows
 
 
@@ -240,8 +243,8 @@ def test_csv_list_with_relative_paths_and_a_split_column_is_honoured(bids_run, t
 ])
 def test_bad_layout_or_output_folder_is_a_clear_error(bids_run, tmp_path, capsys, extra, fragment):
     data = tmp_path / "data"
-    td.make_demo_data(str(data), subjects=2, shape=SHAPE, seed=6)
-    extra = [e.format(data=data, image=td.IMAGE_NAME) for e in extra]
+    phantoms.make_demo_data(str(data), subjects=2, shape=SHAPE, seed=6)
+    extra = [e.format(data=data, image=layouts.IMAGE_NAME) for e in extra]
     argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-data_path", str(data),
             "-path_volumes", str(tmp_path / "out")] + extra
     assert model.main(argv) == 2
@@ -262,7 +265,7 @@ def test_outputs_inside_a_bids_dataset_belong_in_derivatives(tmp_path):
 
 def test_a_second_evaluation_into_the_same_folder_is_refused(bids_run, tmp_path, capsys):
     out = tmp_path / "out"
-    with utils.RunLock(str(out), "evaluation"):
+    with durable.RunLock(str(out), "evaluation"):
         assert _evaluate(bids_run["ckpt"], out) == 2
     assert "locked" in capsys.readouterr().err
     assert not (out / "metrics.csv").exists()
@@ -475,7 +478,7 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
     image, mask, _ = _phantoms(1, seed=7)[0]
     affine = np.array([[0, 0, -1.0, 10], [1.0, 0, 0, -5], [0, 1.0, 0, 3], [0, 0, 0, 1]])  # left-right: axis 2
     data = tmp_path / "data"
-    _save(data / "s1" / td.IMAGE_NAME, image, affine)
+    _save(data / "s1" / layouts.IMAGE_NAME, image, affine)
     seen = []
     monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
     assert _evaluate(bids_run["ckpt"], tmp_path / "out", "-data_path", data, "-tta", "flip") == 0
@@ -509,7 +512,7 @@ def test_options_are_reported_side_by_side_and_in_the_header(bids_run, tmp_path)
 def test_mosaic_has_a_column_per_variant():
     vol = np.random.default_rng(0).uniform(0, 1, (8, 8, 6)).astype(np.float32)
     row = {"psnr": 30.0, "ssim": 0.9}
-    subject = td.Subject("s", "s.nii.gz")
+    subject = layouts.Subject("s", "s.nii.gz")
     one = evaluation.mosaic(subject, row, vol, vol, {inference.Variant(): vol}, vol)
     three = evaluation.mosaic(subject, row, vol, vol, {v: vol for v in inference.inference_variants("gaussian", "flip")}, vol)
     assert three.shape[0] == one.shape[0] and three.shape[1] > one.shape[1] * 1.3
@@ -523,7 +526,7 @@ def test_mosaic_has_a_column_per_variant():
 # ----------------------------------------------------------------------------
 
 def _adni_data(folder, n, seed):
-    td.make_demo_data(str(folder), subjects=n, shape=SHAPE, seed=seed)
+    phantoms.make_demo_data(str(folder), subjects=n, shape=SHAPE, seed=seed)
     return folder
 
 
@@ -586,11 +589,11 @@ def test_an_evaluation_killed_by_sigkill_resumes_each_subject_once(bids_run, tmp
 def test_an_empty_mask_is_nan_and_a_negative_image_is_skipped(bids_run, tmp_path, capsys):
     (good, mask, affine), (image2, _, affine2), (image3, mask3, affine3) = _phantoms(3, seed=10)
     data = tmp_path / "data"
-    _save(data / "a_good" / td.IMAGE_NAME, good, affine)
-    _save(data / "a_good" / td.MASK_NAME, mask, affine, dtype=np.uint8)
-    _save(data / "b_empty_mask" / td.IMAGE_NAME, image2, affine2)
-    _save(data / "b_empty_mask" / td.MASK_NAME, np.zeros(SHAPE), affine2, dtype=np.uint8)
-    negative = _save(data / "c_negative" / td.IMAGE_NAME, -image3.astype(np.int16) - 1, affine3)
+    _save(data / "a_good" / layouts.IMAGE_NAME, good, affine)
+    _save(data / "a_good" / layouts.MASK_NAME, mask, affine, dtype=np.uint8)
+    _save(data / "b_empty_mask" / layouts.IMAGE_NAME, image2, affine2)
+    _save(data / "b_empty_mask" / layouts.MASK_NAME, np.zeros(SHAPE), affine2, dtype=np.uint8)
+    negative = _save(data / "c_negative" / layouts.IMAGE_NAME, -image3.astype(np.int16) - 1, affine3)
     out = tmp_path / "out"
     assert _evaluate(bids_run["ckpt"], out, "-data_path", data) == 0
     captured = capsys.readouterr()
@@ -626,8 +629,8 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
             "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-path_volumes", str(out)]
     assert model.main(argv) == 0
     captured = capsys.readouterr()
-    assert sorted(set(os.listdir(out)) - {utils.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json", "b_sr.nii.gz",
-                                       "c_sr.json", "c_sr.nii.gz"]
+    assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json",
+                                                                  "b_sr.nii.gz", "c_sr.json", "c_sr.nii.gz"]
     assert "skipping" in captured.out and "d.nii.gz: maximum intensity -1" in captured.out
     assert "super-resolve" in captured.err  # the progress bar
     # Two inputs with the same name would overwrite each other: refused before any work.

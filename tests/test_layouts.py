@@ -1,13 +1,16 @@
-"""Tests of the input layouts of train_dataset.find_subjects: BIDS, CSV lists, detection, split."""
+"""Tests of the data layouts (layouts.py): ADNI folders and bad subjects, detection, BIDS, CSV lists, split."""
 
+import gzip
 import os
+import struct
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-import train_dataset as td
-from helpers import Log
+import layouts
+import nifti_io
+from helpers import Log, write_nifti
 
 
 def _nifti(path, shape=(8, 8, 8), dtype=np.float32):
@@ -46,18 +49,144 @@ def _bids_root(tmp_path):
     (lambda p: os.makedirs(p / "sub-01") or p, "bids"),
     (lambda p: os.makedirs(p / "002_S_0295") or (p / "x.nii.gz").write_text("x") and p, "folders"),
     # ADNI-layout subjects that are called sub-* stay the ADNI layout.
-    (lambda p: _nifti(p / "sub-01" / td.IMAGE_NAME) and p, "folders"),
+    (lambda p: _nifti(p / "sub-01" / layouts.IMAGE_NAME) and p, "folders"),
 ])
 def test_detect_layout(tmp_path, make, expected):
-    assert td.detect_layout(make(tmp_path)) == expected
+    assert layouts.detect_layout(make(tmp_path)) == expected
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("list.csv", True), ("a/b/LIST.TSV", True), ("list.Csv", True), ("list.csv.gz", False),
+    ("csv", False), ("scan.nii.gz", False), ("folder", False),
+])
+def test_is_file_list(tmp_path, path, expected):
+    assert layouts.is_file_list(path) is expected
+    assert layouts.is_file_list(tmp_path / path) is expected  # path-like, need not exist
 
 
 def test_detect_layout_bad_paths_are_data_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(td.DataError, match=r"notes.txt.*is a file, not a folder \(or a .csv file list\)"):
-        td.detect_layout(tmp_path / "notes.txt")
-    with pytest.raises(td.DataError, match="nope.*does not exist"):
-        td.detect_layout(tmp_path / "nope")
+    with pytest.raises(nifti_io.DataError, match=r"notes.txt.*is a file, not a folder \(or a .csv file list\)"):
+        layouts.detect_layout(tmp_path / "notes.txt")
+    with pytest.raises(nifti_io.DataError, match="nope.*does not exist"):
+        layouts.detect_layout(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- #
+# Folders (the ADNI layout, flat NIfTI files) and bad subjects
+# --------------------------------------------------------------------------- #
+
+
+def _subject(root, name, data, mask=None, dtype=np.float32):
+    folder = os.path.join(root, name)
+    write_nifti(os.path.join(folder, layouts.IMAGE_NAME), data, dtype=dtype)
+    if mask is not None:
+        write_nifti(os.path.join(folder, layouts.MASK_NAME), mask, dtype=np.uint8)
+    return folder
+
+
+def test_find_subjects_layouts_and_sorting(tmp_path):
+    root = str(tmp_path)
+    vol = np.ones((8, 8, 8), np.float32)
+    for name in ("s10", "s02", "s1"):
+        _subject(root, name, vol, mask=vol)
+    with open(os.path.join(root, "ADNI_clinical.csv"), "w") as fh:
+        fh.write("subject,age\ns1,70\n")
+    with open(os.path.join(root, "notes.txt"), "w") as fh:
+        fh.write("stray")
+    log = Log()
+    subjects, problems = layouts.find_subjects(root, log=log)
+    assert [s.name for s in subjects] == ["s02", "s1", "s10"]
+    assert problems == [] and log.lines == [f"data: ADNI layout (one folder per subject) {root} "
+                                            f"(3 subjects, 3 with a brain mask)"]
+    assert all(s.mask_path and s.mask_path.endswith(layouts.MASK_NAME) for s in subjects)
+
+    flat = tmp_path / "flat"
+    write_nifti(str(flat / "b.nii.gz"), vol)
+    write_nifti(str(flat / "a.nii"), vol)
+    subjects, problems = layouts.find_subjects(str(flat), log=log)
+    assert [s.name for s in subjects] == ["a", "b"] and all(s.mask_path is None for s in subjects)
+
+    custom = tmp_path / "custom"
+    write_nifti(str(custom / "x" / "img.nii.gz"), vol)
+    write_nifti(str(custom / "x" / "brainmask.nii.gz"), vol)
+    subjects, _ = layouts.find_subjects(str(custom), image_name="img.nii.gz", mask_name="brainmask.nii.gz", log=log)
+    assert subjects[0].mask_path.endswith("brainmask.nii.gz")
+
+
+def test_bad_subjects_are_reported_once_and_skipped(tmp_path):
+    root = str(tmp_path)
+    good = np.ones((8, 8, 8), np.float32)
+    _subject(root, "a_good", good, mask=good)
+    _subject(root, "b_nomask", good)
+    _subject(root, "c_4d_many", np.ones((8, 8, 8, 3), np.float32))
+    _subject(root, "c_4d_one", np.ones((8, 8, 8, 1), np.float32), mask=good)
+    os.makedirs(os.path.join(root, "d_empty_folder"))
+    _subject(root, "e_small", np.ones((4, 8, 8), np.float32), mask=np.ones((4, 8, 8)))
+    _subject(root, "f_mask_shape", good, mask=np.ones((8, 8, 7)))
+    for name, size in (("g_zero_voxel", 0.0), ("g_negative_voxel", -1.0), ("g_nan_voxel", float("nan"))):
+        # nibabel repairs zero/negative voxel sizes when saving, so patch the header bytes.
+        path = os.path.join(_subject(root, name, good), layouts.IMAGE_NAME)
+        raw = bytearray(gzip.decompress(open(path, "rb").read()))
+        raw[84:88] = struct.pack("<f", size)  # pixdim[2] of the NIfTI-1 header
+        open(path, "wb").write(gzip.compress(bytes(raw)))
+    with open(os.path.join(root, "h_garbage.nii.gz"), "wb") as fh:
+        fh.write(b"not a nifti at all")
+    write_nifti(os.path.join(root, "i_wrong_name", layouts.IMAGE_NAME.replace(".gz", "")), good)
+    write_nifti(os.path.join(root, "j_empty", layouts.IMAGE_NAME), np.ones((8, 0, 8), np.float32))
+    with open(os.path.join(root, "clinical.csv"), "w") as fh:
+        fh.write("a,b\n")
+
+    log = Log()
+    subjects, problems = layouts.find_subjects(root, image_name=layouts.IMAGE_NAME, min_shape=(6, 6, 6), log=log)
+    assert [s.name for s in subjects] == ["a_good", "b_nomask", "c_4d_one"]
+    assert subjects[1].mask_path is None
+    reasons = {
+        "c_4d_many": "8x8x8x3", "d_empty_folder": "no image", "e_small": "smaller than the minimum 6x6x6",
+        "f_mask_shape": "mask shape 8x8x7", "g_zero_voxel": "voxel sizes must be positive", "g_negative_voxel": "got (1.0, -1.0, 1.0)",
+        "g_nan_voxel": "voxel sizes must be positive",
+        "h_garbage": "cannot read", "i_wrong_name": "no image", "j_empty": "empty volume",
+    }
+    assert len(problems) == len(reasons)
+    for name, reason in reasons.items():
+        line = [p for p in problems if name in p]
+        assert len(line) == 1 and reason in line[0], (name, problems)
+        assert line[0].startswith(root)
+    summaries = [m for m in log.lines if "bad subject" in m]
+    assert len(summaries) == 1 and all(p in summaries[0] for p in problems)
+    no_mask = [m for m in log.lines if "image > 0" in m]
+    assert len(no_mask) == 1 and no_mask[0].startswith("1 of 3")
+
+    # The uncompressed file shorter than its header says is caught from its size.
+    flat = tmp_path / "flat"
+    short = write_nifti(str(flat / "s.nii"), good)
+    os.truncate(short, os.path.getsize(short) - 100)
+    write_nifti(str(flat / "t.nii"), good)
+    subjects, problems = layouts.find_subjects(str(flat), log=Log())
+    assert [s.name for s in subjects] == ["t"] and "truncated" in problems[0]
+
+
+def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(nifti_io.DataError, match="nope.*does not exist"):
+        layouts.find_subjects(missing, log=Log())
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(nifti_io.DataError, match=r"file.txt.*is a file, not a folder \(or a .csv file list\)"):
+        layouts.find_subjects(str(a_file), log=Log())
+    # A .csv file is a file list now: one without an image column says so.
+    (tmp_path / "file.csv").write_text("x")
+    with pytest.raises(nifti_io.DataError, match="file.csv: no 'image' column"):
+        layouts.find_subjects(str(tmp_path / "file.csv"), log=Log())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(nifti_io.DataError, match="no usable subject in .*empty"):
+        layouts.find_subjects(str(empty), log=Log())
+    (empty / "clinical.csv").write_text("a,b\n")
+    os.makedirs(empty / "sub01")
+    with pytest.raises(nifti_io.DataError, match="sub01.*no image"):
+        layouts.find_subjects(str(empty), log=Log())
+    assert issubclass(nifti_io.DataError, ValueError)
 
 
 # --------------------------------------------------------------------------- #
@@ -68,7 +197,7 @@ def test_detect_layout_bad_paths_are_data_errors(tmp_path):
 def test_bids_dataset_is_found_with_ids_entities_and_masks(tmp_path):
     root = _bids_root(tmp_path)
     log = Log()
-    subjects, problems = td.find_subjects(root, log=log)
+    subjects, problems = layouts.find_subjects(root, log=log)
     assert problems == []
     assert [s.name for s in subjects] == ["sub-01_ses-M00", "sub-01_ses-M12", "sub-02"]
     assert [s.entities for s in subjects] == [
@@ -94,14 +223,14 @@ def test_bids_filter_and_mask_rules(tmp_path):
     _nifti(root / "sub-02/anat/sub-02_acq-fast_desc-brain_T1w.nii.gz")
     _nifti(root / "sub-03/anat/sub-04_desc-brain_T1w.nii.gz")  # name disagrees with its folder
 
-    subjects, problems = td.find_subjects(str(root), log=Log())
+    subjects, problems = layouts.find_subjects(str(root), log=Log())
     assert [s.name for s in subjects] == ["sub-02"]  # the only one with a single T1w
     several = [p for p in problems if "sub-01" in p]
     assert len(several) == 1 and "2 T1w files" in several[0] and "-bids_filter desc-brain" in several[0]
     assert any("sub-03" in p and "sub-04" in p and "do not match its folder" in p for p in problems)
 
     log = Log()
-    subjects, problems = td.find_subjects(str(root), bids_filter="desc-brain", log=log)
+    subjects, problems = layouts.find_subjects(str(root), bids_filter="desc-brain", log=log)
     assert [s.name for s in subjects] == ["sub-01", "sub-02"]
     assert subjects[0].image_path.endswith("sub-01_desc-brain_T1w.nii.gz")
     assert subjects[0].mask_path.endswith("sub-01_desc-brain_mask.nii.gz")
@@ -109,26 +238,26 @@ def test_bids_filter_and_mask_rules(tmp_path):
     assert subjects[1].entities == (("sub", "02"), ("acq", "fast"), ("desc", "brain"))
 
     # Every filter entity must be in the name; a session left with none is a bad entry.
-    subjects, problems = td.find_subjects(str(root), bids_filter=" desc-brain , acq-fast", log=Log())
+    subjects, problems = layouts.find_subjects(str(root), bids_filter=" desc-brain , acq-fast", log=Log())
     assert [s.name for s in subjects] == ["sub-02"]
     assert any("sub-01" in p and "has the entities of -bids_filter desc-brain,acq-fast" in p for p in problems)
 
     # A user -mask_name is a glob in the anat folder; {subject} is the label.
     _nifti(root / "sub-02/anat/sub-02_brainmask.nii.gz", dtype=np.uint8)
-    subjects, _ = td.find_subjects(str(root), bids_filter="desc-brain", mask_name="sub-{subject}_brainmask.nii*",
-                                   log=Log())
+    subjects, _ = layouts.find_subjects(str(root), bids_filter="desc-brain", mask_name="sub-{subject}_brainmask.nii*",
+                                        log=Log())
     assert subjects[0].mask_path is None and subjects[1].mask_path.endswith("sub-02_brainmask.nii.gz")
-    _, problems = td.find_subjects(str(root), bids_filter="desc-brain", mask_name="*mask.nii.gz", log=Log())
+    _, problems = layouts.find_subjects(str(root), bids_filter="desc-brain", mask_name="*mask.nii.gz", log=Log())
     assert any("sub-01" in p and "2 files match -mask_name" in p for p in problems)
     with pytest.raises(ValueError, match=r"-mask_name.*\{subject\} and \{session\}"):
-        td.find_subjects(str(root), mask_name="{participant}_mask.nii.gz", log=Log())
+        layouts.find_subjects(str(root), mask_name="{participant}_mask.nii.gz", log=Log())
 
 
 def test_bids_entities_come_from_the_folders_first(tmp_path):
     root = tmp_path / "bids"
     _nifti(root / "sub-05/ses-A/anat/sub-05_run-2_T1w.nii.gz")  # the name omits ses-A
     _nifti(root / "sub-06/ses-B/anat/sub-06_ses-C_T1w.nii.gz")  # the name contradicts its folder
-    subjects, problems = td.find_subjects(str(root), log=Log())
+    subjects, problems = layouts.find_subjects(str(root), log=Log())
     assert [(s.name, s.entities) for s in subjects] == [
         ("sub-05_ses-A", (("sub", "05"), ("ses", "A"), ("run", "2")))]
     assert len(problems) == 1 and "ses-C" in problems[0] and "do not match its folder sub-06_ses-B" in problems[0]
@@ -140,7 +269,7 @@ def test_bids_entities_come_from_the_folders_first(tmp_path):
     ("run-01, ses-M00", (("run", "01"), ("ses", "M00"))),
 ])
 def test_parse_bids_filter(text, expected):
-    assert td.parse_bids_filter(text) == expected
+    assert layouts.parse_bids_filter(text) == expected
 
 
 @pytest.mark.parametrize("text, bad", [
@@ -149,7 +278,7 @@ def test_parse_bids_filter(text, expected):
 ])
 def test_bad_bids_filter_is_value_error_naming_the_token(text, bad):
     with pytest.raises(ValueError, match=bad):
-        td.parse_bids_filter(text)
+        layouts.parse_bids_filter(text)
 
 
 def test_bids_without_t1w_and_filter_elsewhere_are_data_errors(tmp_path):
@@ -158,13 +287,13 @@ def test_bids_without_t1w_and_filter_elsewhere_are_data_errors(tmp_path):
     (root / "dataset_description.json").write_text("{}")
     _nifti(root / "sub-01/anat/sub-01_T2w.nii.gz")
     _nifti(root / "derivatives/sub-01/anat/sub-01_T1w.nii.gz")  # not scanned
-    with pytest.raises(td.DataError, match=r"BIDS dataset .*bids' has no T1w image: looked for "
-                                           r"sub-<label>/\[ses-<label>/\]anat/\*_T1w\.nii\[\.gz\]"):
-        td.find_subjects(str(root), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"BIDS dataset .*bids' has no T1w image: looked for "
+                                                 r"sub-<label>/\[ses-<label>/\]anat/\*_T1w\.nii\[\.gz\]"):
+        layouts.find_subjects(str(root), log=Log())
     folders = tmp_path / "adni"
-    _nifti(folders / "s1" / td.IMAGE_NAME)
-    with pytest.raises(td.DataError, match="-bids_filter 'desc-brain' applies to BIDS datasets"):
-        td.find_subjects(str(folders), bids_filter="desc-brain", log=Log())
+    _nifti(folders / "s1" / layouts.IMAGE_NAME)
+    with pytest.raises(nifti_io.DataError, match="-bids_filter 'desc-brain' applies to BIDS datasets"):
+        layouts.find_subjects(str(folders), bids_filter="desc-brain", log=Log())
 
 
 # --------------------------------------------------------------------------- #
@@ -192,24 +321,24 @@ def test_csv_list_with_relative_paths_and_split_column_is_honoured(tmp_path):
         "\n"  # blank rows are skipped
         "../data/c.nii.gz,, ,TRAIN,\n")
     log = Log()
-    subjects, problems = td.find_subjects(str(path), log=log)
+    subjects, problems = layouts.find_subjects(str(path), log=log)
     assert problems == []
     assert [(s.name, s.split) for s in subjects] == [("b", "test"), ("c", "train"), ("s_a", "train")]
     assert subjects[2].image_path == str(data / "a.nii.gz")  # relative to the list's folder
     assert os.path.samefile(subjects[2].mask_path, data / "a_mask.nii.gz")
     assert subjects[0].mask_path is None and subjects[0].entities == ()
     assert log.lines[0] == f"data: CSV file list {path} (3 subjects, 1 with a brain mask)"
-    train, test = td.split_subjects(subjects, train_fraction=0.5)
+    train, test = layouts.split_subjects(subjects, train_fraction=0.5)
     assert [s.name for s in train] == ["c", "s_a"] and [s.name for s in test] == ["b"]
 
     # Without a split column the 80/20 rule applies; a .tsv is tab-separated.
     tsv = lists / "list.tsv"
     tsv.write_text("image\n../data/a.nii.gz\n../data/b.nii.gz\n../data/c.nii.gz\n")
     log = Log()
-    subjects, _ = td.find_subjects(str(tsv), image_name="img.nii.gz", mask_name="m.nii.gz", log=log)
+    subjects, _ = layouts.find_subjects(str(tsv), image_name="img.nii.gz", mask_name="m.nii.gz", log=log)
     assert [(s.name, s.split) for s in subjects] == [("a", None), ("b", None), ("c", None)]
     assert "note: -image_name 'img.nii.gz' and -mask_name 'm.nii.gz' not used for a CSV file list" in log.lines
-    assert [len(x) for x in td.split_subjects(subjects)] == [2, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects)] == [2, 1]
 
 
 def test_csv_bad_rows_are_named_and_skipped(tmp_path):
@@ -229,7 +358,7 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
         "../data/broken.nii.gz,,,test\n"         # row 10: header check fails
         "../data/b.nii.gz,,a/b,test\n")          # row 11: not usable in a file name
     log = Log()
-    subjects, problems = td.find_subjects(str(path), log=log)
+    subjects, problems = layouts.find_subjects(str(path), log=log)
     assert [s.name for s in subjects] == ["a"]
     expected = {
         3: "image '../data/missing.nii.gz' not found", 4: "empty image cell",
@@ -249,18 +378,18 @@ def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
     data, lists = _csv_dataset(tmp_path)
     path = lists / "list.csv"
     path.write_text("path,mask\n../data/a.nii.gz,\n")
-    with pytest.raises(td.DataError, match=r"list.csv: no 'image' column in the header row \['path', 'mask'\]"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"list.csv: no 'image' column in the header row \['path', 'mask'\]"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("")
-    with pytest.raises(td.DataError, match="list.csv: the file list is empty"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match="list.csv: the file list is empty"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("image,image\na,b\n")
-    with pytest.raises(td.DataError, match="2 'image' columns"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match="2 'image' columns"):
+        layouts.find_subjects(str(path), log=Log())
     path.write_text("image\n../data/gone.nii.gz\n")
-    with pytest.raises(td.DataError, match=r"no usable subject in .*list.csv.*row 2: image '../data/gone.nii.gz' "
-                                           r"not found"):
-        td.find_subjects(str(path), log=Log())
+    with pytest.raises(nifti_io.DataError, match=r"no usable subject in .*list.csv.*row 2: image '../data/gone.nii.gz' "
+                                                 r"not found"):
+        layouts.find_subjects(str(path), log=Log())
 
 
 # --------------------------------------------------------------------------- #
@@ -269,12 +398,28 @@ def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
 
 
 def test_split_honours_subject_split_and_refuses_a_partial_one():
-    subjects = [td.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
-    train, test = td.split_subjects(subjects[::-1], train_fraction=1.0)
+    subjects = [layouts.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
+    train, test = layouts.split_subjects(subjects[::-1], train_fraction=1.0)
     assert [s.name for s in train] == ["s1", "s2"] and [s.name for s in test] == ["s0", "s3"]
     with pytest.raises(ValueError, match="2 subject.*carry a train/test split and 1 do not"):
-        td.split_subjects(subjects[:2] + [td.Subject("s9", "/x/9")])
+        layouts.split_subjects(subjects[:2] + [layouts.Subject("s9", "/x/9")])
     with pytest.raises(ValueError, match="split 'val'"):
-        td.split_subjects([td.Subject("a", "/a", split="val")])
+        layouts.split_subjects([layouts.Subject("a", "/a", split="val")])
     with pytest.raises(ValueError, match="train_fraction"):
-        td.split_subjects(subjects, 0)
+        layouts.split_subjects(subjects, 0)
+
+
+def test_split_is_deterministic_and_never_leaves_a_list_empty():
+    subjects = [layouts.Subject(f"s{i:03d}", f"/x/{i}", None) for i in range(589)]
+    train, test = layouts.split_subjects(subjects[::-1])
+    assert (len(train), len(test)) == (471, 118)
+    assert [s.name for s in train + test] == sorted(s.name for s in subjects)
+    assert layouts.split_subjects(subjects) == (train, test)
+    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.99)] == [1, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.01)] == [1, 1]
+    assert [len(x) for x in layouts.split_subjects(subjects[:5], 1.0)] == [5, 0]
+    assert [len(x) for x in layouts.split_subjects(subjects[:1], 0.8)] == [1, 0]
+    assert [len(x) for x in layouts.split_subjects(subjects[:10])] == [8, 2]
+    for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
+        with pytest.raises(ValueError, match="train_fraction"):
+            layouts.split_subjects(subjects, bad)

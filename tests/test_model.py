@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import durable
+import layouts
 import model
 import networks
+import phantoms
 import train_dataset as td
 import utils
 import errors
@@ -220,7 +223,7 @@ def run(tmp_path_factory):
     """Trains one epoch on 5 tiny phantoms (4 train, 1 test); shared by the tests below."""
     root = tmp_path_factory.mktemp("run")
     data = root / "data"
-    td.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
+    phantoms.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
     ckpt = root / "ckpt"
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
             "-path_prediction", str(root / "pred")] + TINY
@@ -287,7 +290,7 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
     assert model.main(argv) == 0
     split = json.loads((run["ckpt"] / "split.json").read_text())
     (name,) = split["test"]
-    source = nib.load(str(run["data"] / name / td.IMAGE_NAME))
+    source = nib.load(str(run["data"] / name / layouts.IMAGE_NAME))
     for kind in ("sr", "hr"):
         img = nib.load(str(out / f"{name}_{kind}.nii.gz"))
         assert img.shape == source.shape
@@ -301,7 +304,7 @@ def test_evaluate_writes_volumes_on_source_grid_metrics_and_pngs(run, tmp_path):
     for i in [(0, 0, 0), (3, 5, 7), (15, 15, 11)]:
         np.testing.assert_allclose(lr.affine @ np.r_[i, 1],
                                    source.affine @ np.r_[offset + 2 * np.array(i), 1], atol=1e-4)
-    _, rows = utils.read_csv_rows(out / "metrics.csv")  # after its "# setting: value" lines
+    _, rows = durable.read_csv_rows(out / "metrics.csv")  # after its "# setting: value" lines
     assert list(rows[0]) == list(metrics.METRIC_COLUMNS) and rows[0]["subject"] == name
     assert all(np.isfinite(float(rows[0][k])) for k in metrics.METRIC_COLUMNS[1:])
     assert (out / f"{name}_slices.png").stat().st_size > 100
@@ -372,7 +375,7 @@ def test_cli_user_mistake_has_no_traceback(tmp_path):
 
 def test_cli_end_to_end_train_then_evaluate(tmp_path):
     data = tmp_path / "data"
-    td.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
+    phantoms.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
     cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-data_path", str(data),
            "-checkpoint_dir", str(tmp_path / "ckpt"), "-epochs", "1", "-train_fraction", "0.67",
            "-nn", "True"] + TINY
@@ -452,7 +455,7 @@ def test_resume_keeps_the_run_precision(run, capsys):
 def test_resume_keeps_the_runs_split_and_seed(run, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(run["data"], data)
-    td.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
+    phantoms.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
     for name in os.listdir(tmp_path / "more"):
         shutil.copytree(tmp_path / "more" / name, data / f"aaa_{name}")  # sorts first
     ckpt = tmp_path / "ckpt"
@@ -547,7 +550,7 @@ def test_mode_flags_become_one_setting(argv, mode):
 
 def test_evaluation_degrades_with_the_training_sigma(tmp_path, monkeypatch):
     data = tmp_path / "data"
-    td.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=2)
+    phantoms.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=2)
     ckpt = tmp_path / "ckpt"
     argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1", "-sigma", "0.5"] + TINY
     seen = []

@@ -6,7 +6,6 @@ import pytest
 import tensorflow as tf
 
 import networks
-import utils
 
 
 def _trainable_params(model):
@@ -147,22 +146,22 @@ def _spec_formula(i, r=2):
 @pytest.mark.parametrize("shape", [(1, 2, 2, 2, 8), (2, 3, 4, 5, 16), (3, 1, 5, 2, 64), (1, 4, 3, 2, 8)])
 def test_voxel_shuffle_matches_original(shape):
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    y = utils.voxel_shuffle(x, 2).numpy()
+    y = networks.voxel_shuffle(x, 2).numpy()
     np.testing.assert_array_equal(y, _original_subpixel(x))
     np.testing.assert_array_equal(y, _spec_formula(x))
 
 
 def test_voxel_shuffle_r3_and_round_trip():
     x = np.random.default_rng(1).normal(size=(2, 2, 3, 2, 27 * 2)).astype(np.float32)
-    y = utils.voxel_shuffle(x, 3).numpy()
+    y = networks.voxel_shuffle(x, 3).numpy()
     np.testing.assert_array_equal(y, _original_subpixel(x, 3))
-    np.testing.assert_array_equal(utils.voxel_unshuffle(y, 3).numpy(), x)
+    np.testing.assert_array_equal(networks.voxel_unshuffle(y, 3).numpy(), x)
     z = np.random.default_rng(2).normal(size=(1, 4, 6, 2, 3)).astype(np.float32)
-    np.testing.assert_array_equal(utils.voxel_shuffle(utils.voxel_unshuffle(z, 2), 2).numpy(), z)
+    np.testing.assert_array_equal(networks.voxel_shuffle(networks.voxel_unshuffle(z, 2), 2).numpy(), z)
 
 
 def test_voxel_shuffle_unknown_shapes_in_tf_function():
-    fn = tf.function(lambda x: utils.voxel_shuffle(x, 2),
+    fn = tf.function(lambda x: networks.voxel_shuffle(x, 2),
                      input_signature=[tf.TensorSpec((None, None, None, None, 16), tf.float32)])
     x = np.random.rand(2, 3, 1, 4, 16).astype(np.float32)
     np.testing.assert_array_equal(fn(x).numpy(), _original_subpixel(x))
@@ -171,12 +170,12 @@ def test_voxel_shuffle_unknown_shapes_in_tf_function():
 @pytest.mark.parametrize("channels, r", [(12, 2), (9, 2), (26, 3)])
 def test_voxel_shuffle_rejects_bad_channels(channels, r):
     with pytest.raises(ValueError, match=f"{channels} channels are not divisible by r\\*\\*3 = {r ** 3}"):
-        utils.voxel_shuffle(np.zeros((1, 2, 2, 2, channels), np.float32), r)
+        networks.voxel_shuffle(np.zeros((1, 2, 2, 2, channels), np.float32), r)
 
 
 def test_voxel_shuffle_rejects_bad_factor():
     with pytest.raises(ValueError, match="r=0"):
-        utils.voxel_shuffle(np.zeros((1, 2, 2, 2, 8), np.float32), 0)
+        networks.voxel_shuffle(np.zeros((1, 2, 2, 2, 8), np.float32), 0)
 
 
 # ----------------------------------------------------------------------------

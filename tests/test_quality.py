@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import train_dataset
+import layouts
+import nifti_io
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality.py")
 _spec = importlib.util.spec_from_file_location("quality", _PATH)
@@ -35,8 +36,8 @@ def _write_template(path, shape=SHAPE):
 
 
 def _read(folder):
-    image = nib.load(os.path.join(folder, train_dataset.IMAGE_NAME))
-    mask = nib.load(os.path.join(folder, train_dataset.MASK_NAME))
+    image = nib.load(os.path.join(folder, layouts.IMAGE_NAME))
+    mask = nib.load(os.path.join(folder, layouts.MASK_NAME))
     return image, mask
 
 
@@ -72,7 +73,7 @@ def test_build_writes_valid_adni_layout_subjects(tmp_path):
     folders = _build(tmp_path, "data", subjects=3, seed=0)
     out = tmp_path / "data"
     assert folders == sorted(str(out / f"mni_{i:03d}") for i in range(3))
-    subjects, problems = train_dataset.find_subjects(out, log=lambda m: None)
+    subjects, problems = layouts.find_subjects(out, log=lambda m: None)
     assert problems == []
     assert [s.name for s in subjects] == ["mni_000", "mni_001", "mni_002"]
     for subject in subjects:
@@ -169,15 +170,15 @@ def test_build_rejects_bad_arguments(tmp_path, kwargs, match):
 
 def test_build_rejects_bad_templates(tmp_path):
     missing = tmp_path / "missing.nii.gz"
-    with pytest.raises(train_dataset.DataError, match="missing.nii.gz"):
+    with pytest.raises(nifti_io.DataError, match="missing.nii.gz"):
         quality.build_dataset(tmp_path / "out", template=missing, shape=SHAPE, log=lambda m: None)
     empty = tmp_path / "empty.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), str(empty))
-    with pytest.raises(train_dataset.DataError, match="no voxel > 0"):
+    with pytest.raises(nifti_io.DataError, match="no voxel > 0"):
         quality.build_dataset(tmp_path / "out", template=empty, shape=SHAPE, log=lambda m: None)
     series = tmp_path / "series.nii.gz"
     nib.save(nib.Nifti1Image(np.ones(SHAPE + (2,), np.float32), np.eye(4)), str(series))
-    with pytest.raises(train_dataset.DataError, match="3-D"):
+    with pytest.raises(nifti_io.DataError, match="3-D"):
         quality.build_dataset(tmp_path / "out", template=series, shape=SHAPE, log=lambda m: None)
 
 

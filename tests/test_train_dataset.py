@@ -1,44 +1,18 @@
-"""Tests of the NIfTI data pipeline (train_dataset.py): CPU, tiny shapes, seconds."""
+"""Tests of the patch pipeline (train_dataset.py): canonical grid, patches, degradation, tf.data; CPU, tiny shapes."""
 
-import gzip
-import os
-import re
-import struct
-
-import nibabel as nib
 import numpy as np
 import pytest
 
+import layouts
+import nifti_io
 import train_dataset as td
 import utils
-from helpers import Log
+from helpers import Log, huge_claim, write_nifti
 
 # Tiny training geometry used throughout: 40x40x24 canonical, 16x16x8 patches.
 VOL = (40, 40, 24)
 PATCH = (16, 16, 8)
 MARGIN = 2
-
-
-def _write(path, data, affine=None, dtype=np.float32):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.eye(4) if affine is None else affine)
-    nib.save(img, path)
-    return path
-
-
-def _subject(root, name, data, mask=None, dtype=np.float32):
-    folder = os.path.join(root, name)
-    _write(os.path.join(folder, td.IMAGE_NAME), data, dtype=dtype)
-    if mask is not None:
-        _write(os.path.join(folder, td.MASK_NAME), mask, dtype=np.uint8)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    td.make_demo_data(root, subjects=5, shape=(36, 38, 22), seed=3)
-    return str(root)
 
 
 def _batches(ds):
@@ -226,183 +200,12 @@ def test_degrade_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------- #
-# Subjects, split and bad data
-# --------------------------------------------------------------------------- #
-
-
-def test_find_subjects_layouts_and_sorting(tmp_path):
-    root = str(tmp_path)
-    vol = np.ones((8, 8, 8), np.float32)
-    for name in ("s10", "s02", "s1"):
-        _subject(root, name, vol, mask=vol)
-    with open(os.path.join(root, "ADNI_clinical.csv"), "w") as fh:
-        fh.write("subject,age\ns1,70\n")
-    with open(os.path.join(root, "notes.txt"), "w") as fh:
-        fh.write("stray")
-    log = Log()
-    subjects, problems = td.find_subjects(root, log=log)
-    assert [s.name for s in subjects] == ["s02", "s1", "s10"]
-    assert problems == [] and log.lines == [f"data: ADNI layout (one folder per subject) {root} "
-                                            f"(3 subjects, 3 with a brain mask)"]
-    assert all(s.mask_path and s.mask_path.endswith(td.MASK_NAME) for s in subjects)
-
-    flat = tmp_path / "flat"
-    _write(str(flat / "b.nii.gz"), vol)
-    _write(str(flat / "a.nii"), vol)
-    subjects, problems = td.find_subjects(str(flat), log=log)
-    assert [s.name for s in subjects] == ["a", "b"] and all(s.mask_path is None for s in subjects)
-
-    custom = tmp_path / "custom"
-    _write(str(custom / "x" / "img.nii.gz"), vol)
-    _write(str(custom / "x" / "brainmask.nii.gz"), vol)
-    subjects, _ = td.find_subjects(str(custom), image_name="img.nii.gz", mask_name="brainmask.nii.gz", log=log)
-    assert subjects[0].mask_path.endswith("brainmask.nii.gz")
-
-
-def test_bad_subjects_are_reported_once_and_skipped(tmp_path):
-    root = str(tmp_path)
-    good = np.ones((8, 8, 8), np.float32)
-    _subject(root, "a_good", good, mask=good)
-    _subject(root, "b_nomask", good)
-    _subject(root, "c_4d_many", np.ones((8, 8, 8, 3), np.float32))
-    _subject(root, "c_4d_one", np.ones((8, 8, 8, 1), np.float32), mask=good)
-    os.makedirs(os.path.join(root, "d_empty_folder"))
-    _subject(root, "e_small", np.ones((4, 8, 8), np.float32), mask=np.ones((4, 8, 8)))
-    _subject(root, "f_mask_shape", good, mask=np.ones((8, 8, 7)))
-    for name, size in (("g_zero_voxel", 0.0), ("g_negative_voxel", -1.0), ("g_nan_voxel", float("nan"))):
-        # nibabel repairs zero/negative voxel sizes when saving, so patch the header bytes.
-        path = os.path.join(_subject(root, name, good), td.IMAGE_NAME)
-        raw = bytearray(gzip.decompress(open(path, "rb").read()))
-        raw[84:88] = struct.pack("<f", size)  # pixdim[2] of the NIfTI-1 header
-        open(path, "wb").write(gzip.compress(bytes(raw)))
-    with open(os.path.join(root, "h_garbage.nii.gz"), "wb") as fh:
-        fh.write(b"not a nifti at all")
-    _write(os.path.join(root, "i_wrong_name", td.IMAGE_NAME.replace(".gz", "")), good)
-    _write(os.path.join(root, "j_empty", td.IMAGE_NAME), np.ones((8, 0, 8), np.float32))
-    with open(os.path.join(root, "clinical.csv"), "w") as fh:
-        fh.write("a,b\n")
-
-    log = Log()
-    subjects, problems = td.find_subjects(root, image_name=td.IMAGE_NAME, min_shape=(6, 6, 6), log=log)
-    assert [s.name for s in subjects] == ["a_good", "b_nomask", "c_4d_one"]
-    assert subjects[1].mask_path is None
-    reasons = {
-        "c_4d_many": "8x8x8x3", "d_empty_folder": "no image", "e_small": "smaller than the minimum 6x6x6",
-        "f_mask_shape": "mask shape 8x8x7", "g_zero_voxel": "voxel sizes must be positive", "g_negative_voxel": "got (1.0, -1.0, 1.0)",
-        "g_nan_voxel": "voxel sizes must be positive",
-        "h_garbage": "cannot read", "i_wrong_name": "no image", "j_empty": "empty volume",
-    }
-    assert len(problems) == len(reasons)
-    for name, reason in reasons.items():
-        line = [p for p in problems if name in p]
-        assert len(line) == 1 and reason in line[0], (name, problems)
-        assert line[0].startswith(root)
-    summaries = [m for m in log.lines if "bad subject" in m]
-    assert len(summaries) == 1 and all(p in summaries[0] for p in problems)
-    no_mask = [m for m in log.lines if "image > 0" in m]
-    assert len(no_mask) == 1 and no_mask[0].startswith("1 of 3")
-
-    # The uncompressed file shorter than its header says is caught from its size.
-    flat = tmp_path / "flat"
-    short = _write(str(flat / "s.nii"), good)
-    os.truncate(short, os.path.getsize(short) - 100)
-    _write(str(flat / "t.nii"), good)
-    subjects, problems = td.find_subjects(str(flat), log=Log())
-    assert [s.name for s in subjects] == ["t"] and "truncated" in problems[0]
-
-
-def test_no_usable_subject_is_data_error_naming_the_path(tmp_path):
-    missing = str(tmp_path / "nope")
-    with pytest.raises(td.DataError, match="nope.*does not exist"):
-        td.find_subjects(missing, log=Log())
-    a_file = tmp_path / "file.txt"
-    a_file.write_text("x")
-    with pytest.raises(td.DataError, match=r"file.txt.*is a file, not a folder \(or a .csv file list\)"):
-        td.find_subjects(str(a_file), log=Log())
-    # A .csv file is a file list now: one without an image column says so.
-    (tmp_path / "file.csv").write_text("x")
-    with pytest.raises(td.DataError, match="file.csv: no 'image' column"):
-        td.find_subjects(str(tmp_path / "file.csv"), log=Log())
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(td.DataError, match="no usable subject in .*empty"):
-        td.find_subjects(str(empty), log=Log())
-    (empty / "clinical.csv").write_text("a,b\n")
-    os.makedirs(empty / "sub01")
-    with pytest.raises(td.DataError, match="sub01.*no image"):
-        td.find_subjects(str(empty), log=Log())
-    assert issubclass(td.DataError, ValueError)
-
-
-def test_split_is_deterministic_and_never_leaves_a_list_empty():
-    subjects = [td.Subject(f"s{i:03d}", f"/x/{i}", None) for i in range(589)]
-    train, test = td.split_subjects(subjects[::-1])
-    assert (len(train), len(test)) == (471, 118)
-    assert [s.name for s in train + test] == sorted(s.name for s in subjects)
-    assert td.split_subjects(subjects) == (train, test)
-    assert [len(x) for x in td.split_subjects(subjects[:2], 0.99)] == [1, 1]
-    assert [len(x) for x in td.split_subjects(subjects[:2], 0.01)] == [1, 1]
-    assert [len(x) for x in td.split_subjects(subjects[:5], 1.0)] == [5, 0]
-    assert [len(x) for x in td.split_subjects(subjects[:1], 0.8)] == [1, 0]
-    assert [len(x) for x in td.split_subjects(subjects[:10])] == [8, 2]
-    for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
-        with pytest.raises(ValueError, match="train_fraction"):
-            td.split_subjects(subjects, bad)
-
-
-def test_load_volume_nan_4d_and_truncated_gzip(tmp_path):
-    data = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
-    data[1, 2, 3] = np.nan
-    data[0, 0, 0] = np.inf
-    affine = np.diag([1.0, 1.1, 1.2, 1.0])
-    path = _write(str(tmp_path / "nan.nii.gz"), data, affine)
-    log = Log()
-    out, aff, hdr = td.load_volume(path, log=log)
-    assert out.dtype == np.float32 and out.shape == (6, 5, 4)
-    assert out[1, 2, 3] == 0 and out[0, 0, 0] == 0 and out[5, 4, 3] == data[5, 4, 3]
-    np.testing.assert_allclose(aff, affine)
-    assert len(log.lines) == 1 and path in log.text and "2 NaN/inf" in log.text
-
-    one = _write(str(tmp_path / "one.nii.gz"), data[..., None])
-    assert td.load_volume(one, log=Log())[0].shape == (6, 5, 4)
-    many = _write(str(tmp_path / "many.nii.gz"), np.stack([data] * 2, -1))
-    with pytest.raises(td.DataError, match="many.nii.gz.*6x5x4x2"):
-        td.load_volume(many)
-
-    big = np.random.default_rng(7).integers(0, 30000, (40, 40, 40)).astype(np.int16)
-    path = _write(str(tmp_path / "trunc.nii.gz"), big, dtype=np.int16)
-    raw = open(path, "rb").read()
-    with open(path, "wb") as fh:
-        fh.write(raw[: len(raw) // 2])
-    assert nib.load(path).shape == (40, 40, 40)  # the header still reads ...
-    with pytest.raises(td.DataError, match="trunc.nii.gz.*cannot read the NIfTI data"):
-        td.load_volume(path)  # ... the data do not
-    with pytest.raises(td.DataError, match="missing.nii.gz"):
-        td.load_volume(str(tmp_path / "missing.nii.gz"))
-
-
-def test_load_mask_from_file_or_image(tmp_path):
-    img = np.zeros((6, 6, 6), np.float32)
-    img[1:4, 1:4, 1:4] = 3
-    mask = np.zeros((6, 6, 6), np.uint8)
-    mask[0:5, 0:5, 0:5] = 1
-    root = str(tmp_path)
-    with_mask = td.Subject("a", _write(f"{root}/a/i.nii.gz", img), _write(f"{root}/a/m.nii.gz", mask, dtype=np.uint8))
-    no_mask = td.Subject("b", _write(f"{root}/b/i.nii.gz", img), None)
-    m = td.load_mask(with_mask, img)
-    assert m.dtype == bool and m.sum() == 125
-    np.testing.assert_array_equal(td.load_mask(no_mask), img > 0)
-    with pytest.raises(td.DataError, match="m.nii.gz.*6x6x6.*7x6x6"):
-        td.load_mask(with_mask, np.zeros((7, 6, 6)))
-
-
-# --------------------------------------------------------------------------- #
 # Training stream
 # --------------------------------------------------------------------------- #
 
 
 def test_dataset_shapes_ranges_and_count(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     ds = td.make_train_dataset(subjects, 2, batch_size=3, volume_shape=VOL, patch_shape=PATCH,
                                margin=MARGIN, log=Log())
     batches = _batches(ds)
@@ -416,7 +219,7 @@ def test_dataset_shapes_ranges_and_count(demo):
         np.testing.assert_allclose(lr, td.degrade(hr, 2).numpy(), atol=1e-6)
     # Patches are the x-major patches of the first subject of the epoch, each normalised.
     first = td.epoch_order(len(subjects), 0, 0)[0]
-    vol, _, _ = td.load_volume(subjects[first].image_path)
+    vol, _, _ = nifti_io.load_volume(subjects[first].image_path)
     expected = td.extract_patches(td.to_canonical(vol, VOL)[0], PATCH, MARGIN)
     got = np.concatenate([hr for _, hr in batches])[: len(expected)]
     for e, g in zip(expected, got):
@@ -425,14 +228,14 @@ def test_dataset_shapes_ranges_and_count(demo):
 
 
 def test_dataset_can_yield_normalisation_factors(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     kwargs = dict(batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log())
     plain = _batches(td.make_train_dataset(subjects[:2], 2, **kwargs))
     with_nf = [tuple(t.numpy() for t in b) for b in td.make_train_dataset(subjects[:2], 2, with_norm_factor=True,
                                                                           **kwargs)]
     assert len(plain) == len(with_nf)
     first = td.epoch_order(2, 0, 0)[0]
-    vol, _, _ = td.load_volume(subjects[first].image_path)
+    vol, _, _ = nifti_io.load_volume(subjects[first].image_path)
     raw = td.extract_patches(td.to_canonical(vol, VOL)[0], PATCH, MARGIN)
     for (lr, hr), (lr2, hr2, nf) in zip(plain, with_nf):
         np.testing.assert_array_equal(hr, hr2)
@@ -446,7 +249,7 @@ def test_dataset_can_yield_normalisation_factors(demo):
 
 
 def test_default_batching_keeps_a_volume_in_four_batches(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     geometry = dict(volume_shape=(40, 40, 24), patch_shape=(24, 24, 16), margin=2)
     assert td.patches_per_volume(**geometry) == 8
     batches = _batches(td.make_train_dataset(subjects[:2], 4, log=Log(), **geometry))
@@ -455,7 +258,7 @@ def test_default_batching_keeps_a_volume_in_four_batches(demo):
 
 
 def test_dataset_order_depends_on_seed_and_epoch_only(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     kwargs = dict(batch_size=td.patches_per_volume(VOL, PATCH, MARGIN), volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log())
 
     def firsts(**kw):  # one batch per volume: its first patch identifies the subject
@@ -476,19 +279,19 @@ def test_dataset_order_depends_on_seed_and_epoch_only(demo):
 
 
 def test_dataset_skips_a_truncated_gzip_without_stopping(demo, tmp_path):
-    subjects, _ = td.find_subjects(demo, log=Log())
-    broken = tmp_path / "broken" / td.IMAGE_NAME
+    subjects, _ = layouts.find_subjects(demo, log=Log())
+    broken = tmp_path / "broken" / layouts.IMAGE_NAME
     broken.parent.mkdir()
     raw = open(subjects[0].image_path, "rb").read()
     broken.write_bytes(raw[: len(raw) // 2])
-    nan_path = str(tmp_path / "nan" / td.IMAGE_NAME)
-    vol = td.load_volume(subjects[1].image_path)[0]
+    nan_path = str(tmp_path / "nan" / layouts.IMAGE_NAME)
+    vol = nifti_io.load_volume(subjects[1].image_path)[0]
     vol[5:9, 5:9, 5:9] = np.nan
-    _write(nan_path, vol)
+    write_nifti(nan_path, vol)
     # The header check passes (only the data are cut), so the subject reaches training.
-    found, problems = td.find_subjects(str(tmp_path), log=Log())
+    found, problems = layouts.find_subjects(str(tmp_path), log=Log())
     assert {s.name for s in found} == {"broken", "nan"} and problems == []
-    mixed = subjects[1:3] + [td.Subject("broken", str(broken), None), td.Subject("nan", nan_path, None)]
+    mixed = subjects[1:3] + [layouts.Subject("broken", str(broken), None), layouts.Subject("nan", nan_path, None)]
     log = Log()
     batches = _batches(td.make_train_dataset(mixed, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH,
                                              margin=MARGIN, log=log))
@@ -509,173 +312,21 @@ def test_dataset_argument_checks(demo):
 
 
 # --------------------------------------------------------------------------- #
-# Demo phantoms
+# Stopping on failures that are not bad data (bad files are skipped)
 # --------------------------------------------------------------------------- #
-
-
-def test_demo_data_layout_types_and_determinism(tmp_path):
-    a = td.make_demo_data(tmp_path / "a", subjects=2, shape=(32, 30, 20), seed=5)
-    b = td.make_demo_data(tmp_path / "b", subjects=2, shape=(32, 30, 20), seed=5)
-    c = td.make_demo_data(tmp_path / "c", subjects=1, shape=(32, 30, 20), seed=6)
-    assert [os.path.basename(p) for p in a] == ["demo_000", "demo_001"]
-    img = nib.load(os.path.join(a[0], td.IMAGE_NAME))
-    mask = nib.load(os.path.join(a[0], td.MASK_NAME))
-    assert img.get_data_dtype() == np.int16 and mask.get_data_dtype() == np.uint8
-    assert img.shape == mask.shape == (32, 30, 20)
-    assert not np.allclose(img.affine, np.eye(4))
-    np.testing.assert_allclose(img.header.get_zooms(), (1.0, 1.1, 1.2), rtol=1e-6)
-    np.testing.assert_allclose(img.affine, mask.affine)
-    data, m = np.asarray(img.dataobj), np.asarray(mask.dataobj)
-    assert set(np.unique(m)) == {0, 1}
-    assert (data[m == 0] == 0).all() and (data[m == 1] > 0).all()  # skull-stripped
-    assert 0.2 < m.mean() < 0.7
-    # Three tissue classes: CSF darkest, then grey, then white matter.
-    brain = data[m == 1]
-    assert np.percentile(brain, 90) > 1.5 * np.percentile(brain, 10)
-    for pa, pb in zip(a, b):
-        for name in (td.IMAGE_NAME, td.MASK_NAME):
-            np.testing.assert_array_equal(np.asarray(nib.load(os.path.join(pa, name)).dataobj),
-                                          np.asarray(nib.load(os.path.join(pb, name)).dataobj))
-    assert not np.array_equal(data, np.asarray(nib.load(os.path.join(c[0], td.IMAGE_NAME)).dataobj))
-    assert not np.array_equal(data, np.asarray(nib.load(os.path.join(a[1], td.IMAGE_NAME)).dataobj))
-    subjects, problems = td.find_subjects(tmp_path / "a", log=Log())
-    assert len(subjects) == 2 and problems == []
-    with pytest.raises(ValueError, match="subjects 0"):
-        td.make_demo_data(tmp_path / "d", subjects=0)
-    # No temporary files are left behind by the atomic writes.
-    assert sorted(os.listdir(a[0])) == sorted([td.IMAGE_NAME, td.MASK_NAME])
-
-
-def test_gzip_files_are_real_gzip(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
-    with gzip.open(subjects[0].image_path) as fh:
-        assert len(fh.read(348)) == 348
-
-
-# --------------------------------------------------------------------------- #
-# Refusing bad data early; stopping on failures that are not bad data
-# --------------------------------------------------------------------------- #
-
-
-def _huge_claim(path, shape=(1000, 1000, 1000)):
-    """Writes a tiny NIfTI whose header claims ``shape`` (float32) but holds almost no data."""
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(shape)
-    hdr.set_data_dtype(np.float32)
-    hdr["vox_offset"] = 352
-    payload = hdr.binaryblock + b"\0" * 4 + b"\0" * 64
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as fh:
-        fh.write(payload)
-    return str(path)
-
-
-def test_max_voxels_for():
-    canonical = 224 * 224 * 152
-    assert td.MAX_VOXELS_FACTOR == 16
-    assert td.max_voxels_for() == td.max_voxels_for(td.VOLUME_SHAPE) == 16 * canonical
-    assert td.max_voxels_for(VOL) == 16 * canonical  # a small canonical shape still accepts real scans
-    assert td.max_voxels_for((512, 512, 512)) == 16 * 512 ** 3
-    with pytest.raises(ValueError, match="volume_shape"):
-        td.max_voxels_for((0, 4, 4))
-
-
-def test_header_check_refuses_rgb_complex_and_implausible_sizes(tmp_path):
-    rgb = np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
-    rgb_path = str(tmp_path / "rgb.nii.gz")
-    nib.save(nib.Nifti1Image(rgb, np.eye(4)), rgb_path)
-    cplx = _write(str(tmp_path / "complex.nii.gz"), np.zeros((6, 6, 6)), dtype=np.complex64)
-    good = _write(str(tmp_path / "good.nii.gz"), np.ones((6, 6, 6)))
-    huge_gz = _huge_claim(tmp_path / "huge.nii.gz")
-    huge_nii = _huge_claim(tmp_path / "huge.nii")
-    assert os.path.getsize(huge_gz) < 2048
-    limit = td.max_voxels_for(VOL)
-    cases = [
-        (rgb_path, r"data type \[\('R', 'u1'\), \('G', 'u1'\), \('B', 'u1'\)\] is not a real scalar type: "
-                   r"colour \(RGB/RGBA\)"),
-        (cplx, "data type complex64 is not a real scalar type: complex"),
-        (huge_gz, f"header claims 1000000000 voxels \\(1000x1000x1000\\), more than the limit {limit} "
-                  f"\\(16x the canonical volume"),
-        (huge_nii, "header claims 1000000000 voxels"),  # refused before the (also failing) size check
-    ]
-    for path, expected in cases:
-        problem, _ = td._header_problem(path, max_voxels=limit)
-        assert problem is not None and re.search(expected, problem), (path, problem)
-        with pytest.raises(td.DataError, match=expected) as info:
-            td.load_volume(path, log=Log(), max_voxels=limit)
-        assert str(info.value).startswith(path + ": ")
-    assert td._header_problem(good, max_voxels=limit) == (None, (6, 6, 6))
-    # Without a limit only the size check of an uncompressed file catches the claim.
-    assert "truncated" in td._header_problem(huge_nii)[0]
-
-
-def test_load_volume_checks_the_header_before_reading_the_data(tmp_path, monkeypatch):
-    def no_read(*_args, **_kwargs):
-        raise AssertionError("the data were read")
-
-    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", no_read)
-    with pytest.raises(td.DataError, match="header claims 1000000000 voxels"):
-        td.load_volume(_huge_claim(tmp_path / "huge.nii.gz"), max_voxels=td.max_voxels_for(VOL))
-
-
-@pytest.mark.parametrize("raised, propagates", [
-    (MemoryError("Unable to allocate 2.6 GiB"), MemoryError),
-    (OSError(5, "Input/output error"), OSError),
-    (OSError(28, "No space left on device"), OSError),
-    (OSError("Expected 256 bytes, got 48 bytes from x.nii - could the file be damaged?"), td.DataError),
-    (EOFError("Compressed file ended before the end-of-stream marker was reached"), td.DataError),
-    (PermissionError(13, "Permission denied"), td.DataError),
-])
-def test_load_volume_tells_bad_files_from_other_failures(tmp_path, monkeypatch, raised, propagates):
-    path = _write(str(tmp_path / "v.nii.gz"), np.ones((6, 6, 6)))
-
-    def fail(*_args, **_kwargs):
-        raise raised
-
-    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", fail)
-    with pytest.raises(propagates) as info:
-        td.load_volume(path)
-    if propagates is td.DataError:
-        assert str(info.value).startswith(f"{path}: cannot read the NIfTI data ({type(raised).__name__}")
-    else:
-        assert info.value is raised
-
-
-def test_load_volume_missing_file_versus_vanished_folder(tmp_path):
-    (tmp_path / "data" / "s1").mkdir(parents=True)
-    with pytest.raises(td.DataError, match="s1/missing.nii.gz: cannot read the NIfTI header") as info:
-        td.load_volume(str(tmp_path / "data" / "s1" / "missing.nii.gz"))
-    assert not isinstance(info.value, td.PipelineError)
-    with pytest.raises(td.PipelineError, match=f"data folder {tmp_path / 'gone'} has disappeared"):
-        td.load_volume(str(tmp_path / "gone" / "s1" / "image.nii.gz"))
-    with pytest.raises(td.PipelineError, match=f"data folder {tmp_path / 'gone'} has disappeared"):
-        td._header_problem(str(tmp_path / "gone" / "s1" / "image.nii.gz"))
-
-
-@pytest.mark.parametrize("volume, message", [
-    (np.zeros((4, 4, 4)), "maximum intensity 0 <= 0"),
-    (-np.arange(1.0, 65.0).reshape(4, 4, 4), "maximum intensity -1 <= 0"),
-    (np.zeros((0, 4, 4)), "empty volume"),
-])
-def test_check_intensity_refuses_non_positive_maxima(volume, message):
-    with pytest.raises(td.DataError, match=f"^scan.nii.gz: {message}"):
-        td.check_intensity(volume, "scan.nii.gz")
-    vol = np.zeros((4, 4, 4))
-    vol[1, 2, 3] = 7.5
-    assert td.check_intensity(vol - 1.0, "x") == 6.5  # some negative voxels are fine
 
 
 def test_dataset_skips_bad_files_and_reports_each_via_on_skip(demo, tmp_path):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     raw = open(subjects[0].image_path, "rb").read()
-    truncated = tmp_path / "trunc" / td.IMAGE_NAME
+    truncated = tmp_path / "trunc" / layouts.IMAGE_NAME
     truncated.parent.mkdir()
     truncated.write_bytes(raw[: len(raw) // 2])
-    negative = _write(str(tmp_path / "neg" / td.IMAGE_NAME), -np.ones((40, 40, 24)))
+    negative = write_nifti(str(tmp_path / "neg" / layouts.IMAGE_NAME), -np.ones((40, 40, 24)))
     huge = str(tmp_path / "huge.nii.gz")
-    _huge_claim(huge)
-    mixed = subjects[1:3] + [td.Subject("trunc", str(truncated)), td.Subject("neg", negative),
-                             td.Subject("huge", huge)]
+    huge_claim(huge)
+    mixed = subjects[1:3] + [layouts.Subject("trunc", str(truncated)), layouts.Subject("neg", negative),
+                             layouts.Subject("huge", huge)]
     skipped, failures, log = [], [], Log()
     ds = td.make_train_dataset(mixed, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN,
                                log=log, on_skip=lambda p, r: skipped.append((p, r)), failures=failures)
@@ -693,8 +344,8 @@ def test_dataset_skips_bad_files_and_reports_each_via_on_skip(demo, tmp_path):
 def test_dataset_stops_on_memory_error_and_keeps_the_original(demo, monkeypatch):
     import tensorflow as tf
 
-    subjects, _ = td.find_subjects(demo, log=Log())
-    real = td.load_volume
+    subjects, _ = layouts.find_subjects(demo, log=Log())
+    real = nifti_io.load_volume
     oom = MemoryError("Unable to allocate 2.60 GiB for an array with shape (1000, 1000, 700)")
     victim = subjects[td.epoch_order(len(subjects), 0, 0)[1]].image_path
 
@@ -703,7 +354,7 @@ def test_dataset_stops_on_memory_error_and_keeps_the_original(demo, monkeypatch)
             raise oom
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(td, "load_volume", load_volume)
+    monkeypatch.setattr(nifti_io, "load_volume", load_volume)
     skipped, failures = [], []
     ds = td.make_train_dataset(subjects, 2, batch_size=4, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN,
                                log=Log(), on_skip=lambda p, r: skipped.append(p), failures=failures)
@@ -713,7 +364,7 @@ def test_dataset_stops_on_memory_error_and_keeps_the_original(demo, monkeypatch)
     assert td.unwrap_pipeline_error(info.value, failures) is oom
     # Without the list, the TF error still becomes a readable PipelineError.
     fallback = td.unwrap_pipeline_error(info.value)
-    assert isinstance(fallback, td.PipelineError)
+    assert isinstance(fallback, nifti_io.PipelineError)
     assert "MemoryError: Unable to allocate 2.60 GiB" in str(fallback) and "Traceback" not in str(fallback)
     plain = ValueError("not a tf error")
     assert td.unwrap_pipeline_error(plain) is plain
@@ -726,7 +377,7 @@ def test_dataset_stops_when_the_data_folder_disappears(demo, tmp_path):
 
     root = tmp_path / "data"
     shutil.copytree(demo, root)
-    subjects, _ = td.find_subjects(str(root), log=Log())
+    subjects, _ = layouts.find_subjects(str(root), log=Log())
     shutil.rmtree(root)
     skipped, failures = [], []
     ds = td.make_train_dataset(subjects, 2, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, log=Log(),
@@ -734,7 +385,7 @@ def test_dataset_stops_when_the_data_folder_disappears(demo, tmp_path):
     with pytest.raises(tf.errors.OpError) as info:
         _batches(ds)
     err = td.unwrap_pipeline_error(info.value, failures)
-    assert isinstance(err, td.PipelineError) and skipped == []
+    assert isinstance(err, nifti_io.PipelineError) and skipped == []
     assert str(err).startswith(f"data folder {root} has disappeared")
 
 
@@ -804,7 +455,7 @@ def test_stitch_rejects_unknown_blend_and_bad_sigma_scale():
 
 
 def test_shards_split_the_epoch_order_by_whole_subjects(demo):
-    subjects, _ = td.find_subjects(demo, log=Log())
+    subjects, _ = layouts.find_subjects(demo, log=Log())
     kwargs = dict(batch_size=1, volume_shape=VOL, patch_shape=PATCH, margin=MARGIN, seed=3, epoch=1)
     whole = [hr for _, hr in _batches(td.make_train_dataset(subjects, 2, **kwargs))]
     shards = [[hr for _, hr in _batches(td.make_train_dataset(subjects, 2, shard=(i, 2), **kwargs))]
