@@ -24,7 +24,6 @@ import threading
 
 import numpy as np
 
-
 #: Prefix of every temporary file :func:`atomic_write` creates (``.tmp-<name>-<random><suffix>``).
 TMP_PREFIX = ".tmp-"
 # Temporary names keep at most this much of the destination's name, so they stay

@@ -9,6 +9,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 import durable
+import train_dataset as td
 import utils
 from trainer import SRGANTrainer
 from training_loop import NullReporter

@@ -19,7 +19,13 @@ import config
 import networks
 from checkpoints import read_int
 from errors import RunStopped, UserError
-from losses import discriminator_loss, draw_targets, generator_losses, gradient_difference_loss, replica_rows
+from losses import (
+    discriminator_loss,
+    draw_targets,
+    generator_losses,
+    gradient_difference_loss,
+    replica_rows,
+)
 
 # Inverse time decay of the original: lr = 1e-4 / (1 + 0.5 * step / 4920).
 DECAY_STEPS = 4920

@@ -577,8 +577,9 @@ def probe_diagnostics(trainer, lr, hr):
         generator's gradient of each term of its loss, the adversarial term
         with its 0.1 weight and the target 0.95, the middle of U(0.7, 1.2)).
     """
-    import model
     import tensorflow as tf
+
+    import model
 
     g, d = trainer.generator, trainer.discriminator
     frozen = g.non_trainable_variables + d.non_trainable_variables
@@ -653,6 +654,7 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
         and ``checkpoint`` (the last one's path).
     """
     import keras
+
     import model
 
     keras.utils.set_random_seed(cfg["seed"])
@@ -923,6 +925,7 @@ def texture_of_evaluation(cfg, subjects, volumes_dir):
         ``GAN`` and ``tricubic``.
     """
     import nibabel as nib
+
     import train_dataset as td
 
     f, shape = cfg["upsampling_factor"], cfg["volume_shape"]

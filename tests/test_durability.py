@@ -17,15 +17,13 @@ import pytest
 import tensorflow as tf
 
 import durable
+import errors
 import layouts
 import model
-import train_dataset as td
-import utils
-import errors
+import phantoms
 import training
 from trainer import SRGANTrainer
 from training_loop import CheckpointPolicy, StopSignals
-import phantoms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",

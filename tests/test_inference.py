@@ -14,25 +14,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import Log
 
-import durable
-import layouts
-import model
-import networks
-import phantoms
-import train_dataset as td
-import utils
 import checkpoints
+import durable
 import errors
 import evaluation
 import folders
 import inference
+import layouts
 import metrics
+import model
+import networks
+import phantoms
 import splits
 import super_resolve
+import train_dataset as td
+import utils
 import version
 from outputs import BidsOutputs, bids_stem
-from helpers import Log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32x32x24 volumes, 20x20x16 patches, margin 2: 8 patches per volume.

@@ -7,10 +7,10 @@ import struct
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import Log, write_nifti
 
 import layouts
 import nifti_io
-from helpers import Log, write_nifti
 
 
 def _nifti(path, shape=(8, 8, 8), dtype=np.float32):

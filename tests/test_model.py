@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import config
 import durable
+import errors
+import inference
 import layouts
+import metrics
 import model
 import networks
 import phantoms
-import train_dataset as td
-import utils
-import errors
-import inference
-import metrics
 import quiet
+import train_dataset as td
 import training
-import config
+import utils
 from config import PERSISTED, PRECISION_POLICIES, adopt_saved_settings
 from losses import discriminator_loss, draw_targets, generator_losses
 from trainer import SRGANTrainer
@@ -415,7 +415,6 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_epoch(run, tmp_path, monkeypa
 
 
 def test_slices_mosaic_layout():
-    import utils
 
     vols = [np.full((8, 6, 4), v, np.float32) for v in (0.0, 50.0, 100.0)]
     img = utils.slices_mosaic(vols, window=(0, 100), min_panel=1)

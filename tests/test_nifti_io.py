@@ -6,11 +6,11 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import Log, huge_claim, write_nifti
 
 import layouts
 import nifti_io
 import train_dataset as td
-from helpers import Log, huge_claim, write_nifti
 
 # A small canonical shape (the pipeline tests' 40x40x24).
 VOL = (40, 40, 24)

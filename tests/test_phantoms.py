@@ -6,10 +6,10 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import Log
 
 import layouts
 import phantoms
-from helpers import Log
 
 
 def test_demo_data_layout_types_and_determinism(tmp_path):

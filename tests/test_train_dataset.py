@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import Log, huge_claim, write_nifti
 
 import layouts
 import nifti_io
 import train_dataset as td
 import utils
-from helpers import Log, huge_claim, write_nifti
 
 # Tiny training geometry used throughout: 40x40x24 canonical, 16x16x8 patches.
 VOL = (40, 40, 24)
