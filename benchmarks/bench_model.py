@@ -9,8 +9,8 @@ full-volume patch-stitched evaluation of a ``volume_shape`` volume (8 patches
 for the default geometry, metrics and three interpolation baselines).
 
 Part 2 (per replica count, each in its own process): the real training loop
-(:class:`model.TrainingStream` over synthetic phantoms written to a temporary
-folder, :meth:`model.SRGANTrainer.train_step`, the strategy ``-gpus`` would
+(:class:`training.TrainingStream` over synthetic phantoms written to a temporary
+folder, :meth:`trainer.SRGANTrainer.train_step`, the strategy ``-gpus`` would
 choose), timed after a warm-up. Printed: steps/s, patches/s, the scaling
 efficiency against the smallest replica count (patches/s per replica), the
 peak memory (each GPU's peak allocation, or the process's peak resident
@@ -58,21 +58,24 @@ def measure_loop(args, replicas):
     import layouts
     import model
     import phantoms
+    import placement as placement_lib
+    import trainer as trainer_lib
+    import training
 
     work = tempfile.mkdtemp(prefix="srgan-bench-")
     data = os.path.join(work, "data")
     volume = GEOMETRIES[args.geometry][0]
     parsed = model.build_parser().parse_args(_argv(args, replicas, data))
-    placement = model.choose_placement(parsed.gpus, multi_worker=False, log=lambda *_: None)
+    placement = placement_lib.choose_placement(parsed.gpus, multi_worker=False, log=lambda *_: None)
     subjects_needed = max(2, -(-(args.warmup + args.steps) * args.batch_size // 8))
     phantoms.make_demo_data(data, subjects=subjects_needed, shape=volume, seed=0)
-    cfg = model.resolve_config(parsed, log=lambda *_: None)
+    cfg = model.resolve_command(parsed, log=lambda *_: None).settings
     subjects, _ = layouts.find_subjects(data, log=lambda *_: None)
-    generator, discriminator = model.build_networks(cfg, placement)
-    trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
-                                 loss_scale=cfg["mixed_precision"] == "float16",
-                                 strategy=placement.strategy, xla=cfg["xla"])
-    stream = model.TrainingStream(subjects, cfg, placement, log=lambda *_: None)
+    generator, discriminator = trainer_lib.build_networks(cfg, placement)
+    trainer = trainer_lib.SRGANTrainer(generator, discriminator, cfg.learning_rate, seed=cfg.seed,
+                                     loss_scale=cfg.mixed_precision == "float16",
+                                     strategy=placement.strategy, xla=cfg.xla)
+    stream = training.TrainingStream(subjects, cfg, placement, log=lambda *_: None)
     batches = iter(stream(0))
     waited, start = 0.0, None
     for i in range(args.warmup + args.steps):
@@ -100,7 +103,8 @@ def measure_components(args):
     """Generator forward and a full-volume evaluation on one device; prints them."""
     import tensorflow as tf
 
-    import model
+    import inference
+    import model  # noqa: F401 (TensorFlow imported quietly)
     import networks
     import train_dataset as td
     import utils
@@ -108,7 +112,7 @@ def measure_components(args):
     volume, patch, margin = GEOMETRIES[args.geometry]
     f = args.factor
     g = networks.build_generator(f, upsampling_mode=args.mode)
-    predict = model.make_predictor(g)
+    predict = inference.make_predictor(g)
     lr = tf.random.uniform((1,) + tuple(p // f for p in patch) + (1,), -1, 1)
     print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {patch}: "
           f"{_timed(lambda: predict(lr).numpy(), 10) * 1e3:.1f} ms")
@@ -117,7 +121,7 @@ def measure_components(args):
     def evaluate_volume():
         hr_n, nf = utils.normalize(hr)
         lr_n = np.asarray(td.degrade(hr_n, f))
-        sr = utils.denormalize(model.super_resolve_volume(predict, lr_n, f, patch, margin, 2), nf)
+        sr = utils.denormalize(inference.super_resolve_volume(predict, lr_n, f, patch, margin, 2), nf)
         utils.compute_metrics(hr, sr, hr > 0)
         for order in (0, 1, 3):
             utils.compute_metrics(hr, utils.upsample_baseline(lr_n, f, order, hr.shape), hr > 0)

@@ -506,7 +506,7 @@ def model_argv(s, data, checkpoint_dir, epochs):
 
 
 class CurveEvaluator:
-    """Fair PSNR/SSIM of the generator on the test subjects, as ``model.evaluate`` computes them.
+    """Fair PSNR/SSIM of the generator on the test subjects, as ``evaluation.evaluate`` computes them.
 
     The volumes, masks, degraded inputs and interpolation baselines are
     prepared once; each call super-resolves the test subjects with the
@@ -520,23 +520,24 @@ class CurveEvaluator:
     """
 
     def __init__(self, cfg, subjects, log=print):
-        import model
+        import metrics as metrics_lib
+        import model  # noqa: F401 (TensorFlow imported quietly)
         import train_dataset as td
 
         self.cfg = cfg
         self.items = []
-        f = cfg["upsampling_factor"]
+        f = cfg.upsampling_factor
         for subject in subjects:
             image, _, _ = nifti_io.load_volume(subject.image_path, log=log)
             mask = nifti_io.load_mask(subject, image, log=log)
-            hr, _ = td.to_canonical(image, cfg["volume_shape"])
-            mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg["volume_shape"])
+            hr, _ = td.to_canonical(image, cfg.volume_shape)
+            mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
             hr_n, nf = utils.normalize(hr)
-            lr_n = np.asarray(td.degrade(hr_n, f, cfg["sigma"]))
+            lr_n = np.asarray(td.degrade(hr_n, f, cfg.sigma))
             lr = utils.denormalize(lr_n, nf)
             baselines = {m: utils.upsample_baseline(lr, f, order, hr.shape)
                          for m, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
-            metrics = model.subject_metrics(hr, baselines, mask_c)
+            metrics = metrics_lib.subject_metrics(hr, baselines, mask_c)
             self.items.append((subject.name, hr, mask_c, lr_n, nf, metrics))
         self.baselines = {m: float(np.mean([it[5][f"psnr_{m}_fair"] for it in self.items]))
                           for m in ("nearest", "trilinear", "tricubic")}
@@ -545,15 +546,15 @@ class CurveEvaluator:
 
     def __call__(self, generator):
         """Returns (mean fair PSNR, mean fair SSIM, list of per-subject (psnr, ssim))."""
-        import model
+        import inference
 
         cfg = self.cfg
-        predict = model.make_predictor(generator)
+        predict = inference.make_predictor(generator)
         per_subject = []
         for _, hr, mask_c, lr_n, nf, _ in self.items:
-            sr = utils.denormalize(model.super_resolve_volume(
-                predict, lr_n, cfg["upsampling_factor"], cfg["patch_shape"], cfg["patch_margin"],
-                cfg["batch_size"]), nf)
+            sr = utils.denormalize(inference.super_resolve_volume(
+                predict, lr_n, cfg.upsampling_factor, cfg.patch_shape, cfg.patch_margin,
+                cfg.batch_size), nf)
             per_subject.append(utils.compute_metrics(hr, sr, mask_c, data_range=float(hr.max() - hr.min()) or 1.0))
         psnr, ssim = np.mean(per_subject, axis=0)
         return float(psnr), float(ssim), per_subject
@@ -566,7 +567,7 @@ def probe_diagnostics(trainer, lr, hr):
     statistics) and puts the batch-norm moving averages back afterwards.
 
     Args:
-        trainer: the ``model.SRGANTrainer``.
+        trainer: the ``trainer.SRGANTrainer``.
         lr: float32 (b, x/f, y/f, z/f, 1) in [-1, 1].
         hr: float32 (b, x, y, z, 1) in [-1, 1].
 
@@ -579,7 +580,7 @@ def probe_diagnostics(trainer, lr, hr):
     """
     import tensorflow as tf
 
-    import model
+    import losses
 
     g, d = trainer.generator, trainer.discriminator
     frozen = g.non_trainable_variables + d.non_trainable_variables
@@ -589,7 +590,7 @@ def probe_diagnostics(trainer, lr, hr):
             sr = g(lr, training=True)
             d_sr = d(sr, training=True)
             terms = {"mse": tf.reduce_sum(tf.square(sr - hr)),
-                     "gdl": model.gradient_difference_loss(hr, sr),
+                     "gdl": losses.gradient_difference_loss(hr, sr),
                      "adv": 0.1 * tf.reduce_mean(tf.square(d_sr - 0.95))}
         out = {f"grad_{k}": float(tf.linalg.global_norm(
             [x for x in tape.gradient(v, g.trainable_variables) if x is not None]))
@@ -655,13 +656,14 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
     """
     import keras
 
-    import model
+    import trainer as trainer_lib
+    import training
 
-    keras.utils.set_random_seed(cfg["seed"])
-    generator, discriminator = model.build_networks(cfg)
-    trainer = model.SRGANTrainer(generator, discriminator, cfg["learning_rate"], seed=cfg["seed"],
-                                 checkpoint_dir=cfg["checkpoint_dir"], pretrain_steps=cfg["pretrain_steps"])
-    stream = model.TrainingStream(train_subjects, cfg, log=log)
+    keras.utils.set_random_seed(cfg.seed)
+    generator, discriminator = trainer_lib.build_networks(cfg)
+    trainer = trainer_lib.SRGANTrainer(generator, discriminator, cfg.learning_rate, seed=cfg.seed,
+                                     checkpoint_dir=cfg.checkpoint_dir, pretrain_steps=cfg.pretrain_steps)
+    stream = training.TrainingStream(train_subjects, cfg, log=log)
     probe = next(iter(stream(0)))
     meter = UpdateMeter({"g": generator, "d": discriminator})
     steps, every = s["steps"], s["eval_every"]
@@ -679,7 +681,7 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
             taken += 1
             if meter.saved is not None:
                 updates.append({"step": step, **meter.after()})
-            if step - read >= model.SRGANTrainer.HISTORY // 2 or step % every == 0 or step == steps:
+            if step - read >= trainer_lib.SRGANTrainer.HISTORY // 2 or step % every == 0 or step == steps:
                 losses.extend({"step": k, **v} for k, v in trainer.recent_scalars(read + 1, step))
                 read = step
             if step % every == 0 or step == steps:
@@ -723,7 +725,7 @@ def evaluate_with_cli(checkpoint_dir, volumes_dir, log_path):
     """Runs ``python model.py -evaluate True`` on a checkpoint and reads its metrics.csv.
 
     Returns:
-        list of dicts, one per test subject, ``model.METRIC_COLUMNS`` (floats
+        list of dicts, one per test subject, ``metrics.METRIC_COLUMNS`` (floats
         but ``subject``).
 
     Raises:
@@ -928,7 +930,7 @@ def texture_of_evaluation(cfg, subjects, volumes_dir):
 
     import train_dataset as td
 
-    f, shape = cfg["upsampling_factor"], cfg["volume_shape"]
+    f, shape = cfg.upsampling_factor, cfg.volume_shape
     amplitudes = {"GAN": [], "tricubic": []}
     for subject in subjects:
         read = lambda kind: np.asarray(nib.load(os.path.join(  # noqa: E731
@@ -990,7 +992,10 @@ def run_experiment(s, log=print):
                          f"(pass --data {os.path.join(out, 'data')} to reuse its dataset)")
     data = prepare_data(dict(s, out=out), log)
 
+    import config
+    import errors
     import model
+    import splits
     import train_dataset as td
 
     ppv = td.patches_per_volume(s["volume_shape"], s["patch_shape"], s["margin"])
@@ -999,18 +1004,15 @@ def run_experiment(s, log=print):
     epochs = -(-s["steps"] // td.batches_per_epoch(n_train, s["batch_size"], s["volume_shape"],
                                                    s["patch_shape"], s["margin"]))
     try:
-        cfg = model.resolve_config(model.build_parser().parse_args(
-            model_argv(s, data, checkpoint_dir, epochs)), log=log)
-    except model.UserError as e:
+        cfg = model.parse_command(model_argv(s, data, checkpoint_dir, epochs), log=log).settings
+    except errors.UserError as e:
         raise ValueError(str(e)) from e
-    train_subjects, test_subjects = model.training_split(cfg, log)
+    train_subjects, test_subjects = splits.training_split(cfg, log)
     if not test_subjects:
         raise ValueError(f"no test subject in {data} with --train-fraction {s['train_fraction']}")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    durable.write_json(os.path.join(checkpoint_dir, model.CONFIG_NAME), model.saved_settings(cfg))
-    durable.write_json(os.path.join(checkpoint_dir, model.SPLIT_NAME), {
-        "data_path": os.path.abspath(data), "train_fraction": cfg["train_fraction"],
-        "train": [x.name for x in train_subjects], "test": [x.name for x in test_subjects]})
+    durable.write_json(os.path.join(checkpoint_dir, config.CONFIG_NAME), config.config_record(cfg))
+    splits.write_split(checkpoint_dir, data, cfg.train_fraction, train_subjects, test_subjects)
 
     evaluator = CurveEvaluator(cfg, test_subjects, log)
     trained = train_with_curve(cfg, s, train_subjects, evaluator, log)

@@ -209,7 +209,7 @@ def test_the_largest_seed_is_accepted():
 
 def test_non_finite_losses_stop_the_run_without_saving_them(data, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "ckpt"
-    original = training.TrainingStream._batches
+    original = training.TrainingStream.batches
 
     def poisoned(self, epoch, skip):
         for i, (lr, hr, nf) in enumerate(original(self, epoch, skip)):
