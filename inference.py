@@ -186,12 +186,8 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
     overlap nearest its centre, as the training patches.
 
     Args:
-        predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
-        lr: float32 (x, y, z) in [-1, 1].
-        upsampling_factor: int f.
-        patch_shape: HR patch (px, py, pz), divisible by f.
-        margin: HR margin, divisible by f.
-        batch_size: patches per generator call.
+        predict, lr, upsampling_factor, patch_shape, margin, batch_size: as
+            :func:`super_resolve_variants`.
         blend: "crop" or "gaussian" (``td.stitch_patches``).
         flip_axis: None, or the left-right voxel axis: then also the mirrored
             volume is super-resolved, mirrored back and averaged in (TTA).

@@ -19,9 +19,8 @@ import math
 import os
 import re
 
-import numpy as np
-
 import nifti_io
+import utils
 
 IMAGE_NAME = "T1_brain_extractedBrainExtractionBrain.nii.gz"
 MASK_NAME = "T1_brain_extractedBrainExtractionMask.nii.gz"
@@ -666,8 +665,7 @@ def split_subjects(subjects, train_fraction=0.8):
         ValueError: if ``train_fraction`` is not in (0, 1], some subjects carry
             a split and others not, or a split is neither train nor test.
     """
-    if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float, np.floating, np.integer)) \
-            or not 0 < float(train_fraction) <= 1:
+    if not (utils.is_real(train_fraction) and 0 < train_fraction <= 1):
         raise ValueError(f"train_fraction {train_fraction!r} must be a number in (0, 1]")
     ordered = sorted(subjects, key=lambda s: s.name)
     given = [s for s in ordered if s.split is not None]

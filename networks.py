@@ -10,8 +10,9 @@ variables and the models' outputs stay float32.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
+
+import utils
 
 # Initialisers of the original (TensorFlow 1 / TensorLayer).
 _CONV_STDDEV = 0.02
@@ -54,7 +55,7 @@ def voxel_shuffle(x, r=2):
         ValueError: if ``r`` is not a positive integer, ``x`` is not 5-D, or its
             channel count is unknown or not divisible by ``r**3``.
     """
-    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+    if not utils.is_int(r, 1):
         raise ValueError(f"voxel_shuffle factor r={r!r} must be a positive integer")
     x = tf.convert_to_tensor(x)
     if x.shape.rank is not None and x.shape.rank != 5:
@@ -88,7 +89,7 @@ def voxel_unshuffle(x, r=2):
     Raises:
         ValueError: if ``r`` is not a positive integer, or the channel count is unknown.
     """
-    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+    if not utils.is_int(r, 1):
         raise ValueError(f"voxel_unshuffle factor r={r!r} must be a positive integer")
     x = tf.convert_to_tensor(x)
     c = x.shape[-1]
@@ -236,16 +237,10 @@ def upsampling_stages(upsampling_factor):
         ValueError: if the factor is not an integer power of two >= 2.
     """
     f = upsampling_factor
-    if (isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 2
-            or f & (f - 1)):
+    if not utils.is_int(f, 2) or f & (f - 1):
         raise ValueError(
             f"upsampling_factor {f!r} must be a power of two >= 2 (2, 4, 8, ...)")
     return int(f).bit_length() - 1
-
-
-def _check_positive_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} {value!r} must be an integer >= {minimum}")
 
 
 def _conv(filters, name, dtype, kernel_size=3, strides=1):
@@ -313,8 +308,8 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
             < 1, ``residual_blocks`` < 0 or an unknown ``upsampling_mode``.
     """
     stages = upsampling_stages(upsampling_factor)
-    _check_positive_int("residual_blocks", residual_blocks, 0)
-    _check_positive_int("feature_size", feature_size, 1)
+    utils.check_int("residual_blocks", residual_blocks, 0)
+    utils.check_int("feature_size", feature_size, 1)
     mode = check_upsampling_mode(upsampling_mode)
     dt = dtype_policy
     up = _UPSAMPLING_FILTERS
@@ -388,8 +383,7 @@ def build_discriminator(input_shape=(128, 128, 92, 1), dtype_policy=None, synchr
     """
     input_shape = tuple(input_shape)
     if (len(input_shape) != 4 or input_shape[-1] != 1
-            or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1
-                   for n in input_shape)):
+            or not all(utils.is_int(n, 1) for n in input_shape)):
         raise ValueError(
             f"discriminator input_shape {input_shape} must be (x, y, z, 1) with positive sizes")
     dt = dtype_policy

@@ -96,8 +96,7 @@ def make_demo_data(path, subjects=6, shape=(64, 64, 48), seed=0):
     Raises:
         ValueError: if ``subjects`` or ``shape`` is invalid.
     """
-    if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
-        raise ValueError(f"subjects {subjects!r} must be an integer >= 1")
+    utils.check_int("subjects", subjects, 1)
     shape = nifti_io.check_shape("shape", shape, minimum=8)
     path = os.fspath(path)
     folders = []

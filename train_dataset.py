@@ -219,9 +219,7 @@ def patch_starts(volume_shape, patch_shape=PATCH_SHAPE, margin=MARGIN):
     """
     volume_shape = nifti_io.check_shape("volume_shape", volume_shape)
     patch_shape = nifti_io.check_shape("patch_shape", patch_shape)
-    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
-        raise ValueError(f"margin {margin!r} must be an integer >= 0")
-    margin = int(margin)
+    margin = utils.check_int("margin", margin, 0)
     if any(v < p for v, p in zip(volume_shape, patch_shape)):
         raise ValueError(f"volume_shape {volume_shape} is smaller than patch_shape {patch_shape} "
                          f"on some axis; every axis must hold one patch")
@@ -331,8 +329,7 @@ def stitch_patches(patches, volume_shape, margin=MARGIN, blend="crop", sigma_sca
     """
     if blend not in BLEND_MODES:
         raise ValueError(f"blend {blend!r} must be one of {', '.join(BLEND_MODES)}")
-    if blend == "gaussian" and (isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float, np.number))
-                                or not np.isfinite(sigma_scale) or sigma_scale <= 0):
+    if blend == "gaussian" and not (utils.is_real(sigma_scale) and sigma_scale > 0):
         raise ValueError(f"sigma_scale {sigma_scale!r} must be a finite number > 0")
     patches = np.asarray(patches)
     if patches.ndim == 5 and patches.shape[4] == 1:
@@ -429,9 +426,7 @@ def degrade(x, upsampling_factor, sigma=1.0):
             neither 3-D nor 5-D.
     """
     f = upsampling_factor
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
-        raise ValueError(f"upsampling_factor {f!r} must be an integer >= 1")
-    f = int(f)
+    f = utils.check_int("upsampling_factor", f, 1)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
     x = tf.convert_to_tensor(x)
@@ -535,14 +530,11 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
 def _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma):
     """Validates :func:`make_train_dataset`'s factor, batch size and blur; returns the factor as an int."""
     f = upsampling_factor
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
-        raise ValueError(f"upsampling_factor {f!r} must be an integer >= 1")
-    f = int(f)
+    f = utils.check_int("upsampling_factor", f, 1)
     if any(p % f for p in patch_shape):
         raise ValueError(f"upsampling_factor {f} must divide every entry of patch_shape {patch_shape} "
                          f"so that the network's output matches the HR patch")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be an integer >= 1")
+    utils.check_int("batch_size", batch_size, 1)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
     return f

@@ -19,6 +19,28 @@ import durable
 # --------------------------------------------------------------------------- #
 
 
+def is_int(value, minimum):
+    """bool, whether ``value`` is an integer (Python or NumPy, not a bool) >= ``minimum``."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def check_int(name, value, minimum=1):
+    """Returns ``value`` as an int when it is an integer >= ``minimum`` (bools refused).
+
+    Raises:
+        ValueError: ``"<name> <value> must be an integer >= <minimum>"``.
+    """
+    if not is_int(value, minimum):
+        raise ValueError(f"{name} {value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def is_real(value):
+    """bool, whether ``value`` is a finite real number (Python or NumPy, not a bool)."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def normalize(x):
     """Maps an image to [-1, 1] with the original's rule ``nf = max / 2``.
 
@@ -100,8 +122,7 @@ def compute_metrics(hr, sr, mask=None, data_range=None):
         if data_range <= 0:
             data_range = 1.0
     else:
-        if isinstance(data_range, bool) or not isinstance(data_range, (int, float, np.integer, np.floating)) \
-                or not (math.isfinite(data_range) and data_range > 0):
+        if not (is_real(data_range) and data_range > 0):
             raise ValueError(f"data_range {data_range!r} must be a finite number > 0 (or None)")
         data_range = float(data_range)
     if mask is not None:

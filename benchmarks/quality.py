@@ -1127,25 +1127,15 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
 # --------------------------------------------------------------------------- #
 
 
-def _ints(text, n, flag):
-    """Parses ``n`` comma-separated ints for ``flag``; argparse error otherwise."""
+def _numbers(text, n, flag, kind=int):
+    """Parses ``n`` comma-separated numbers of ``kind`` for ``flag``; argparse error otherwise."""
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(kind(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != n:
-        raise argparse.ArgumentTypeError(f"{flag} {text!r} must be {n} comma-separated integers")
-    return values
-
-
-def _floats(text, n, flag):
-    """Parses ``n`` comma-separated floats for ``flag``; argparse error otherwise."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != n:
-        raise argparse.ArgumentTypeError(f"{flag} {text!r} must be {n} comma-separated numbers")
+        words = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"{flag} {text!r} must be {n} comma-separated {words}")
     return values
 
 
@@ -1157,13 +1147,13 @@ def make_parser():
     b.add_argument("--out", required=True, help="dataset root to write")
     b.add_argument("--subjects", type=int, default=12)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--shape", type=lambda s: _ints(s, 3, "--shape"), default=None,
+    b.add_argument("--shape", type=lambda s: _numbers(s, 3, "--shape"), default=None,
                    help="output grid X,Y,Z in 1 mm voxels (default: the template's, 197,233,189)")
     b.add_argument("--template", default=None, help="NIfTI brain to use instead of nilearn's MNI152")
     b.add_argument("--noise", type=float, default=0.02, help="Rician sigma / white matter")
     b.add_argument("--bias", type=float, default=0.3, help="bias field peak-to-peak")
     b.add_argument("--max-rotation-deg", type=float, default=10.0)
-    b.add_argument("--scale-range", type=lambda s: _floats(s, 2, "--scale-range"), default=(0.9, 1.1),
+    b.add_argument("--scale-range", type=lambda s: _numbers(s, 2, "--scale-range", float), default=(0.9, 1.1),
                    help="LOW,HIGH scale per axis")
 
     r = sub.add_parser("run", help="build the data if needed, train, evaluate, write the table and curve")
@@ -1182,9 +1172,9 @@ def make_parser():
     r.add_argument("--geometry", choices=tuple(GEOMETRIES), default=None,
                    help=f"geometry preset (default {RUN_DEFAULTS['geometry']}; --quick quick); "
                         "--volume-shape/--patch-shape/--margin make it custom")
-    r.add_argument("--volume-shape", type=lambda t: _ints(t, 3, "--volume-shape"), default=None,
+    r.add_argument("--volume-shape", type=lambda t: _numbers(t, 3, "--volume-shape"), default=None,
                    help="X,Y,Z canonical volume (and the built data's grid)")
-    r.add_argument("--patch-shape", type=lambda t: _ints(t, 3, "--patch-shape"), default=None,
+    r.add_argument("--patch-shape", type=lambda t: _numbers(t, 3, "--patch-shape"), default=None,
                    help="X,Y,Z HR training patch")
     r.add_argument("--margin", type=int, default=None, help="patch margin")
     r.add_argument("--learning-rate", type=float, default=1e-4, help="initial Adam learning rate")
