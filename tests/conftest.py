@@ -35,3 +35,28 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     phantoms.make_demo_data(root, subjects=5, shape=(36, 38, 22), seed=3)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """One epoch trained on 5 tiny phantoms (4 train, 1 test) through the command line's
+    configuration; shared, read-only, by the tests of training, evaluation and the CLI.
+
+    Returns:
+        dict: ``root``, ``data``, ``ckpt`` (pathlib.Path), ``argv`` (the training
+        flags) and ``losses`` (the epoch's mean losses).
+    """
+    from helpers import TINY
+
+    import model
+    import phantoms
+
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    phantoms.make_demo_data(str(data), subjects=5, shape=(34, 30, 26), seed=0)
+    ckpt = root / "ckpt"
+    argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1",
+            "-path_prediction", str(root / "pred")] + TINY
+    result = model.run(model.parse_command(argv, log=lambda *_: None), log=lambda *_: None)
+    return {"root": root, "data": data, "ckpt": ckpt, "argv": argv, "losses": result["losses"]}
+

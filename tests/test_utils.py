@@ -213,3 +213,13 @@ def test_mosaic_row_labels_and_bad_titles():
         utils.slices_mosaic(vols, titles=["LR", "SR"])
     with pytest.raises(ValueError, match="row_labels needs 3"):
         utils.slices_mosaic(vols, titles=["LR", "SR", "HR"], row_labels=["a", "b"])
+
+
+def test_slices_mosaic_layout():
+    vols = [np.full((8, 6, 4), v, np.float32) for v in (0.0, 50.0, 100.0)]
+    img = utils.slices_mosaic(vols, window=(0, 100), min_panel=1)
+    # Rows: sagittal (z, y) 4x6, coronal 4x8, axial 6x8 panels; 2-pixel gaps.
+    assert img.shape == (4 + 2 + 4 + 2 + 6, 3 * 8 + 2 * 2)
+    assert img.dtype == np.uint8 and img[0, 0] == 0 and img[0, 6 + 2] == 128 and img[0, 12 + 4] == 255
+    big = utils.slices_mosaic(vols, window=(0, 100), min_panel=32)
+    assert big.shape == (img.shape[0] * 4, img.shape[1] * 4)

@@ -1,0 +1,110 @@
+"""A training run (training.py, training_loop.py): files written, refusals, restore, Ctrl-C, resume."""
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import pytest
+import tensorflow as tf
+from helpers import TINY, checkpoint_state
+
+import model
+import phantoms
+from trainer import SRGANTrainer
+
+
+def test_training_writes_checkpoint_configuration_split_and_previews(run):
+    ckpt = run["ckpt"]
+    assert tf.train.latest_checkpoint(str(ckpt)) is not None
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["feature_size"] == 4 and saved["upsampling_mode"] == "subpixel"
+    assert saved["patch_shape"] == [20, 20, 16]
+    split = json.loads((ckpt / "split.json").read_text())
+    assert len(split["train"]) == 4 and len(split["test"]) == 1
+    assert sorted(split["train"] + split["test"]) == split["train"] + split["test"]
+    previews = sorted(os.listdir(run["root"] / "pred"))
+    assert any(p.endswith("_hr.nii.gz") for p in previews) and any(p.endswith("_sr.nii.gz") for p in previews)
+    lr_preview = nib.load(str(run["root"] / "pred" / [p for p in previews if p.endswith("_lr.nii.gz")][0]))
+    assert lr_preview.shape == (10, 10, 8) and lr_preview.header.get_zooms()[:3] == (2.0, 2.0, 2.0)
+    assert any(n.startswith("events") for n in os.listdir(ckpt / "logs"))
+
+
+def test_training_again_into_the_same_folder_refuses_to_overwrite(run, capsys):
+    assert model.main(run["argv"]) == 2
+    assert "-restore" in capsys.readouterr().err
+
+
+def test_restore_with_contradicting_architecture_names_the_flags(run, capsys):
+    argv = ["-restore", str(run["ckpt"]), "-feature_size", "8", "-nn", "True", "-epochs", "2"]
+    assert model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "-feature_size 8, the checkpoint uses -feature_size 4" in err
+    assert "'nn'" in err and "Traceback" not in err
+
+
+def test_resume_keeps_the_run_precision(run, capsys):
+    argv = ["-restore", str(run["ckpt"]), "-mixed_precision", "float16", "-epochs", "2"]
+    assert model.main(argv) == 2
+    assert "-mixed_precision float16, the checkpoint uses -mixed_precision none" in capsys.readouterr().err
+
+
+def test_resume_into_another_runs_folder_is_refused(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(run["ckpt"], other)
+    before = sorted(os.listdir(other))
+    assert model.main(["-restore", str(run["ckpt"]), "-checkpoint_dir", str(other), "-epochs", "2"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert sorted(os.listdir(other)) == before
+
+
+def test_restore_continues_epoch_step_optimiser_split_and_seed(run, tmp_path, capsys):
+    first = checkpoint_state(run["ckpt"])
+    assert first == {"epoch": 1, "step": 16, "g_iter": 16, "d_iter": 16}  # 4 volumes x 8 patches / batch 2
+    # New subjects that sort first, and another -seed: the run keeps its split and seed.
+    data = tmp_path / "data"
+    shutil.copytree(run["data"], data)
+    phantoms.make_demo_data(str(tmp_path / "more"), subjects=2, shape=(34, 30, 26), seed=5)
+    for name in os.listdir(tmp_path / "more"):
+        shutil.copytree(tmp_path / "more" / name, data / f"aaa_{name}")
+    # Resumed into another folder so the other tests keep the one-epoch run.
+    resumed = tmp_path / "resumed"
+    argv = ["-restore", str(run["ckpt"]), "-checkpoint_dir", str(resumed), "-epochs", "2",
+            "-data_path", str(data), "-path_prediction", str(tmp_path / "pred"), "-seed", "7"]
+    assert model.main(argv) == 0
+    assert checkpoint_state(resumed) == {"epoch": 2, "step": 32, "g_iter": 32, "d_iter": 32}
+    assert "2 subject(s)" in capsys.readouterr().out  # the new ones, not used
+    before = json.loads((run["ckpt"] / "split.json").read_text())
+    after = json.loads((resumed / "split.json").read_text())
+    assert (after["train"], after["test"]) == (before["train"], before["test"])
+    saved = json.loads((resumed / "config.json").read_text())
+    assert saved["feature_size"] == 4  # the architecture came from the saved configuration
+    assert saved["seed"] == 0  # the seed actually used
+
+
+def test_ctrl_c_saves_and_a_resume_finishes_the_epoch_with_its_whole_losses(run, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    argv = ["-data_path", str(run["data"]), "-checkpoint_dir", str(ckpt), "-epochs", "1",
+            "-path_prediction", str(tmp_path / "pred")] + TINY
+    original = SRGANTrainer.train_step
+    calls = {"n": 0}
+
+    def interrupted(self, lr, hr):
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, lr, hr)
+
+    monkeypatch.setattr(SRGANTrainer, "train_step", interrupted)
+    assert model.main(argv) == 130
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
+    assert int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 0
+    assert int(reader.get_tensor("epoch_batches/.ATTRIBUTES/VARIABLE_VALUE")) == 5
+    monkeypatch.setattr(SRGANTrainer, "train_step", original)
+    # No -epochs: the run's own total (1, from config.json) is the one to reach.
+    result = model.run(model.parse_command(["-restore", str(ckpt)], log=lambda *_: None), log=lambda *_: None)
+    # The rest of the interrupted epoch, not a whole new one: 16 steps in all ...
+    assert checkpoint_state(ckpt) == {"epoch": 1, "step": 16, "g_iter": 16, "d_iter": 16}
+    # ... and the epoch's losses over all 16 batches, not the 11 since the resume:
+    # the same numbers as the uninterrupted epoch of the shared run.
+    assert result["losses"] == pytest.approx(run["losses"], rel=1e-5)
