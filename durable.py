@@ -90,6 +90,16 @@ def _file_mode():
     return 0o666 & ~_umask_cache
 
 
+def forget_umask():
+    """Forgets the umask read by the first write; the next write reads it again.
+
+    For a process that changes its umask on purpose after writing (and tests).
+    """
+    global _umask_cache
+    with _umask_guard:
+        _umask_cache = None
+
+
 def _fsync_path(path):
     """fsyncs a file's data to the disk (opened read-only: enough for fsync on POSIX)."""
     fd = os.open(path, os.O_RDONLY)

@@ -133,7 +133,7 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_outputs_follow_the_umask(tmp_path, monkeypatch, umask, mode):
-    monkeypatch.setattr(durable, "_umask_cache", None)  # read once per process otherwise
+    durable.forget_umask()  # read once per process otherwise
     old = os.umask(umask)
     try:
         durable.write_json(tmp_path / "c.json", {"b": [1, 2], "a": 1.5})
@@ -142,6 +142,7 @@ def test_outputs_follow_the_umask(tmp_path, monkeypatch, umask, mode):
         assert os.umask(umask) == umask  # the helper put the umask back
     finally:
         os.umask(old)
+        durable.forget_umask()
     for name in ("c.json", "v.nii.gz", "m.csv"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
     assert (tmp_path / "c.json").read_text() == '{\n  "a": 1.5,\n  "b": [\n    1,\n    2\n  ]\n}\n'
