@@ -24,6 +24,7 @@ import os
 
 import checkpoints
 import layouts
+import model_file
 import networks
 import placement as placement_lib
 import train_dataset as td
@@ -31,7 +32,7 @@ from errors import UserError
 
 CONFIG_NAME = "config.json"
 ARCHITECTURE, RESUMED, RUN = "architecture", "resumed", "run"
-ACTIONS = ("train", "evaluate", "super_resolve")
+ACTIONS = ("train", "evaluate", "super_resolve", "export")
 
 # -mixed_precision values and the Keras dtype policies they select.
 PRECISION_POLICIES = {"none": None, "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
@@ -144,7 +145,10 @@ class Settings:
     checkpoint_dir: str = setting("checkpoints", "folder for training checkpoints, config.json and "
                                   "split.json", metavar="DIR")
     checkpoint_dir_restore: "str | None" = setting(
-        None, "checkpoint folder to evaluate or super-resolve with", metavar="DIR")
+        None, "checkpoint folder to evaluate, super-resolve or export with", metavar="DIR")
+    model: "str | None" = setting(
+        None, "a .keras model file written by -export: evaluate or super-resolve with it instead of "
+        "-checkpoint_dir_restore", metavar="FILE")
     path_prediction: "str | None" = setting(
         None, "folder for the HR/LR/SR patches written during training",
         shown="<checkpoint_dir>/predictions", metavar="DIR")
@@ -181,6 +185,9 @@ class Settings:
         "datasets or .csv lists)", nargs="+", metavar="PATH")
     demo: bool = setting(False, "make phantoms in ./demo and run a small train + evaluate end to end",
                          boolean=True)
+    export: "str | None" = setting(
+        None, "write the generator of -checkpoint_dir_restore as one .keras file (architecture, "
+        "weights, settings, provenance, model card) to FILE", metavar="FILE")
     # Data
     image_name: str = setting(layouts.IMAGE_NAME, "image file name inside each subject folder", RUN,
                               metavar="NAME")
@@ -340,6 +347,8 @@ def checkpoint_config(folder, log):
     Raises:
         UserError: the folder holds no checkpoint, or its config.json cannot be read.
     """
+    if model_file.is_model_file(folder):
+        return model_file.read_metadata(folder)["settings"]
     checkpoints.require(folder)
     saved = read_json(os.path.join(folder, CONFIG_NAME))
     if saved is None:
@@ -406,22 +415,31 @@ def action_of(given):
     Raises:
         UserError: -demo with anything but a fresh training.
     """
-    action = ("super_resolve" if given.get("super_resolve") else
-              "evaluate" if given.get("evaluate") else "train")
+    chosen = [a for a in ("super_resolve", "evaluate", "export") if given.get(a)]
+    if len(chosen) > 1:
+        raise UserError(f"-{chosen[0]} and -{chosen[1]} are two different commands; run them one at a time")
+    action = chosen[0] if chosen else "train"
     if given.get("demo") and (action != "train" or given.get("restore")):
         raise UserError("-demo True runs its own training and evaluation from scratch; "
-                        "drop -evaluate/-super_resolve/-restore")
+                        "drop -evaluate/-super_resolve/-export/-restore")
     return action
 
 
 def checkpoint_source(given, action):
     """The checkpoint folder a command reads (None for a fresh training run)."""
-    if action in ("evaluate", "super_resolve"):
-        source = given.get("checkpoint_dir_restore")
-        if not source:
-            raise UserError(f"-{'evaluate True' if action == 'evaluate' else 'super_resolve'} needs "
-                            "-checkpoint_dir_restore DIR, the folder of a trained checkpoint")
-        return source
+    folder, file = given.get("checkpoint_dir_restore"), given.get("model")
+    if file and action not in ("evaluate", "super_resolve"):
+        raise UserError("-model is for -evaluate and -super_resolve; training resumes from a checkpoint "
+                        "folder (-restore) and -export reads one (-checkpoint_dir_restore)")
+    if folder and file:
+        raise UserError("give -checkpoint_dir_restore or -model, not both")
+    if action in ("evaluate", "super_resolve", "export"):
+        if not (folder or file):
+            flag = {"evaluate": "-evaluate True", "super_resolve": "-super_resolve",
+                    "export": "-export"}[action]
+            raise UserError(f"{flag} needs -checkpoint_dir_restore DIR, the folder of a trained checkpoint"
+                            + ("" if action == "export" else ", or -model FILE, a model written by -export"))
+        return folder or file
     return given.get("restore")
 
 
@@ -432,7 +450,10 @@ def derived_folders(values, source):
     if values["log_dir"] is None:
         values["log_dir"] = os.path.join(values["checkpoint_dir"], "logs")
     if values["path_volumes"] is None:
-        values["path_volumes"] = os.path.join(source or values["checkpoint_dir"], "volumes")
+        if model_file.is_model_file(source):
+            values["path_volumes"] = os.path.splitext(source)[0] + "_volumes"
+        else:
+            values["path_volumes"] = os.path.join(source or values["checkpoint_dir"], "volumes")
 
 
 def resolve(given, log=print):
@@ -487,6 +508,8 @@ def check_config(cfg, action):
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"-train_fraction {cfg.train_fraction} must be in (0, 1]")
     check_inference_options(cfg, action)
+    if action == "export" and not model_file.is_model_file(cfg.export):
+        raise UserError(f"-export {cfg.export!r} must name a {model_file.SUFFIX} file")
     if action == "train" and not cfg.demo and not os.path.exists(cfg.data_path):
         raise UserError(f"-data_path {cfg.data_path!r} does not exist; pass the folder that "
                         "holds one sub-folder per subject (or NIfTI files), or try -demo True")

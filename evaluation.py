@@ -7,7 +7,6 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-import checkpoints
 import durable
 import folders
 import inference
@@ -153,7 +152,7 @@ def evaluate(cfg, checkpoint_dir, log=print, explicit=frozenset()):
 def evaluate_locked(cfg, checkpoint_dir, inputs, log):
     """:func:`evaluate` once the output folder is locked."""
     variants = inference.inference_variants(cfg.blend, cfg.tta)
-    checkpoint = checkpoints.checkpoint_identity(checkpoint_dir)
+    checkpoint = inference.generator_identity(checkpoint_dir)
     outputs = outputs_lib.make_outputs(outputs_lib.output_scheme(cfg.output_layout, inputs),
                                        cfg.path_volumes, cfg.upsampling_factor)
     metrics = metrics_lib.MetricsFile(os.path.join(outputs.folder, outputs_lib.METRICS_NAME),

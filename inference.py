@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import checkpoints
 import config
+import model_file
 import networks
 import train_dataset as td
 
@@ -200,15 +201,39 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
                                   (variant,), flip_axis)[variant]
 
 
-def restored_predictor(cfg, checkpoint_dir, log):
-    """Builds the generator of ``cfg``, restores it from ``checkpoint_dir`` and returns its predict callable.
+def restored_predictor(cfg, source, log):
+    """The predict callable of the trained generator in ``source``.
 
     Every inference pass goes through the returned callable, float32
     (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1), so it may be swapped for one
     that spreads each batch over several devices.
+
+    Args:
+        cfg: the :class:`config.Settings` (the architecture of a checkpoint).
+        source: a checkpoint folder (the generator of ``cfg`` is built and
+            its weights restored) or a ``.keras`` model file from -export.
+        log: callable for messages.
+
+    Raises:
+        UserError: the checkpoint does not fit ``cfg``, or the file cannot be read.
     """
+    if model_file.is_model_file(source):
+        generator = model_file.load_generator(source)
+        log(f"loaded generator from {source}")
+        return make_predictor(generator)
     generator = networks.build_generator(
         **cfg.architecture(), dtype_policy=config.PRECISION_POLICIES[cfg.mixed_precision])
-    path = checkpoints.restore_generator(generator, checkpoint_dir)
+    path = checkpoints.restore_generator(generator, source)
     log(f"restored generator from {path}")
     return make_predictor(generator)
+
+
+def generator_identity(source):
+    """What identifies the generator of a checkpoint folder or a model file (path, step, sha256).
+
+    A model file carries its checkpoint's step and hash: outputs and metrics
+    files agree whichever of the two an inference run used.
+    """
+    if model_file.is_model_file(source):
+        return model_file.identity(source, model_file.read_metadata(source))
+    return checkpoints.checkpoint_identity(source)

@@ -25,6 +25,7 @@ import config  # noqa: E402
 import demo  # noqa: E402
 import durable  # noqa: E402
 import evaluation  # noqa: E402
+import export  # noqa: E402
 import nifti_io  # noqa: E402
 import placement as placement_lib  # noqa: E402
 import super_resolve  # noqa: E402
@@ -149,10 +150,12 @@ def parse_command(argv, log=print):
 
 
 def run(command, placement=None, log=print):
-    """Does what ``command`` asks: the demo, -super_resolve, -evaluate or training."""
+    """Does what ``command`` asks: the demo, -export, -super_resolve, -evaluate or training."""
     cfg = command.settings
     if cfg.demo:
         return demo.run_demo(cfg, log, placement, command.explicit)
+    if command.action == "export":
+        return export.export_model(cfg, command.source_checkpoint, cfg.export, command.saved, log)
     if command.action == "super_resolve":
         return super_resolve.super_resolve_file(cfg, command.source_checkpoint, log, command.explicit)
     if command.action == "evaluate":

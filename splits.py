@@ -84,7 +84,8 @@ def evaluation_subjects(cfg, checkpoint_dir, bids_filter, log):
     subjects, _ = layouts.find_subjects(cfg.data_path, cfg.image_name, cfg.mask_name, log=log,
                                         bids_filter=bids_filter,
                                         max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
-    split = config.read_json(os.path.join(checkpoint_dir, SPLIT_NAME))
+    # A model file (-model) carries no split.json.
+    split = config.read_json(os.path.join(checkpoint_dir, SPLIT_NAME)) if os.path.isdir(checkpoint_dir) else None
     if split is not None and os.path.abspath(cfg.data_path) == split.get("data_path"):
         return subjects_named(split["test"], subjects, "test", log)
     if all(s.split is not None for s in subjects):

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-import checkpoints
 import durable
 import folders
 import inference
@@ -76,7 +75,7 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     folders.check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
         durable.remove_stale_temporaries(outputs.folder)
-        checkpoint = checkpoints.checkpoint_identity(checkpoint_dir)
+        checkpoint = inference.generator_identity(checkpoint_dir)
         folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
         predict = inference.restored_predictor(cfg, checkpoint_dir, log)
         outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)

@@ -1,0 +1,119 @@
+"""A trained generator as one file (model_file.py, export.py): -export, -model, plain Keras loading."""
+
+import json
+import shutil
+import zipfile
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+
+import model
+import model_file
+import networks  # noqa: F401 (registers the custom layers, as a user's script would)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """The shared run's generator exported to a .keras file."""
+    path = tmp_path_factory.mktemp("export") / "srgan_x2.keras"
+    assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(run["ckpt"])]) == 0
+    return path
+
+
+def test_export_writes_one_self_describing_file(run, exported, capsys):
+    metadata = model_file.read_metadata(str(exported))
+    saved = json.loads((run["ckpt"] / "config.json").read_text())
+    for key in ("upsampling_factor", "upsampling_mode", "sigma", "patch_shape", "patch_margin",
+                "volume_shape", "residual_blocks", "feature_size"):
+        assert metadata["settings"][key] == saved[key], key
+    assert metadata["checkpoint"]["step"] == 16 and len(metadata["checkpoint"]["sha256"]) == 16
+    assert metadata["training"]["train_subjects"] == 4 and metadata["training"]["epochs"] == 1
+    assert "x2 super-resolution" in metadata["model_card"] and "normalisation" in metadata
+    # The card is printed as well as stored.
+    path = exported.parent / "again.keras"
+    assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(run["ckpt"])]) == 0
+    assert metadata["model_card"].splitlines()[0] in capsys.readouterr().out
+
+
+def test_plain_keras_loads_the_file_and_super_resolves_a_patch(exported):
+    generator = keras.saving.load_model(str(exported), compile=False)
+    lr = np.random.default_rng(0).uniform(-1, 1, (1, 10, 10, 8, 1)).astype(np.float32)
+    sr = np.asarray(generator(lr, training=False))
+    assert sr.shape == (1, 20, 20, 16, 1) and np.isfinite(sr).all()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "super_resolve"])
+def test_the_file_gives_the_checkpoints_volumes(run, exported, tmp_path, command):
+    split = json.loads((run["ckpt"] / "split.json").read_text())
+    (name,) = split["test"]
+    if command == "evaluate":
+        # The training data: the checkpoint's split.json names the test subject;
+        # the file's run evaluates the same subject with its data path.
+        flags = ["-evaluate", "True", "-data_path", str(run["data"]), "-train_fraction", "0.8"]
+    else:
+        flags = ["-super_resolve", str(run["data"] / name / "T1_brain_extractedBrainExtractionBrain.nii.gz")]
+    outputs = {}
+    for source in ("-checkpoint_dir_restore", "-model"):
+        folder = tmp_path / source.strip("-")
+        path = run["ckpt"] if source == "-checkpoint_dir_restore" else exported
+        assert model.main(flags + [source, str(path), "-path_volumes", str(folder)]) == 0
+        (sr,) = [p for p in folder.iterdir() if p.name.endswith("_sr.nii.gz")]
+        outputs[source] = nib.load(str(sr)).get_fdata()
+    np.testing.assert_array_equal(outputs["-model"], outputs["-checkpoint_dir_restore"])
+
+
+def _rewritten(source, target, metadata=None, drop=False):
+    """A copy of a model file with its metadata replaced (or removed)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            if item.filename != model_file.METADATA_NAME:
+                new.writestr(item, old.read(item.filename))
+        if not drop:
+            new.writestr(model_file.METADATA_NAME, json.dumps(metadata))
+    return target
+
+
+def test_corrupt_truncated_foreign_or_newer_files_are_clear_errors(exported, tmp_path, capsys):
+    data = exported.read_bytes()
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(data[: len(data) // 2])
+    newer = dict(model_file.read_metadata(str(exported)), format=model_file.FORMAT + 1, version="9.0.0")
+    cases = {truncated: "corrupt or truncated",
+             _rewritten(exported, tmp_path / "foreign.keras", drop=True): "not a model written by -export",
+             _rewritten(exported, tmp_path / "newer.keras", newer): "9.0.0 (model file format 2)",
+             tmp_path / "missing.keras": "does not exist"}
+    for path, fragment in cases.items():
+        argv = ["-super_resolve", str(path), "-model", str(path), "-path_volumes", str(tmp_path / "out")]
+        assert model.main(argv) == 2, path
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["-export", "out.h5", "-checkpoint_dir_restore", "CKPT"], "must name a .keras file"),
+    (["-export", "out.keras"], "-export needs -checkpoint_dir_restore"),
+    (["-evaluate", "True", "-model", "m.keras", "-checkpoint_dir_restore", "CKPT"], "not both"),
+    (["-model", "m.keras"], "-model is for -evaluate and -super_resolve"),
+    (["-export", "out.keras", "-evaluate", "True", "-checkpoint_dir_restore", "CKPT"], "two different commands"),
+])
+def test_export_and_model_flag_mistakes(run, argv, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    argv = [str(run["ckpt"]) if a == "CKPT" else a for a in argv]
+    assert model.main(argv) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_the_card_reports_the_last_evaluation_of_that_checkpoint(run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run["ckpt"], ckpt)
+    path = tmp_path / "m.keras"
+    assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(ckpt)]) == 0
+    assert model_file.read_metadata(str(path))["evaluation"] is None
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(ckpt)]) == 0  # into ckpt/volumes
+    assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(ckpt)]) == 0
+    scores = model_file.read_metadata(str(path))["evaluation"]
+    assert scores["subjects"] == 1 and np.isfinite(scores["psnr_fair"]) and np.isfinite(scores["ssim_tricubic_fair"])
+    assert f"SR PSNR {scores['psnr_fair']:.2f} dB" in model_file.read_metadata(str(path))["model_card"]
