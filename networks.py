@@ -33,102 +33,124 @@ UPSAMPLING_MODES = ("subpixel", "nn", "subpixel_NN")
 # functions, then the layer built on them.
 
 
+def axis_factors(r, name="r", minimum=1):
+    """One factor per spatial axis from an int (isotropic) or three ints.
+
+    Args:
+        r: int, or a sequence of three ints, each >= ``minimum``.
+        name: the argument's name, for the message.
+        minimum: the smallest factor allowed.
+
+    Returns:
+        tuple (rx, ry, rz) of ints.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    values = (r, r, r) if utils.is_int(r, minimum) else tuple(r) if isinstance(r, (tuple, list)) else ()
+    if len(values) != 3 or not all(utils.is_int(v, minimum) for v in values):
+        raise ValueError(f"{name}={r!r} must be an integer >= {minimum} or three of them (one per axis)")
+    return tuple(int(v) for v in values)
+
+
 def voxel_shuffle(x, r=2):
-    """Rearranges channels into an ``r``-times finer 3-D grid (3-D pixel shuffle).
+    """Rearranges channels into a finer 3-D grid, ``r`` (or ``(rx, ry, rz)``) times finer per axis.
 
     Reproduces the channel order of the original ``subPixelConv3d`` (a
     split/concat/reshape chain): the output voxel at offsets ``(r1, r2, r3)``
-    inside its ``r x r x r`` block, channel ``o`` of ``c``, takes input channel
-    ``((r2 * r + r1) * r + r3) * c + o`` of its low-resolution voxel.
+    inside its ``rx x ry x rz`` block, channel ``o`` of ``c``, takes input
+    channel ``((r2 * rx + r1) * rz + r3) * c + o`` of its low-resolution voxel
+    (``((r2 * r + r1) * r + r3) * c + o`` when isotropic, as the original).
+    A factor of 1 leaves that axis as it is (thick-slice scans upsample only
+    their slice axis).
 
     Works for any batch and spatial size, also inside ``tf.function`` with
     unknown static shapes; only the channel count must be known.
 
     Args:
-        x: float tensor (b, x, y, z, r**3 * c), channels-last.
-        r: int >= 1, the upsampling factor of this stage.
+        x: float tensor (b, x, y, z, rx·ry·rz·c), channels-last.
+        r: int >= 1 (every axis), or three ints >= 1 (one per axis).
 
     Returns:
-        Tensor of x's dtype, (b, r*x, r*y, r*z, c).
+        Tensor of x's dtype, (b, rx·x, ry·y, rz·z, c).
 
     Raises:
-        ValueError: if ``r`` is not a positive integer, ``x`` is not 5-D, or its
-            channel count is unknown or not divisible by ``r**3``.
+        ValueError: if a factor is not a positive integer, ``x`` is not 5-D, or
+            its channel count is unknown or not divisible by ``rx·ry·rz``.
     """
-    if not utils.is_int(r, 1):
-        raise ValueError(f"voxel_shuffle factor r={r!r} must be a positive integer")
+    rx, ry, rz = axis_factors(r, "voxel_shuffle factor r")
     x = tf.convert_to_tensor(x)
     if x.shape.rank is not None and x.shape.rank != 5:
         raise ValueError(f"voxel_shuffle expects a 5-D (b, x, y, z, c) tensor, got shape {x.shape}")
-    channels = x.shape[-1]
+    channels, block = x.shape[-1], rx * ry * rz
     if channels is None:
         raise ValueError("voxel_shuffle needs a known channel count")
-    if channels % (r ** 3):
-        raise ValueError(
-            f"voxel_shuffle: {channels} channels are not divisible by r**3 = {r ** 3} (r={r})")
-    c = channels // r ** 3
+    if channels % block:
+        product = f"r**3 = {block}" if rx == ry == rz else f"rx*ry*rz = {block}"
+        raise ValueError(f"voxel_shuffle: {channels} channels are not divisible by {product} (r={r})")
+    c = channels // block
     dyn = tf.shape(x)
     b, nx, ny, nz = dyn[0], dyn[1], dyn[2], dyn[3]
-    # Channel index ((r2*r + r1)*r + r3)*c + o  ->  axes (r2, r1, r3, c).
-    x = tf.reshape(x, tf.stack([b, nx, ny, nz, r, r, r, c]))  # (b, x, y, z, r2, r1, r3, c)
+    # Channel index ((r2*rx + r1)*rz + r3)*c + o  ->  axes (r2, r1, r3, c).
+    x = tf.reshape(x, tf.stack([b, nx, ny, nz, ry, rx, rz, c]))  # (b, x, y, z, r2, r1, r3, c)
     x = tf.transpose(x, [0, 1, 5, 2, 4, 3, 6, 7])  # (b, x, r1, y, r2, z, r3, c)
-    x = tf.reshape(x, tf.stack([b, nx * r, ny * r, nz * r, c]))  # (b, r*x, r*y, r*z, c)
-    return x
+    return tf.reshape(x, tf.stack([b, nx * rx, ny * ry, nz * rz, c]))  # (b, rx*x, ry*y, rz*z, c)
 
 
 def voxel_unshuffle(x, r=2):
     """Inverse of :func:`voxel_shuffle` (space-to-depth with the same channel order).
 
     Args:
-        x: float tensor (b, r*x, r*y, r*z, c).
-        r: int >= 1.
+        x: float tensor (b, rx·x, ry·y, rz·z, c).
+        r: int >= 1, or three ints >= 1 (one per axis).
 
     Returns:
-        Tensor (b, x, y, z, r**3 * c) with ``voxel_shuffle(voxel_unshuffle(x, r), r) == x``.
+        Tensor (b, x, y, z, rx·ry·rz·c) with ``voxel_shuffle(voxel_unshuffle(x, r), r) == x``.
 
     Raises:
-        ValueError: if ``r`` is not a positive integer, or the channel count is unknown.
+        ValueError: if a factor is not a positive integer, or the channel count is unknown.
     """
-    if not utils.is_int(r, 1):
-        raise ValueError(f"voxel_unshuffle factor r={r!r} must be a positive integer")
+    rx, ry, rz = axis_factors(r, "voxel_unshuffle factor r")
     x = tf.convert_to_tensor(x)
     c = x.shape[-1]
     if c is None:
         raise ValueError("voxel_unshuffle needs a known channel count")
     dyn = tf.shape(x)
-    b, nx, ny, nz = dyn[0], dyn[1] // r, dyn[2] // r, dyn[3] // r
-    x = tf.reshape(x, tf.stack([b, nx, r, ny, r, nz, r, c]))  # (b, x, r1, y, r2, z, r3, c)
+    b, nx, ny, nz = dyn[0], dyn[1] // rx, dyn[2] // ry, dyn[3] // rz
+    x = tf.reshape(x, tf.stack([b, nx, rx, ny, ry, nz, rz, c]))  # (b, x, r1, y, r2, z, r3, c)
     x = tf.transpose(x, [0, 1, 3, 5, 4, 2, 6, 7])  # (b, x, y, z, r2, r1, r3, c)
-    return tf.reshape(x, tf.stack([b, nx, ny, nz, r ** 3 * c]))
+    return tf.reshape(x, tf.stack([b, nx, ny, nz, rx * ry * rz * c]))
 
 
 @keras.saving.register_keras_serializable(package="srgan3d")
 class VoxelShuffle(keras.layers.Layer):
-    """3-D periodic shuffle layer: ``(b, x, y, z, r³·c) -> (b, r·x, r·y, r·z, c)``.
+    """3-D periodic shuffle layer: ``(b, x, y, z, rx·ry·rz·c) -> (b, rx·x, ry·y, rz·z, c)``.
 
     Thin wrapper of :func:`voxel_shuffle` (the original's channel order).
 
     Args:
-        r: int >= 1, the upsampling factor of the stage.
+        r: int >= 1 (every axis) or three ints (one per axis), the stage's factor.
     """
 
     def __init__(self, r=2, **kwargs):
         super().__init__(**kwargs)
-        self.r = int(r)
+        self.factors = axis_factors(r, "VoxelShuffle r")
+        # An isotropic factor stays an int, as in layers saved before per-axis factors.
+        self.r = self.factors[0] if len(set(self.factors)) == 1 else self.factors
 
     def call(self, x):
-        return voxel_shuffle(x, self.r)
+        return voxel_shuffle(x, self.factors)
 
     def compute_output_shape(self, input_shape):
-        b, x, y, z, c = input_shape
-        scale = lambda n: None if n is None else n * self.r  # noqa: E731
-        if c is not None and c % self.r ** 3:
-            raise ValueError(
-                f"VoxelShuffle: {c} channels are not divisible by r**3 = {self.r ** 3}")
-        return (b, scale(x), scale(y), scale(z), None if c is None else c // self.r ** 3)
+        b, *spatial, c = input_shape
+        block = self.factors[0] * self.factors[1] * self.factors[2]
+        if c is not None and c % block:
+            raise ValueError(f"VoxelShuffle: {c} channels are not divisible by rx*ry*rz = {block}")
+        scaled = tuple(None if n is None else n * f for n, f in zip(spatial, self.factors))
+        return (b, *scaled, None if c is None else c // block)
 
     def get_config(self):
-        return {**super().get_config(), "r": self.r}
+        return {**super().get_config(), "r": self.r if isinstance(self.r, int) else list(self.r)}
 
 
 @keras.saving.register_keras_serializable(package="srgan3d")
@@ -139,33 +161,40 @@ class NearestNeighbourZoom(keras.initializers.Initializer):
     and repeats every tap ``zoom`` times along each spatial axis (nearest-neighbour
     zoom), as ``scipy.ndimage.zoom(w, [2, 2, 2, 1, 1], order=0)`` did in the
     original. For a stride-``zoom`` transposed convolution this makes every
-    ``zoom³`` output block constant at initialisation (ICNR-equivalent).
+    ``zoom³`` output block constant at initialisation (ICNR-equivalent). With
+    one zoom per axis (a stage that upsamples some axes only), the taps repeat
+    along the upsampled axes only.
 
     Args:
         stddev: standard deviation of the small kernel.
-        zoom: repetition factor on each spatial axis (the stage's stride).
+        zoom: int (every axis) or three ints, the repetition per spatial axis
+            (the stage's strides).
         seed: optional int seed.
     """
 
     def __init__(self, stddev=_CONV_STDDEV, zoom=2, seed=None):
         self.stddev = float(stddev)
-        self.zoom = int(zoom)
+        self.zooms = axis_factors(zoom, "NearestNeighbourZoom zoom")
+        # An isotropic zoom stays an int, as in initialisers saved before per-axis factors.
+        self.zoom = self.zooms[0] if len(set(self.zooms)) == 1 else self.zooms
         self.seed = seed
 
     def __call__(self, shape, dtype=None):
         spatial, channels = tuple(shape[:3]), tuple(shape[3:])
-        if any(k % self.zoom for k in spatial):
+        if any(k % z for k, z in zip(spatial, self.zooms)):
             raise ValueError(
                 f"NearestNeighbourZoom: kernel size {spatial} is not divisible by zoom {self.zoom}")
         small = keras.random.normal(
-            tuple(k // self.zoom for k in spatial) + channels,
+            tuple(k // z for k, z in zip(spatial, self.zooms)) + channels,
             stddev=self.stddev, dtype=dtype or "float32", seed=self.seed)
-        for axis in range(3):
-            small = keras.ops.repeat(small, self.zoom, axis=axis)
+        for axis, z in enumerate(self.zooms):
+            if z > 1:  # only the upsampled axes: checkerboard-free along those
+                small = keras.ops.repeat(small, z, axis=axis)
         return small
 
     def get_config(self):
-        return {"stddev": self.stddev, "zoom": self.zoom, "seed": self.seed}
+        zoom = self.zoom if isinstance(self.zoom, int) else list(self.zoom)
+        return {"stddev": self.stddev, "zoom": zoom, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package="srgan3d")
@@ -224,23 +253,55 @@ def check_upsampling_mode(upsampling_mode):
     return upsampling_mode
 
 
-def upsampling_stages(upsampling_factor):
-    """Number of ×2 stages for an upsampling factor.
+def upsampling_factors(upsampling_factor):
+    """The factor of each spatial axis: ``(f, f, f)`` for an int, or the three given.
 
     Args:
-        upsampling_factor: int, a power of two >= 2.
+        upsampling_factor: int, a power of two >= 2 (isotropic), or three
+            powers of two >= 1 with at least one > 1 (e.g. ``(1, 1, 4)`` for
+            thick slices along z).
 
     Returns:
-        int, ``log2(upsampling_factor)``.
+        tuple (fx, fy, fz) of ints.
 
     Raises:
-        ValueError: if the factor is not an integer power of two >= 2.
+        ValueError: naming the value and what was expected.
     """
     f = upsampling_factor
-    if not utils.is_int(f, 2) or f & (f - 1):
-        raise ValueError(
-            f"upsampling_factor {f!r} must be a power of two >= 2 (2, 4, 8, ...)")
-    return int(f).bit_length() - 1
+    if utils.is_int(f, 0) or isinstance(f, bool):
+        if not utils.is_int(f, 2) or f & (f - 1):
+            raise ValueError(f"upsampling_factor {f!r} must be a power of two >= 2 (2, 4, 8, ...)")
+        return (int(f),) * 3
+    factors = tuple(f) if isinstance(f, (tuple, list)) else ()
+    if (len(factors) != 3 or not all(utils.is_int(n, 1) and not n & (n - 1) for n in factors)
+            or max(factors) < 2):
+        raise ValueError(f"upsampling_factor {f!r} must be a power of two >= 2, or three powers of "
+                         "two >= 1 (one per axis, at least one > 1) such as 1,1,4")
+    return tuple(int(n) for n in factors)
+
+
+def upsampling_stages(upsampling_factor):
+    """Number of ×2 stages for an upsampling factor: ``log2`` of the largest axis factor.
+
+    Raises:
+        ValueError: as :func:`upsampling_factors`.
+    """
+    return max(upsampling_factors(upsampling_factor)).bit_length() - 1
+
+
+def stage_strides(upsampling_factor):
+    """The strides of each ×2 stage: stage k upsamples the axes whose factor is >= 2**k.
+
+    Returns:
+        list of (sx, sy, sz), each 1 or 2; e.g. ``[(1, 1, 2), (1, 1, 2)]`` for
+        ``(1, 1, 4)``, ``[(2, 2, 2)] * 2`` for 4.
+
+    Raises:
+        ValueError: as :func:`upsampling_factors`.
+    """
+    factors = upsampling_factors(upsampling_factor)
+    return [tuple(2 if f >= 2 ** k else 1 for f in factors)
+            for k in range(1, upsampling_stages(factors) + 1)]
 
 
 def _conv(filters, name, dtype, kernel_size=3, strides=1):
@@ -265,6 +326,36 @@ def _lrelu(slope, name, dtype):
     return keras.layers.LeakyReLU(negative_slope=slope, name=name, dtype=dtype)
 
 
+def _upsampling_stage(x, stage, strides, mode, dt):
+    """One ×2 stage along the axes whose stride is 2 (every axis for isotropic factors).
+
+    An isotropic stage keeps the original's layers (``SPEC.md`` §2): the same
+    kernels, names and parameter counts. Returns (b, sx·x, sy·y, sz·z, c), c
+    64 (nn, subpixel_NN) or 64 / (sx·sy·sz) (subpixel: 8 when isotropic).
+    """
+    up = _UPSAMPLING_FILTERS
+    isotropic = len(set(strides)) == 1
+    if mode == "subpixel_NN":
+        # 6 taps (3 zoomed by 2) along an upsampled axis, 3 along the others.
+        kernel = 6 if isotropic else tuple(3 * s for s in strides)
+        x = keras.layers.Conv3DTranspose(
+            up, kernel, strides=2 if isotropic else strides, padding="same", use_bias=True,
+            kernel_initializer=NearestNeighbourZoom(_CONV_STDDEV, zoom=2 if isotropic else strides),
+            bias_initializer="zeros", name=f"up{stage}_deconv", dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64)
+        return _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
+    if mode == "nn":
+        x = _conv(up, f"up{stage}_conv1", dt)(x)  # (b, x, y, z, 64)
+        x = _lrelu(_G_SLOPE, f"up{stage}_lrelu1", dt)(x)
+        x = keras.layers.UpSampling3D(2 if isotropic else strides, name=f"up{stage}_resize",
+                                      dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64)
+        x = _conv(up, f"up{stage}_conv2", dt)(x)
+        return _lrelu(_G_SLOPE, f"up{stage}_lrelu2", dt)(x)
+    x = _conv(up, f"up{stage}_conv", dt)(x)  # (b, x, y, z, 64)
+    x = _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
+    return VoxelShuffle(2 if isotropic else strides, name=f"up{stage}_shuffle",
+                        dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64/(sx*sy*sz))
+
+
 def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
                     upsampling_mode="subpixel", dtype_policy=None, synchronized_bn=False,
                     name="generator"):
@@ -285,10 +376,14 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
       64 → 1, linear. (The original's ``-subpixel_NN`` flag; it wins over ``-nn``
       when both are set, a rule applied by the command line.)
 
-    Fully convolutional: any spatial size ``(x, y, z)`` works.
+    Fully convolutional: any spatial size ``(x, y, z)`` works. With one factor
+    per axis (thick-slice scans, e.g. ``(1, 1, 4)``) there is one ×2 stage per
+    factor of two of the largest factor, each upsampling only the axes that
+    still need it; isotropic factors build exactly the original's layers.
 
     Args:
-        upsampling_factor: int, power of two >= 2 (2, 4, 8, ...).
+        upsampling_factor: int, power of two >= 2 (2, 4, 8, ...), or three
+            powers of two >= 1 (one per axis, at least one > 1).
         residual_blocks: int >= 0.
         feature_size: int >= 1, filters of the residual trunk.
         upsampling_mode: ``"subpixel"``, ``"nn"`` or ``"subpixel_NN"``.
@@ -300,19 +395,18 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
 
     Returns:
         ``keras.Model`` mapping lr float32 (b, x, y, z, 1), normalised to [-1, 1],
-        to sr float32 (b, f·x, f·y, f·z, 1). 417,209 / 431,097 trainable
+        to sr float32 (b, fx·x, fy·y, fz·z, 1). 417,209 / 431,097 trainable
         parameters for subpixel ×2 / ×4 with the defaults.
 
     Raises:
-        ValueError: for a factor that is not a power of two >= 2, ``feature_size``
+        ValueError: for a factor that is not as above, ``feature_size``
             < 1, ``residual_blocks`` < 0 or an unknown ``upsampling_mode``.
     """
-    stages = upsampling_stages(upsampling_factor)
+    upsampling_factors(upsampling_factor)
     utils.check_int("residual_blocks", residual_blocks, 0)
     utils.check_int("feature_size", feature_size, 1)
     mode = check_upsampling_mode(upsampling_mode)
     dt = dtype_policy
-    up = _UPSAMPLING_FILTERS
 
     lr = keras.Input(shape=(None, None, None, 1), name="lr")  # (b, x, y, z, 1)
     x = _conv(feature_size, "conv1", dt)(lr)  # (b, x, y, z, F)
@@ -330,25 +424,10 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
     x = _batch_norm("bn2", dt, synchronized_bn)(x)
     x = keras.layers.Add(name="long_skip", dtype=dt)([x, s])  # (b, x, y, z, F)
 
-    for stage in range(1, stages + 1):
-        if mode == "subpixel_NN":
-            x = keras.layers.Conv3DTranspose(
-                up, 6, strides=2, padding="same", use_bias=True,
-                kernel_initializer=NearestNeighbourZoom(_CONV_STDDEV, zoom=2),
-                bias_initializer="zeros", name=f"up{stage}_deconv", dtype=dt)(x)  # (b, 2x, 2y, 2z, 64)
-            x = _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
-        elif mode == "nn":
-            x = _conv(up, f"up{stage}_conv1", dt)(x)  # (b, x, y, z, 64)
-            x = _lrelu(_G_SLOPE, f"up{stage}_lrelu1", dt)(x)
-            x = keras.layers.UpSampling3D(2, name=f"up{stage}_resize", dtype=dt)(x)  # (b, 2x, 2y, 2z, 64)
-            x = _conv(up, f"up{stage}_conv2", dt)(x)
-            x = _lrelu(_G_SLOPE, f"up{stage}_lrelu2", dt)(x)
-        else:
-            x = _conv(up, f"up{stage}_conv", dt)(x)  # (b, x, y, z, 64)
-            x = _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
-            x = VoxelShuffle(2, name=f"up{stage}_shuffle", dtype=dt)(x)  # (b, 2x, 2y, 2z, 8)
+    for stage, strides in enumerate(stage_strides(upsampling_factor), start=1):
+        x = _upsampling_stage(x, stage, strides, mode, dt)  # (b, sx*x, sy*y, sz*z, c)
 
-    x = _conv(1, "conv_last", dt)(x)  # (b, f*x, f*y, f*z, 1)
+    x = _conv(1, "conv_last", dt)(x)  # (b, fx*x, fy*y, fz*z, 1)
     # The output layer computes in float32 so losses and outputs never see float16.
     sr = keras.layers.Activation("tanh" if mode == "nn" else "linear", name="sr",
                                  dtype="float32")(x)

@@ -306,3 +306,85 @@ def test_zero_residual_blocks_is_allowed():
     g = networks.build_generator(2, residual_blocks=0, feature_size=4)
     assert not any(l.name.startswith("rb") for l in g.layers)
     assert tuple(g(np.zeros((1, 2, 2, 2, 1), np.float32)).shape) == (1, 4, 4, 4, 1)
+
+
+# ----------------------------------------------------------------------------
+# Per-axis factors (thick-slice scans)
+# ----------------------------------------------------------------------------
+
+def _numpy_shuffle(x, factors):
+    """The per-axis shuffle written out voxel by voxel: the reference."""
+    rx, ry, rz = factors
+    b, nx, ny, nz, channels = x.shape
+    c = channels // (rx * ry * rz)
+    out = np.zeros((b, nx * rx, ny * ry, nz * rz, c), x.dtype)
+    for i, j, k in np.ndindex(nx, ny, nz):
+        for r1, r2, r3 in np.ndindex(rx, ry, rz):
+            first = ((r2 * rx + r1) * rz + r3) * c
+            out[:, i * rx + r1, j * ry + r2, k * rz + r3, :] = x[:, i, j, k, first:first + c]
+    return out
+
+
+@pytest.mark.parametrize("factors", [(1, 1, 2), (2, 2, 1), (1, 2, 4), (2, 2, 2), (3, 1, 2)])
+def test_per_axis_voxel_shuffle_matches_numpy_and_round_trips(factors):
+    channels = 2 * factors[0] * factors[1] * factors[2]
+    x = np.random.default_rng(1).normal(size=(2, 3, 2, 4, channels)).astype(np.float32)
+    y = networks.voxel_shuffle(x, factors).numpy()
+    np.testing.assert_array_equal(y, _numpy_shuffle(x, factors))
+    np.testing.assert_array_equal(networks.voxel_unshuffle(y, factors).numpy(), x)
+    layer = networks.VoxelShuffle(factors)
+    assert layer.compute_output_shape((None, 3, 2, 4, channels)) == (None, 3 * factors[0], 2 * factors[1],
+                                                                    4 * factors[2], 2)
+    assert networks.VoxelShuffle.from_config(layer.get_config()).factors == factors
+
+
+def test_isotropic_factors_given_per_axis_shuffle_as_the_original():
+    x = np.random.default_rng(2).normal(size=(1, 2, 3, 2, 16)).astype(np.float32)
+    np.testing.assert_array_equal(networks.voxel_shuffle(x, (2, 2, 2)).numpy(), networks.voxel_shuffle(x, 2).numpy())
+    assert networks.VoxelShuffle((2, 2, 2)).get_config()["r"] == 2  # saved as before
+
+
+@pytest.mark.parametrize("factor, strides", [
+    (4, [(2, 2, 2), (2, 2, 2)]), ((1, 1, 4), [(1, 1, 2), (1, 1, 2)]), ((2, 2, 1), [(2, 2, 1)]),
+    ((1, 2, 4), [(1, 2, 2), (1, 1, 2)]), ((8, 8, 8), [(2, 2, 2)] * 3)])
+def test_stages_upsample_only_the_axes_that_still_need_it(factor, strides):
+    assert networks.stage_strides(factor) == strides
+
+
+@pytest.mark.parametrize("factor", [3, 1, (1, 1, 1), (1, 1, 3), (2, 2), (0, 2, 2), (True, 2, 2), "2"])
+def test_bad_per_axis_factors_are_refused(factor):
+    with pytest.raises(ValueError, match="upsampling_factor"):
+        networks.upsampling_factors(factor)
+
+
+@pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
+@pytest.mark.parametrize("factor, lr_shape", [((1, 1, 4), (6, 5, 3)), ((2, 2, 1), (4, 6, 5)),
+                                              ((1, 2, 4), (3, 4, 2))])
+def test_generator_output_shapes_for_per_axis_factors(mode, factor, lr_shape):
+    g = networks.build_generator(factor, residual_blocks=1, feature_size=4, upsampling_mode=mode)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, *lr_shape, 1)).astype(np.float32)
+    y = g(x, training=False).numpy()
+    assert y.shape == (2, *(n * f for n, f in zip(lr_shape, factor)), 1) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
+def test_isotropic_factor_per_axis_builds_the_same_generator(mode):
+    keras.utils.set_random_seed(5)
+    a = networks.build_generator(2, residual_blocks=1, feature_size=4, upsampling_mode=mode)
+    keras.utils.set_random_seed(5)
+    b = networks.build_generator((2, 2, 2), residual_blocks=1, feature_size=4, upsampling_mode=mode)
+    assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
+    assert all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights()))
+
+
+def test_per_axis_icnr_kernel_repeats_along_the_upsampled_axes_only():
+    k = networks.NearestNeighbourZoom(0.02, zoom=(1, 2, 2), seed=3)((3, 6, 6, 2, 2)).numpy()
+    np.testing.assert_array_equal(k[:, 0::2], k[:, 1::2])  # zoomed along y
+    np.testing.assert_array_equal(k[:, :, 0::2], k[:, :, 1::2])  # and z
+    assert not np.array_equal(k[0], k[1])  # x keeps three distinct taps
+    # The stage it initialises is checkerboard-free along y and z: every 1x2x2 output block is constant.
+    g = networks.build_generator((1, 2, 2), residual_blocks=0, feature_size=2, upsampling_mode="subpixel_NN")
+    deconv = keras.Model(g.input, g.get_layer("up1_deconv").output)
+    out = deconv(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 1)).astype(np.float32)).numpy()
+    inner = out[:, :, 2:-2, 2:-2]
+    np.testing.assert_allclose(inner[:, :, 0::2, 0::2], inner[:, :, 1::2, 1::2], atol=1e-6)
