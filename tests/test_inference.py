@@ -639,3 +639,12 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
     argv[1:3] = [str(tmp_path / "a.nii.gz"), str(tmp_path / "other" / "a.nii.gz")]
     assert model.main(argv) == 2
     assert "would both be written" in capsys.readouterr().err
+
+
+def test_version_flag_prints_the_provenance_versions_and_exits(capsys):
+    import keras
+
+    assert model.main(["-version"]) == 0
+    out = capsys.readouterr().out
+    assert out == version.versions_line() + "\n"
+    assert out.startswith(version.program() + " ") and tf.__version__ in out and keras.__version__ in out
