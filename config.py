@@ -228,6 +228,7 @@ class Settings:
     xla: bool = setting(False, "compile the training step with XLA (jit_compile; one device only)",
                         boolean=True)
     verbose: bool = setting(False, "show TensorFlow's own start-up and warning lines", boolean=True)
+    version: bool = setting(False, "print the program, TensorFlow and Keras versions and exit", boolean=True)
     # Inference
     output_layout: str = setting("auto", "names of the evaluation and -super_resolve outputs: bids (a "
                                  "BIDS derivatives dataset), plain (<subject>_sr.nii.gz), auto (bids for "

@@ -23,7 +23,7 @@ from version import program
 
 
 def evaluation_settings(cfg, checkpoint, variants):
-    """What an evaluation's rows depend on: metrics.csv's header lines.
+    """What an evaluation's rows depend on: metrics.json, beside metrics.csv.
 
     Returns:
         dict str -> str; ``program`` and ``checkpoint`` (its path) inform,

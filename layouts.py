@@ -476,26 +476,101 @@ def _refuse_duplicate_ids(entries):
     return candidates
 
 
+def folder_suffix_names(image_paths):
+    """Names files that share one file name by the shortest suffix of their folders that tells them apart.
+
+    ``DATA/002_S_0295/T1.nii.gz`` and ``DATA/002_S_0413/T1.nii.gz`` give
+    ``002_S_0295`` and ``002_S_0413``; when the last folders are the same too,
+    more are joined with ``_`` (``siteA_002_S_0295``).
+
+    Args:
+        image_paths: distinct normalised absolute file paths.
+
+    Returns:
+        list of str names in the same order, or None when their folders are
+        the same (two files of one folder).
+    """
+    folders = [os.path.dirname(p).strip(os.sep).split(os.sep) for p in image_paths]
+    for k in range(1, max(len(f) for f in folders) + 1):
+        names = ["_".join(f[-k:]) for f in folders]
+        if len(set(names)) == len(names):
+            return names
+    return None
+
+
+def _name_colliding_files(entries, named):
+    """Renames the rows whose default subject IDs (their file names) collide by their folders.
+
+    Only rows without a subject cell (``named`` holds the line numbers of
+    those with one) are renamed, one group of equal IDs at a time (rows
+    naming an earlier row's image already carry a problem).
+
+    Returns:
+        (entries, example): the ``(line, candidate)`` pairs, and one new name
+        (None when nothing was renamed).
+    """
+    groups = {}
+    for line, c in entries:
+        if c.problem is None and line not in named:
+            groups.setdefault(c.name, []).append(line)
+    renamed, by_line = {}, dict(entries)
+    for lines in groups.values():
+        paths = [os.path.abspath(by_line[line].image_path) for line in lines]
+        if len(lines) < 2 or len(set(paths)) < len(paths):
+            continue
+        names = folder_suffix_names(paths)
+        if names is not None:
+            renamed.update(zip(lines, names))
+    entries = [(line, dataclasses.replace(c, name=renamed[line]) if line in renamed else c)
+               for line, c in entries]
+    return entries, next(iter(sorted(renamed.values())), None)
+
+
+def _refuse_listed_twice(entries):
+    """Marks a row naming the same image file as an earlier row as a problem (the same subject twice)."""
+    first, out = {}, []
+    for line, c in entries:
+        key = os.path.abspath(c.image_path) if c.problem is None else None
+        if key in first:
+            c = dataclasses.replace(c, problem=f"the same image as row {first[key]} (a subject listed twice)")
+        elif key is not None:
+            first[key] = line
+        out.append((line, c))
+    return out
+
+
 def _csv_candidates(csv_path):
     """Reads a CSV (``.tsv``: tab-separated) file list, one candidate per row.
 
     Columns (header names case-insensitive, others ignored): ``image``
     (required), ``mask``, ``subject``, ``split``. Paths are relative to the
-    list's folder. Rows that name missing files, an empty image or split cell,
-    a split other than train/test, or a subject ID another row has, are bad
-    entries named by their row (the header is row 1).
+    list's folder. Rows without a subject ID are named after their image file;
+    when those names collide (an ADNI tree, every file called
+    ``T1_brain_extractedBrainExtractionBrain.nii.gz``) after the shortest
+    suffix of their folders that tells them apart, which the description
+    (the first log line) says. Rows that name missing files, the image of an
+    earlier row, an empty image or split cell, a split other than train/test,
+    or a subject ID another row has, are bad entries named by their row (the
+    header is row 1).
 
     Raises:
         nifti_io.DataError: if the file cannot be read or has no ``image`` column.
     """
     rows, index = _read_csv_list(csv_path)
-    entries = [(line, _csv_row_candidate(csv_path, index, line, row))
-               for line, row in rows if any(cell.strip() for cell in row)]
+    rows = [(line, row) for line, row in rows if any(cell.strip() for cell in row)]
+    column = index.get("subject")
+    named = {line for line, row in rows if column is not None and column < len(row) and row[column].strip()}
+    entries = _refuse_listed_twice([(line, _csv_row_candidate(csv_path, index, line, row)) for line, row in rows])
+    entries, example = _name_colliding_files(entries, named)
     candidates = _refuse_duplicate_ids(entries)
     notes = []
     if "split" in index:
         notes.append(f"note: train/test split from the split column of {csv_path} (-train_fraction not used)")
-    return _Listing(description="CSV file list", unit="subject",
+    description = "CSV file list"
+    if example is not None:
+        description += (f" (subject IDs from the images' folders, e.g. {example}: their file names are the "
+                        f"same)")
+    return _Listing(description=description, unit="subject",
                     expected="rows naming existing NIfTI files in an image column",
                     mask_source="mask in the list", candidates=candidates, notes=notes)
 

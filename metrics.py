@@ -1,5 +1,6 @@
 """Evaluation metrics: per-subject PSNR/SSIM (the original's and fair), metrics.csv, the closing summary."""
 
+import json
 import os
 
 import numpy as np
@@ -18,7 +19,7 @@ METRIC_COLUMNS = (("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "p
                    "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
                   + tuple(f"{m}{'' if s == 'sr' else '_' + s}_fair"
                           for s in METHODS for m in ("psnr", "ssim")))
-# metrics.csv header lines that only inform; the others must match to resume.
+# metrics.json settings that only inform; the others must match to resume.
 INFORMATIONAL_SETTINGS = ("program", "checkpoint")
 
 
@@ -61,7 +62,11 @@ def subject_metrics(hr, estimates, mask):
 
 
 def read_header_lines(path):
-    """The ``# key: value`` lines at the top of a CSV file, as a dict ({} when there are none)."""
+    """The ``# key: value`` lines at the top of a CSV file, as a dict ({} when there are none).
+
+    Only metrics.csv files of earlier versions have them (their settings now
+    live in :func:`settings_path`).
+    """
     settings = {}
     try:
         with open(path, encoding="utf-8") as fh:
@@ -78,18 +83,67 @@ def read_header_lines(path):
     return settings
 
 
+def settings_path(csv_path):
+    """str, the JSON file beside a metrics CSV that holds its settings (``metrics.json``)."""
+    return os.path.splitext(csv_path)[0] + ".json"
+
+
+def read_settings(csv_path):
+    """The settings a metrics CSV's rows were computed with.
+
+    Returns:
+        dict str -> str from its ``metrics.json``, or from the ``# key: value``
+        lines of an earlier version's file; None when neither exists.
+
+    Raises:
+        UserError: ``metrics.json`` cannot be read or is not an object.
+    """
+    legacy = read_header_lines(csv_path)
+    if legacy:
+        return legacy
+    path = settings_path(csv_path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            settings = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {err}")
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} holds {type(settings).__name__}, expected the settings of {csv_path} (an object)")
+    return {str(k): str(v) for k, v in settings.items()}
+
+
+def drop_header_lines(csv_path, settings):
+    """Converts an earlier version's metrics CSV: its ``#`` lines go to ``metrics.json``, the CSV stays plain.
+
+    Raises:
+        durable.OutputError: a file could not be written (the CSV is then unchanged).
+    """
+    with open(csv_path, "rb") as fh:
+        lines = fh.read().decode("utf-8").split("\n")
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    durable.write_json(settings_path(csv_path), settings)
+    durable.write_text(csv_path, "\n".join(lines))
+
+
 class MetricsFile:
     """metrics.csv: one row per subject, appended and flushed as each subject ends.
 
-    Its ``# key: value`` header lines record what the rows depend on (the
-    checkpoint, the data, sigma, the options); a later evaluation into the
-    same folder with the same settings resumes (skips the subjects it holds),
-    one with other settings is refused.
+    A plain CSV (a header row, then the rows: every tool's defaults read it);
+    what the rows depend on (the checkpoint, the data, sigma, the options) is
+    in ``metrics.json`` beside it, written before the first row. A later
+    evaluation into the same folder with the same settings resumes (skips the
+    subjects it holds), one with other settings is refused. A metrics.csv of
+    an earlier version (its settings as leading ``# key: value`` lines) is
+    read the same way and, when resumed, converted (the lines move to
+    metrics.json).
 
     Args:
         path: the CSV file.
         columns: its columns (:func:`metric_columns`).
-        settings: dict of str -> str, its header lines.
+        settings: dict of str -> str, the settings of this run.
     """
 
     def __init__(self, path, columns, settings):
@@ -105,11 +159,17 @@ class MetricsFile:
 
         Raises:
             UserError: the file holds rows of an evaluation with other
-                settings or columns (it is left untouched).
+                settings or columns, or has no settings to compare with (it
+                is left untouched).
+            durable.OutputError: an earlier version's file could not be converted.
         """
         if not os.path.exists(self.path):
             return set()
-        old = read_header_lines(self.path)
+        old = read_settings(self.path)
+        if old is None:
+            raise UserError(f"{self.path} has no {os.path.basename(settings_path(self.path))} beside it: which "
+                            "evaluation wrote its rows cannot be told, so they cannot be resumed. Choose another "
+                            "-path_volumes, or move that metrics.csv away to start afresh")
         different = [f"{key}: {old.get(key, '(none)')} here, {value} now"
                      for key, value in self.settings.items()
                      if key not in INFORMATIONAL_SETTINGS and old.get(key) != value]
@@ -123,16 +183,19 @@ class MetricsFile:
             raise UserError(f"{self.path} holds the results of another evaluation ("
                             + "; ".join(different) + "); its rows cannot be mixed with this run's. "
                             "Choose another -path_volumes, or move that metrics.csv away to start afresh")
+        if read_header_lines(self.path):
+            drop_header_lines(self.path, old)
         return {row["subject"] for row in rows}
 
     def append(self, row):
-        """Appends one subject's row durably (creating the file with its header lines).
+        """Appends one subject's row durably (creating the file, after its metrics.json).
 
         Raises:
             durable.OutputError: the row could not be written.
         """
-        lines = [f"{key}: {value}" for key, value in self.settings.items()]
-        durable.append_csv_row(self.path, self.columns, row, header_lines=lines)
+        if not os.path.exists(self.path):
+            durable.write_json(settings_path(self.path), self.settings)
+        durable.append_csv_row(self.path, self.columns, row)
 
     def rows(self):
         """Every row in the file, numbers as floats (NaN kept)."""

@@ -30,6 +30,7 @@ import nifti_io  # noqa: E402
 import placement as placement_lib  # noqa: E402
 import super_resolve  # noqa: E402
 import training  # noqa: E402
+import version  # noqa: E402
 from errors import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, UserError  # noqa: E402
 
 # The two boolean flags of the original that choose the upsampling mode; the
@@ -166,6 +167,9 @@ def run(command, placement=None, log=print):
 def main(argv=None):
     """Runs the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.version:
+        print(version.versions_line())
+        return 0
     try:
         # First: the strategy fixes which devices TensorFlow's runtime starts with.
         action = config.action_of(given_settings(args))

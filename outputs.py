@@ -3,16 +3,25 @@
 import os
 import pathlib
 import re
+import urllib.parse
+import urllib.request
 
 import config
 import durable
+import scans as scans_lib
 import utils
 from errors import UserError
 from version import PROGRAM_NAME, __version__
 
 BIDS_VERSION = "1.9.0"
 METRICS_NAME = "metrics.csv"
+# The settings metrics.csv's rows depend on (metrics.MetricsFile).
+METRICS_SETTINGS_NAME = "metrics.json"
 DESCRIPTION_NAME = "dataset_description.json"
+README_NAME = "README.md"
+# What a BIDS validator must not read as data: "**/figures" without its
+# trailing slash (bids-validator 3.0.2 does not match "**/figures/").
+BIDS_IGNORED = (METRICS_NAME, METRICS_SETTINGS_NAME, "**/figures")
 
 BIDS_ENTITY_ORDER = ("sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc",
                      "stain", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc",
@@ -128,9 +137,13 @@ class BidsOutputs(PlainOutputs):
     ``..._desc-reference_T1w.nii.gz`` (the reference), each with a JSON
     sidecar; the other entities of the source file (acq, run, desc...) are
     kept. The mosaic goes to ``sub-X/[ses-Y/]figures/..._rec-SRx<f>_slices.png``;
-    ``dataset_description.json`` and ``.bidsignore`` (metrics.csv, figures)
-    at the top. A subject that is not from a BIDS dataset becomes
-    ``sub-<its name without non-alphanumerics>``.
+    ``dataset_description.json``, ``README.md`` and ``.bidsignore``
+    (``BIDS_IGNORED``) at the top. A subject that is not from a BIDS dataset
+    becomes ``sub-<its name without non-alphanumerics>``. Every sidecar
+    carries ``SkullStripped``, the source's (``scans.skull_stripped``): the
+    outputs are not masked here. Source datasets are linked by paths relative
+    to the folder (``../..`` for ``<raw>/derivatives/<name>``), a ``file://``
+    URI only when there is none (another drive).
     """
 
     scheme = "bids"
@@ -139,6 +152,21 @@ class BidsOutputs(PlainOutputs):
     def __init__(self, folder, upsampling_factor):
         super().__init__(folder, upsampling_factor)
         self.links = {}
+        self.scans = {}
+        self._stripped = {}
+
+    def skull_stripped(self, subject):
+        """bool, the ``SkullStripped`` of a subject's outputs: its source's (computed once)."""
+        if subject.name not in self._stripped:
+            scan = self.scans.get(subject.name) or scans_lib.InputScan(subject)
+            self._stripped[subject.name] = scans_lib.skull_stripped(scan)
+        return self._stripped[subject.name]
+
+    def write_volume(self, subject, kind, data, affine, header=None, zooms=None, sidecar=None):
+        """:meth:`PlainOutputs.write_volume`, the sidecar with ``SkullStripped`` (required by BIDS)."""
+        if sidecar is not None:
+            sidecar = {**sidecar, "SkullStripped": self.skull_stripped(subject)}
+        return super().write_volume(subject, kind, data, affine, header, zooms=zooms, sidecar=sidecar)
 
     def _entities(self, subject):
         if subject.entities:
@@ -174,18 +202,45 @@ class BidsOutputs(PlainOutputs):
         key = self._link_key(scan.root)
         return f"bids:{key}:{pathlib.Path(os.path.relpath(path, scan.root)).as_posix()}"
 
+    def portable_link(self, root):
+        """How the description names a source folder: a POSIX path relative to this folder.
+
+        ``file://`` URI only when no relative path exists (another drive).
+        """
+        root = os.path.realpath(root)
+        try:
+            return pathlib.Path(os.path.relpath(root, os.path.realpath(self.folder))).as_posix()
+        except ValueError:
+            return pathlib.Path(root).as_uri()
+
+    def link_target(self, value):
+        """The absolute folder a DatasetLinks/SourceDatasets value names (None: not a local folder)."""
+        parsed = urllib.parse.urlparse(value)
+        if parsed.scheme == "file":
+            return os.path.realpath(urllib.request.url2pathname(parsed.path))
+        if parsed.scheme and len(parsed.scheme) > 1:  # a URL or URI (a one-letter scheme is a drive)
+            return None
+        return os.path.realpath(os.path.join(os.path.realpath(self.folder), value))
+
     def _link_key(self, root):
-        uri = pathlib.Path(os.path.abspath(root)).as_uri()
+        target = os.path.realpath(root)
         for key, value in self.links.items():
-            if value == uri:
+            if self.link_target(value) == target:
                 return key
         n = len(self.links) + 1
         key = "raw" if n == 1 else f"raw{n}"
         while key in self.links:
             n += 1
             key = f"raw{n}"
-        self.links[key] = uri
+        self.links[key] = self.portable_link(root)
         return key
+
+    def _source_entry(self, url, bids_roots):
+        """A SourceDatasets URL made portable: ``bids:<key>:`` for a linked dataset, else a relative path."""
+        target = self.link_target(url) if isinstance(url, str) and not url.startswith("bids:") else None
+        if target is None:
+            return url
+        return f"bids:{self._link_key(target)}:" if target in bids_roots else self.portable_link(target)
 
     def start(self, generated_by, scans):
         """Writes (or extends) ``dataset_description.json`` and ``.bidsignore``.
@@ -209,14 +264,19 @@ class BidsOutputs(PlainOutputs):
                 raise UserError(f"{path} describes another dataset (GeneratedBy {before}); this run "
                                 f"({generated_by[0]['Description']}) would mix its outputs with it. "
                                 "Choose another -path_volumes")
-            self.links = dict(existing.get("DatasetLinks", {}))
-        for scan in scans:
-            self.source(scan)
-        sources = list(existing.get("SourceDatasets", [])) if existing else []
-        for root in dict.fromkeys(s.root for s in scans if s.root is not None):
-            entry = {"URL": pathlib.Path(root).as_uri()}
+            self.links = {k: (self.portable_link(self.link_target(v)) if self.link_target(v) else v)
+                          for k, v in existing.get("DatasetLinks", {}).items()}
+        self.scans.update((scan.subject.name, scan) for scan in scans)
+        bids_roots = {os.path.realpath(s.root) for s in scans if s.bids}
+        sources = []
+        old = [e for e in (existing.get("SourceDatasets", []) if existing else []) if isinstance(e, dict)]
+        for entry in old + [{"URL": s.root} for s in scans if s.root is not None]:
+            if "URL" in entry:
+                entry = dict(entry, URL=self._source_entry(entry["URL"], bids_roots))
             if entry not in sources:
                 sources.append(entry)
+        for scan in scans:
+            self.source(scan)
         description = {
             "Name": f"{PROGRAM_NAME} super-resolution x{self.factor}",
             "BIDSVersion": BIDS_VERSION,
@@ -228,9 +288,48 @@ class BidsOutputs(PlainOutputs):
             description["DatasetLinks"] = self.links
         if description != existing:
             durable.write_json(path, description)
-        ignore = os.path.join(self.folder, ".bidsignore")
-        if not os.path.exists(ignore):
-            durable.write_text(ignore, f"{METRICS_NAME}\n**/figures/\n")
+        self.write_bidsignore()
+        readme = os.path.join(self.folder, README_NAME)
+        if not os.path.exists(readme):
+            durable.write_text(readme, derivatives_readme(self.factor))
+
+    def write_bidsignore(self):
+        """Writes ``.bidsignore`` with the ``BIDS_IGNORED`` lines, keeping (and completing) an existing one."""
+        path = os.path.join(self.folder, ".bidsignore")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        missing = [line for line in BIDS_IGNORED if line not in lines]
+        if missing:
+            durable.write_text(path, "".join(f"{line}\n" for line in lines + missing))
+
+
+def derivatives_readme(factor):
+    """The README.md of a BIDS derivatives folder: what it holds, for a reader without this program."""
+    return f"""# {PROGRAM_NAME} super-resolution x{factor}
+
+Written by {PROGRAM_NAME} {__version__} (3D SRGAN for brain MRI, Sanchez & Vilaplana, MIDL 2018;
+see `GeneratedBy` in `dataset_description.json` for the checkpoint).
+
+- `sub-*/[ses-*/]anat/*_rec-SRx{factor}_T1w.nii.gz`: the super-resolved image (x{factor}).
+- `*_rec-LRx{factor}_T1w.nii.gz` (evaluation only): the network's input, the reference
+  blurred and decimated by {factor}.
+- `*_desc-reference_T1w.nii.gz` (evaluation only): the reference the metrics compare with.
+- Each image has a JSON sidecar: `Sources` (BIDS URIs into `DatasetLinks`, or file URIs),
+  the checkpoint, the options and, for an evaluation, the subject's metrics.
+  `SkullStripped` is the source image's, as the outputs are not masked: its sidecar's
+  `SkullStripped` when it has one; true for ADNI brain-extracted images
+  (`T1_brain_extractedBrainExtractionBrain.nii.gz`) and for an image that is zero outside
+  its brain mask file; false otherwise.
+- `sub-*/[ses-*/]figures/*_slices.png`: slice mosaics (LR, tricubic, SR, reference).
+- `metrics.csv`: one row per evaluated subject (PSNR/SSIM of SR and of interpolation);
+  `metrics.json`: the settings its rows depend on (a later evaluation resumes only with
+  the same ones).
+
+`.bidsignore` keeps the figures and the metrics files out of BIDS validation.
+"""
 
 
 def output_scheme(output_layout, scans):

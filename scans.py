@@ -1,7 +1,10 @@
 """The scans an inference run reads: -super_resolve's files, folders and lists, and where each comes from."""
 
 import dataclasses
+import json
 import os
+
+import numpy as np
 
 import layouts
 import nifti_io
@@ -92,3 +95,78 @@ def super_resolve_inputs(cfg, explicit, log):
         root = data_root(path, layout)
         scans += [InputScan(s, root, layout == "bids") for s in subjects]
     return scans
+
+
+def _read_sidecar(path):
+    """The dict of a JSON file, or {} when it cannot be read or is not an object."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def source_sidecar(scan):
+    """The JSON metadata of a scan's image: its own sidecar, for BIDS with the inherited ones.
+
+    For a BIDS scan every ``*.json`` from the dataset root down to the
+    image's folder whose suffix is the image's and whose entities are all the
+    image's applies, the deeper and more specific ones winning (the BIDS
+    inheritance principle); otherwise only ``<image without .nii[.gz]>.json``.
+
+    Returns:
+        dict ({} when there is none).
+    """
+    image = os.path.abspath(scan.subject.image_path)
+    stem = layouts.strip_nifti_suffix(os.path.basename(image))
+    root = None if scan.root is None else os.path.abspath(scan.root)
+    if not scan.bids or root is None or not image.startswith(root + os.sep):
+        return _read_sidecar(os.path.join(os.path.dirname(image), f"{stem}.json"))
+    entities, suffix = layouts.bids_entities(stem)
+    chain, folder = [], os.path.dirname(image)
+    while True:
+        chain.append(folder)
+        if folder == root:
+            break
+        folder = os.path.dirname(folder)
+    merged = {}
+    for folder in reversed(chain):
+        fitting = []
+        for name in sorted(os.listdir(folder)):
+            found, found_suffix = layouts.bids_entities(name[:-len(".json")]) if name.endswith(".json") else ((), None)
+            if found_suffix == suffix and set(found) <= set(entities):
+                fitting.append((len(found), name))
+        for _, name in sorted(fitting):
+            merged.update(_read_sidecar(os.path.join(folder, name)))
+    return merged
+
+
+def skull_stripped(scan):
+    """Whether a scan's image is skull-stripped (BIDS ``SkullStripped``); its outputs inherit it.
+
+    The rule, first that applies: the ``SkullStripped`` boolean of the
+    image's JSON sidecar (:func:`source_sidecar`); True for the ADNI layout's
+    brain-extracted image (named ``layouts.IMAGE_NAME``); True when the
+    subject has a brain mask file and the image is zero everywhere outside
+    it; otherwise False (not known to be stripped).
+
+    Returns:
+        bool.
+    """
+    given = source_sidecar(scan).get("SkullStripped")
+    if isinstance(given, bool):
+        return given
+    subject = scan.subject
+    if os.path.basename(subject.image_path) == layouts.IMAGE_NAME:
+        return True
+    if subject.mask_path is None:
+        return False
+    try:
+        image, _, _ = nifti_io.load_volume(subject.image_path, log=lambda _: None)
+        mask, _, _ = nifti_io.load_volume(subject.mask_path, log=lambda _: None)
+    except nifti_io.PipelineError:
+        raise
+    except nifti_io.DataError:
+        return False
+    return image.shape == mask.shape and not np.any(image[mask <= 0])

@@ -1,10 +1,12 @@
 """Inference tests: BIDS/CSV data end to end, BIDS derivatives, -blend/-tta, resumable evaluation."""
 
+import csv
 import gc
 import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import metrics
 import model
 import networks
 import phantoms
+import scans
 import splits
 import super_resolve
 import train_dataset as td
@@ -132,9 +135,11 @@ def test_bids_evaluation_writes_valid_derivatives(bids_run, tmp_path, capsys):
     assert generated["Name"] == version.PROGRAM_NAME and generated["Version"] == version.__version__
     checkpoint = os.path.realpath(tf.train.latest_checkpoint(str(bids_run["ckpt"])))
     assert checkpoint in generated["Description"]
-    root_uri = pathlib.Path(str(bids_run["data"])).resolve().as_uri()
-    assert description["SourceDatasets"] == [{"URL": root_uri}]
-    assert description["DatasetLinks"] == {"raw": root_uri}
+    # Portable links: a path relative to the derivatives folder, the source named by a BIDS URI.
+    relative = os.path.relpath(bids_run["data"].resolve(), out.resolve())
+    assert description["DatasetLinks"] == {"raw": pathlib.Path(relative).as_posix()}
+    assert description["SourceDatasets"] == [{"URL": "bids:raw:"}]
+    assert (out / description["DatasetLinks"]["raw"]).resolve() == bids_run["data"].resolve()
 
     sidecar = json.loads((anat / "sub-02_rec-SRx2_desc-brain_T1w.json").read_text())
     assert sidecar["UpsamplingFactor"] == 2 and sidecar["UpsamplingMode"] == "subpixel"
@@ -147,7 +152,11 @@ def test_bids_evaluation_writes_valid_derivatives(bids_run, tmp_path, capsys):
     assert np.isfinite(sidecar["Metrics"]["ssim_tricubic_fair"])
     lr_sidecar = json.loads((anat / "sub-02_rec-LRx2_desc-brain_T1w.json").read_text())
     assert lr_sidecar["UpsamplingFactor"] == 2 and lr_sidecar["Sigma"] == 1.0
-    assert (out / ".bidsignore").read_text().startswith("metrics.csv")
+    # sub-02's image is zero outside its desc-brain mask: skull-stripped, and so are its outputs.
+    for stem in ("rec-SRx2_desc-brain", "rec-LRx2_desc-brain", "desc-reference"):
+        assert json.loads((anat / f"sub-02_{stem}_T1w.json").read_text())["SkullStripped"] is True
+    assert (out / ".bidsignore").read_text().splitlines() == ["metrics.csv", "metrics.json", "**/figures"]
+    assert "SkullStripped" in (out / "README.md").read_text()
 
 
 def test_super_resolve_a_bids_file_and_a_bids_dataset(bids_run, tmp_path):
@@ -178,6 +187,100 @@ def test_derivatives_of_another_checkpoint_are_not_mixed(tmp_path):
     outputs.start(mine, [])  # the same run again: fine
     with pytest.raises(errors.UserError, match="describes another dataset"):
         BidsOutputs(str(tmp_path), 2).start([dict(mine[0], Description="checkpoint B")], [])
+
+
+def _validator_errors(folder):
+    """The errors bids-validator-deno reports on a folder (its --format json output)."""
+    found = subprocess.run([VALIDATOR, "--format", "json", str(folder)], capture_output=True, text=True,
+                           timeout=300, check=False)
+    report = json.loads(found.stdout)
+    return [(i["code"], i.get("location")) for i in report["issues"]["issues"] if i["severity"] == "error"]
+
+
+VALIDATOR = shutil.which("bids-validator-deno") or shutil.which(
+    "bids-validator-deno", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(VALIDATOR is None, reason="bids-validator-deno is not installed "
+                                              "(pip install bids-validator-deno, requirements-test.txt)")
+def test_derivatives_pass_the_bids_validator(bids_run, tmp_path):
+    # A copy of the dataset is not the training data: every subject-session is evaluated.
+    raw = tmp_path / "raw"
+    shutil.copytree(bids_run["data"], raw)
+    out = raw / "derivatives" / "srgan"
+    assert _evaluate(bids_run["ckpt"], out, "-data_path", raw, "-blend", "gaussian", "-tta", "flip",
+                     "-output_layout", "bids") == 0
+    assert len(list(out.rglob("*_rec-SRx2_desc-brain_T1w.nii.gz"))) == 3
+    assert (out / "sub-01" / "ses-1" / "figures").is_dir()
+    sr = tmp_path / "sr"
+    assert model.main(["-super_resolve", str(raw), "-checkpoint_dir_restore", str(bids_run["ckpt"]),
+                       "-path_volumes", str(sr), "-output_layout", "bids"]) == 0
+    assert _validator_errors(out) == []
+    assert _validator_errors(sr) == []
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetLinks"] == {"raw": "../.."}
+    try:
+        import bids
+    except ImportError:
+        return
+    layout = bids.BIDSLayout(str(out), validate=False, is_derivative=True)
+    found = layout.get(reconstruction="SRx2", suffix="T1w", extension=".nii.gz")
+    assert sorted((f.entities["subject"], f.entities.get("session")) for f in found) == [
+        ("01", "1"), ("01", "2"), ("02", None)]
+
+
+def test_an_earlier_derivatives_folder_gets_portable_links(tmp_path):
+    root = tmp_path / "raw"
+    image = _save(root / "sub-01/anat/sub-01_T1w.nii.gz", np.ones((4, 4, 4)), np.eye(4))
+    out = root / "derivatives" / "sr"
+    out.mkdir(parents=True)
+    mine = [{"Name": version.PROGRAM_NAME, "Version": version.__version__, "Description": "checkpoint A"}]
+    uri = root.resolve().as_uri()
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": mine,
+        "DatasetLinks": {"raw": uri}, "SourceDatasets": [{"URL": uri}, {"DOI": "doi:10.1/x"}]}))
+    (out / ".bidsignore").write_text("metrics.csv\n**/figures/\n")
+    scan = scans.bids_file_scan(image)
+    outputs = BidsOutputs(str(out), 2)
+    outputs.start(mine, [scan])
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": "../.."}  # the same link, made relative: no raw2
+    assert description["SourceDatasets"] == [{"URL": "bids:raw:"}, {"DOI": "doi:10.1/x"}]
+    assert outputs.source(scan) == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+    assert (out / ".bidsignore").read_text().splitlines() == ["metrics.csv", "**/figures/", "metrics.json",
+                                                              "**/figures"]
+    assert outputs.link_target(uri) == str(root.resolve())
+    assert outputs.link_target("https://example.org/ds") is None
+
+
+def test_a_source_without_a_relative_path_keeps_a_file_uri(tmp_path, monkeypatch):
+    def other_drive(path, start=None):
+        raise ValueError(f"path is on mount 'D:', start on mount 'C:' ({path}, {start})")
+
+    monkeypatch.setattr(os.path, "relpath", other_drive)
+    outputs = BidsOutputs(str(tmp_path / "out"), 2)
+    assert outputs.portable_link(str(tmp_path / "raw")) == (tmp_path / "raw").resolve().as_uri()
+
+
+def test_skull_stripped_is_the_sources(tmp_path):
+    image, mask, affine = _phantoms(1, seed=11)[0]  # zero outside its mask
+    root = tmp_path / "bids"
+    (root / "sub-01/anat").mkdir(parents=True)
+    (root / "T1w.json").write_text('{"SkullStripped": false}')
+    for sub in ("sub-01", "sub-02"):
+        _save(root / f"{sub}/anat/{sub}_T1w.nii.gz", image, affine)
+        _save(root / f"{sub}/anat/{sub}_desc-brain_mask.nii.gz", mask, affine, dtype=np.uint8)
+    (root / "sub-01/anat/sub-01_T1w.json").write_text('{"SkullStripped": true}')
+    bids_scans = {s.name: scans.InputScan(s, str(root), True) for s in layouts.find_subjects(str(root), log=Log())[0]}
+    assert scans.skull_stripped(bids_scans["sub-01"]) is True  # its own sidecar wins over the root's
+    assert scans.skull_stripped(bids_scans["sub-02"]) is False  # inherited from the root's T1w.json
+    adni = _save(tmp_path / "adni/s1" / layouts.IMAGE_NAME, image + 1, affine)
+    assert scans.skull_stripped(scans.InputScan(layouts.Subject("s1", adni))) is True
+    plain = _save(tmp_path / "flat/a.nii.gz", image, affine)
+    mask_path = _save(tmp_path / "flat/a_mask.nii.gz", mask, affine, dtype=np.uint8)
+    assert scans.skull_stripped(scans.InputScan(layouts.Subject("a", plain, mask_path))) is True
+    assert scans.skull_stripped(scans.InputScan(layouts.Subject("a", plain))) is False  # no mask file
+    head = _save(tmp_path / "flat/b.nii.gz", image + 1, affine)  # non-zero outside the mask
+    assert scans.skull_stripped(scans.InputScan(layouts.Subject("b", head, mask_path))) is False
 
 
 @pytest.mark.parametrize("entities, changes, stem", [
@@ -499,8 +602,18 @@ def test_options_are_reported_side_by_side_and_in_the_header(bids_run, tmp_path)
     rows = evaluation.evaluate(command.settings, command.source_checkpoint, log=log)
     for label in ("crop", "gaussian", "gaussian+flip"):
         assert any(line.strip().startswith(f"SR {label} ") for line in log.lines), label
-    header = metrics.read_header_lines(str(tmp_path / "metrics.csv"))
+    header = metrics.read_settings(str(tmp_path / "metrics.csv"))
     assert header["blend"] == "gaussian" and header["tta"] == "flip" and header["sr"] == "gaussian+flip"
+    assert header == json.loads((tmp_path / "metrics.json").read_text())
+    # metrics.csv itself is plain: a header row and one row per subject, for every tool's defaults.
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        table = list(csv.reader(fh))
+    assert tuple(table[0]) == metrics.metric_columns(inference.inference_variants("gaussian", "flip"))
+    assert [r[0] for r in table[1:]] == ["sub-02"]
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_csv(tmp_path / "metrics.csv")
+    assert list(frame.columns) == table[0] and list(frame["subject"]) == ["sub-02"]
+    assert frame["psnr"][0] == pytest.approx(rows[0]["psnr"], abs=1e-5)
     # The written _sr volume is the fully-optioned one; the others are columns.
     assert {"psnr_sr_crop", "psnr_sr_gaussian", "ssim_sr_gaussian_fair"} <= set(rows[0])
     assert len({rows[0]["psnr"], rows[0]["psnr_sr_crop"], rows[0]["psnr_sr_gaussian"]}) == 3
@@ -639,3 +752,59 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
     argv[1:3] = [str(tmp_path / "a.nii.gz"), str(tmp_path / "other" / "a.nii.gz")]
     assert model.main(argv) == 2
     assert "would both be written" in capsys.readouterr().err
+
+
+def test_version_flag_prints_the_provenance_versions_and_exits(capsys):
+    import keras
+
+    assert model.main(["-version"]) == 0
+    out = capsys.readouterr().out
+    assert out == version.versions_line() + "\n"
+    assert out.startswith(version.program() + " ") and tf.__version__ in out and keras.__version__ in out
+
+
+def test_metrics_settings_live_in_metrics_json_and_an_earlier_file_is_converted(tmp_path):
+    columns = ("subject", "psnr")
+    settings = {"program": "srgan3d-tf2 0.9", "checkpoint_sha256": "abc", "blend": "crop"}
+    path = str(tmp_path / "metrics.csv")
+    new = metrics.MetricsFile(path, columns, settings)
+    assert new.done() == set()
+    new.append({"subject": "s1", "psnr": 30.0})
+    assert pathlib.Path(path).read_text() == "subject,psnr\ns1,30.000000\n"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == settings
+    assert metrics.MetricsFile(path, columns, dict(settings, program="srgan3d-tf2 1.0")).done() == {"s1"}
+    # An earlier version's file (its settings as "# key: value" lines): read, resumed, converted.
+    os.remove(path)
+    os.remove(tmp_path / "metrics.json")
+    durable.append_csv_row(path, columns, {"subject": "s1", "psnr": 30.0},
+                           header_lines=[f"{k}: {v}" for k, v in settings.items()])
+    other = metrics.MetricsFile(path, columns, dict(settings, blend="gaussian"))
+    with pytest.raises(errors.UserError, match="another evaluation.*blend: crop here, gaussian now"):
+        other.done()
+    assert pathlib.Path(path).read_text().startswith("# program")  # refused: untouched
+    assert metrics.MetricsFile(path, columns, settings).done() == {"s1"}
+    assert pathlib.Path(path).read_text() == "subject,psnr\ns1,30.000000\n"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == settings
+    # Rows whose settings are unknown cannot be resumed.
+    os.remove(tmp_path / "metrics.json")
+    with pytest.raises(errors.UserError, match="no metrics.json beside it"):
+        metrics.MetricsFile(path, columns, settings).done()
+
+
+def test_a_csv_list_of_an_adni_tree_trains_and_evaluates(tmp_path):
+    data = _adni_data(tmp_path / "DATA", 3, seed=12)
+    rows = [f"DATA/demo_{i:03d}/{layouts.IMAGE_NAME},DATA/demo_{i:03d}/{layouts.MASK_NAME}" for i in range(3)]
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,mask\n" + "\n".join(rows) + "\n")
+    ckpt = tmp_path / "ckpt"
+    assert model.main(["-data_path", str(listing), "-checkpoint_dir", str(ckpt), "-epochs", "1",
+                       "-train_fraction", "0.67"] + TINY) == 0
+    split = json.loads((ckpt / "split.json").read_text())
+    assert split["train"] == ["demo_000", "demo_001"] and split["test"] == ["demo_002"]
+    log = Log()
+    command = model.parse_command(["-evaluate", "True", "-checkpoint_dir_restore", str(ckpt),
+                                   "-path_volumes", str(tmp_path / "out")], log=log)
+    rows = evaluation.evaluate(command.settings, command.source_checkpoint, log=log)
+    assert [r["subject"] for r in rows] == ["demo_002"] and data.is_dir()
+    assert "subject IDs from the images' folders, e.g. demo_000" in log.lines[0]
+    assert (tmp_path / "out" / "demo_002_sr.nii.gz").exists()

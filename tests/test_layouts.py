@@ -423,3 +423,29 @@ def test_split_is_deterministic_and_never_leaves_a_list_empty():
     for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
         with pytest.raises(ValueError, match="train_fraction"):
             layouts.split_subjects(subjects, bad)
+
+
+def test_csv_list_of_an_adni_tree_names_subjects_by_their_folders(tmp_path):
+    # Every file of an ADNI tree has the same name: without a subject column the
+    # subjects are named by the folder that tells them apart, and the first log line says so.
+    for site, subject in (("siteA", "002_S_0295"), ("siteA", "002_S_0413"), ("siteB", "002_S_0295")):
+        _nifti(tmp_path / "DATA" / site / subject / layouts.IMAGE_NAME)
+        _nifti(tmp_path / "DATA" / site / subject / layouts.MASK_NAME, dtype=np.uint8)
+    path = tmp_path / "list.csv"
+    rows = [f"DATA/{site}/{subject}/{layouts.IMAGE_NAME},DATA/{site}/{subject}/{layouts.MASK_NAME}"
+            for site, subject in (("siteA", "002_S_0295"), ("siteA", "002_S_0413"))]
+    path.write_text("image,mask\n" + "\n".join(rows) + "\n")
+    log = Log()
+    subjects, problems = layouts.find_subjects(str(path), log=log)
+    assert problems == [] and [s.name for s in subjects] == ["002_S_0295", "002_S_0413"]
+    assert log.lines[0].startswith("data: CSV file list (subject IDs from the images' folders, e.g. 002_S_0295")
+    # Two sites with the same subject folder: one more folder is joined with "_".
+    path.write_text("image\n" + "\n".join(f"DATA/{site}/{subject}/{layouts.IMAGE_NAME}" for site, subject in (
+        ("siteA", "002_S_0295"), ("siteA", "002_S_0413"), ("siteB", "002_S_0295"))) + "\n")
+    subjects, problems = layouts.find_subjects(str(path), log=Log())
+    assert [s.name for s in subjects] == ["siteA_002_S_0295", "siteA_002_S_0413", "siteB_002_S_0295"]
+    # The same file twice is the one true duplicate: its second row is refused.
+    path.write_text("image\n" + "\n".join([rows[0].split(",")[0], rows[1].split(",")[0], rows[0].split(",")[0]]) + "\n")
+    subjects, problems = layouts.find_subjects(str(path), log=Log())
+    assert [s.name for s in subjects] == ["002_S_0295", "002_S_0413"]
+    assert len(problems) == 1 and "row 4: the same image as row 2" in problems[0]
