@@ -6,9 +6,12 @@ import os
 import checkpoints
 import config
 import durable
+import metrics
 import model_file
 import networks
+import outputs
 import splits
+from errors import UserError
 
 
 def training_description(checkpoint_dir, saved):
@@ -36,16 +39,18 @@ def last_evaluation(folder, sha256):
     """The mean fair metrics of the evaluation in ``folder`` of the checkpoint with ``sha256``, or None.
 
     Args:
-        folder: an evaluation's output folder (holds ``metrics.csv``).
+        folder: an evaluation's output folder (holds ``metrics.csv`` and its settings).
         sha256: the checkpoint's hash (``checkpoints.checkpoint_identity``);
             an evaluation of another checkpoint is not reported.
     """
-    path = os.path.join(folder, "metrics.csv")
-    if not os.path.isfile(path) or sha256 not in evaluated_checkpoints(folder):
+    path = os.path.join(folder, outputs.METRICS_NAME)
+    if not os.path.isfile(path):
         return None
     try:
+        if metrics.read_settings(path).get("checkpoint_sha256") != sha256:
+            return None
         _, rows = durable.read_csv_rows(path)
-    except (OSError, ValueError):
+    except (UserError, OSError, ValueError):
         return None
     keys = ("psnr_fair", "ssim_fair", "psnr_tricubic_fair", "ssim_tricubic_fair")
     usable = [r for r in rows if all(k in r and math.isfinite(float(r[k])) for k in keys)]
@@ -53,25 +58,6 @@ def last_evaluation(folder, sha256):
         return None
     means = {k: sum(float(r[k]) for r in usable) / len(usable) for k in keys}
     return {"subjects": len(usable), "metrics_file": os.path.abspath(path), **means}
-
-
-def evaluated_checkpoints(folder):
-    """The checkpoint hashes an evaluation folder's settings name (metrics.json or metrics.csv's header)."""
-    found = set()
-    settings = config.read_json(os.path.join(folder, "metrics.json")) or {}
-    if isinstance(settings, dict):
-        found.add(str(settings.get("checkpoint_sha256", settings.get("settings", {}).get("checkpoint_sha256"))))
-    try:
-        with open(os.path.join(folder, "metrics.csv"), encoding="utf-8") as fh:
-            for line in fh:
-                if not line.startswith("#"):
-                    break
-                key, _, value = line[1:].strip().partition(": ")
-                if key == "checkpoint_sha256":
-                    found.add(value)
-    except OSError:
-        pass
-    return found
 
 
 def export_model(cfg, checkpoint_dir, path, saved=None, log=print):
