@@ -33,24 +33,13 @@ UPSAMPLING_MODES = ("subpixel", "nn", "subpixel_NN")
 # functions, then the layer built on them.
 
 
-def axis_factors(r, name="r", minimum=1):
-    """One factor per spatial axis from an int (isotropic) or three ints.
-
-    Args:
-        r: int, or a sequence of three ints, each >= ``minimum``.
-        name: the argument's name, for the message.
-        minimum: the smallest factor allowed.
-
-    Returns:
-        tuple (rx, ry, rz) of ints.
-
-    Raises:
-        ValueError: naming ``name`` and the value.
-    """
-    values = (r, r, r) if utils.is_int(r, minimum) else tuple(r) if isinstance(r, (tuple, list)) else ()
-    if len(values) != 3 or not all(utils.is_int(v, minimum) for v in values):
-        raise ValueError(f"{name}={r!r} must be an integer >= {minimum} or three of them (one per axis)")
-    return tuple(int(v) for v in values)
+def shuffle_factors(r, name):
+    """(rx, ry, rz) from an int or three ints >= 1; ValueError naming ``name`` and ``r=`` otherwise."""
+    try:
+        return utils.per_axis(r, name, 1)
+    except ValueError:
+        raise ValueError(f"{name} factor r={r!r} must be a positive integer or three of them "
+                         "(one per axis)") from None
 
 
 def voxel_shuffle(x, r=2):
@@ -78,7 +67,7 @@ def voxel_shuffle(x, r=2):
         ValueError: if a factor is not a positive integer, ``x`` is not 5-D, or
             its channel count is unknown or not divisible by ``rx·ry·rz``.
     """
-    rx, ry, rz = axis_factors(r, "voxel_shuffle factor r")
+    rx, ry, rz = shuffle_factors(r, "voxel_shuffle")
     x = tf.convert_to_tensor(x)
     if x.shape.rank is not None and x.shape.rank != 5:
         raise ValueError(f"voxel_shuffle expects a 5-D (b, x, y, z, c) tensor, got shape {x.shape}")
@@ -110,7 +99,7 @@ def voxel_unshuffle(x, r=2):
     Raises:
         ValueError: if a factor is not a positive integer, or the channel count is unknown.
     """
-    rx, ry, rz = axis_factors(r, "voxel_unshuffle factor r")
+    rx, ry, rz = shuffle_factors(r, "voxel_unshuffle")
     x = tf.convert_to_tensor(x)
     c = x.shape[-1]
     if c is None:
@@ -134,7 +123,7 @@ class VoxelShuffle(keras.layers.Layer):
 
     def __init__(self, r=2, **kwargs):
         super().__init__(**kwargs)
-        self.factors = axis_factors(r, "VoxelShuffle r")
+        self.factors = shuffle_factors(r, "VoxelShuffle")
         # An isotropic factor stays an int, as in layers saved before per-axis factors.
         self.r = self.factors[0] if len(set(self.factors)) == 1 else self.factors
 
@@ -174,7 +163,7 @@ class NearestNeighbourZoom(keras.initializers.Initializer):
 
     def __init__(self, stddev=_CONV_STDDEV, zoom=2, seed=None):
         self.stddev = float(stddev)
-        self.zooms = axis_factors(zoom, "NearestNeighbourZoom zoom")
+        self.zooms = utils.per_axis(zoom, "NearestNeighbourZoom zoom")
         # An isotropic zoom stays an int, as in initialisers saved before per-axis factors.
         self.zoom = self.zooms[0] if len(set(self.zooms)) == 1 else self.zooms
         self.seed = seed

@@ -207,7 +207,8 @@ def patch_starts(volume_shape, patch_shape=PATCH_SHAPE, margin=MARGIN):
     Args:
         volume_shape: (3,) ints, the (x, y, z) volume shape.
         patch_shape: (3,) ints, the patch shape.
-        margin: int >= 0, voxels dropped at inner patch borders when stitching.
+        margin: int >= 0, voxels dropped at inner patch borders when stitching;
+            or three ints, one per axis (the LR patches of a per-axis factor).
 
     Returns:
         list of (x, y, z) int tuples, x outermost, z innermost.
@@ -219,14 +220,14 @@ def patch_starts(volume_shape, patch_shape=PATCH_SHAPE, margin=MARGIN):
     """
     volume_shape = nifti_io.check_shape("volume_shape", volume_shape)
     patch_shape = nifti_io.check_shape("patch_shape", patch_shape)
-    margin = utils.check_int("margin", margin, 0)
+    margins = utils.per_axis(margin, "margin", 0)
     if any(v < p for v, p in zip(volume_shape, patch_shape)):
         raise ValueError(f"volume_shape {volume_shape} is smaller than patch_shape {patch_shape} "
                          f"on some axis; every axis must hold one patch")
-    if any(p - 2 * margin < 1 for p in patch_shape):
+    if any(p - 2 * m < 1 for p, m in zip(patch_shape, margins)):
         raise ValueError(f"margin {margin} leaves no step for patch_shape {patch_shape}: "
                          f"patch - 2 * margin must be >= 1 on every axis")
-    xs, ys, zs = (_axis_starts(v, p, margin) for v, p in zip(volume_shape, patch_shape))
+    xs, ys, zs = (_axis_starts(v, p, m) for v, p, m in zip(volume_shape, patch_shape, margins))
     return [(x, y, z) for x in xs for y in ys for z in zs]
 
 
@@ -251,7 +252,7 @@ def extract_patches(volume, patch_shape=PATCH_SHAPE, margin=MARGIN):
     Args:
         volume: array (x, y, z) or (x, y, z, 1), any real dtype.
         patch_shape: (3,) ints.
-        margin: int >= 0.
+        margin: int >= 0, or three (one per axis).
 
     Returns:
         float32 (n, px, py, pz, 1), patches in x-major order, values as in ``volume``.
@@ -315,7 +316,7 @@ def stitch_patches(patches, volume_shape, margin=MARGIN, blend="crop", sigma_sca
         patches: array (n, px, py, pz, 1) or (n, px, py, pz), in the order of
             :func:`patch_starts` for ``volume_shape``; e.g. network outputs.
         volume_shape: (3,) ints, the (x, y, z) volume shape.
-        margin: int >= 0, as used to cut them.
+        margin: int >= 0 (or three, one per axis), as used to cut them.
         blend: one of :data:`BLEND_MODES`.
         sigma_scale: float > 0, the Gaussian's sigma as a fraction of the
             patch size (``"gaussian"`` only; MONAI's default 0.125).
@@ -412,21 +413,28 @@ def degrade(x, upsampling_factor, sigma=1.0):
     borders, degrading a patch whose start is a multiple of ``f`` equals
     cutting the degraded volume. Pure TensorFlow: runs in ``tf.data`` and on a GPU.
 
+    With one factor per axis (``(1, 1, 4)``: thick slices along z) only the
+    axes whose factor is > 1 are blurred (``sigma`` in HR voxels along them)
+    and decimated; the others are left as they are, i.e.
+    ``gaussian_filter(x, sigma * (f > 1))[::fx, ::fy, ::fz]``.
+
     Args:
         x: array or tensor, (x, y, z) or channels-last (b, x, y, z, c), real values.
-        upsampling_factor: int >= 1, the decimation step f.
+        upsampling_factor: int >= 1, the decimation step f of every axis; or
+            three ints >= 1, one per axis.
         sigma: float >= 0, blur in voxels; 0 only decimates.
 
     Returns:
-        float32 tensor (ceil(x/f), ceil(y/f), ceil(z/f)) or
-        (b, ceil(x/f), ceil(y/f), ceil(z/f), c).
+        float32 tensor (ceil(x/fx), ceil(y/fy), ceil(z/fz)) or
+        (b, ceil(x/fx), ceil(y/fy), ceil(z/fz), c).
 
     Raises:
         ValueError: if ``upsampling_factor`` or ``sigma`` is invalid, or ``x`` is
             neither 3-D nor 5-D.
     """
-    f = upsampling_factor
-    f = utils.check_int("upsampling_factor", f, 1)
+    factors = utils.per_axis(upsampling_factor, "upsampling_factor", 1)
+    # An int blurs every axis, as the original; per-axis factors only those they decimate.
+    blurred = (True,) * 3 if utils.is_int(upsampling_factor, 1) else tuple(f > 1 for f in factors)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
     x = tf.convert_to_tensor(x)
@@ -445,8 +453,11 @@ def degrade(x, upsampling_factor, sigma=1.0):
         weights, radius = _gaussian_kernel(float(sigma))
     else:
         weights, radius = np.ones(1, np.float32), 0
-    for axis in (1, 2, 3):
-        y = _blur_decimate_axis(y, axis, weights, radius, f)
+    for axis, f, blur in zip((1, 2, 3), factors, blurred):
+        if blur:
+            y = _blur_decimate_axis(y, axis, weights, radius, f)
+        elif f > 1:
+            y = _blur_decimate_axis(y, axis, np.ones(1, np.float32), 0, f)
     if channels != 1:
         dyn = tf.shape(y)
         y = tf.reshape(y, tf.stack([tf.shape(x)[0], -1, dyn[1], dyn[2], dyn[3]]))
@@ -528,12 +539,13 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
 
 
 def _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma):
-    """Validates :func:`make_train_dataset`'s factor, batch size and blur; returns the factor as an int."""
+    """Validates :func:`make_train_dataset`'s factor, batch size and blur; returns the factor (int or 3 ints)."""
     f = upsampling_factor
-    f = utils.check_int("upsampling_factor", f, 1)
-    if any(p % f for p in patch_shape):
+    factors = utils.per_axis(f, "upsampling_factor", 1)
+    if any(p % n for p, n in zip(patch_shape, factors)):
         raise ValueError(f"upsampling_factor {f} must divide every entry of patch_shape {patch_shape} "
                          f"so that the network's output matches the HR patch")
+    f = int(f) if utils.is_int(f, 1) else factors
     utils.check_int("batch_size", batch_size, 1)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
@@ -600,7 +612,7 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
 
     Args:
         subjects: sequence of :class:`layouts.Subject` (usually the train list).
-        upsampling_factor: int >= 1 that divides every entry of ``patch_shape``.
+        upsampling_factor: int >= 1 (or three, one per axis) dividing ``patch_shape`` on every axis.
         batch_size: int >= 1 (2: one default volume is 4 batches).
         volume_shape: (3,) ints, the canonical shape.
         patch_shape: (3,) ints, the HR patch shape.

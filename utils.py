@@ -35,6 +35,26 @@ def check_int(name, value, minimum=1):
     return int(value)
 
 
+def per_axis(value, name, minimum=1):
+    """One integer per spatial axis, from an int (the same on every axis) or three ints.
+
+    Args:
+        value: int, or a sequence of three ints, each >= ``minimum`` (bools refused).
+        name: the argument's name, for the message.
+        minimum: the smallest value allowed.
+
+    Returns:
+        tuple (x, y, z) of ints.
+
+    Raises:
+        ValueError: ``"<name> <value> must be an integer >= <minimum> or three of them"``.
+    """
+    values = (value,) * 3 if is_int(value, minimum) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(values) != 3 or not all(is_int(v, minimum) for v in values):
+        raise ValueError(f"{name} {value!r} must be an integer >= {minimum} or three of them (one per axis)")
+    return tuple(int(v) for v in values)
+
+
 def is_real(value):
     """bool, whether ``value`` is a finite real number (Python or NumPy, not a bool)."""
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

@@ -469,3 +469,37 @@ def test_shards_split_the_epoch_order_by_whole_subjects(demo):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="shard"):
         td.make_train_dataset(subjects, 2, shard=(2, 2), **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Per-axis factors (thick-slice scans)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factors", [(1, 1, 4), (2, 2, 1), (1, 2, 4)])
+def test_per_axis_degradation_blurs_and_decimates_only_the_upsampled_axes(factors):
+    from scipy import ndimage
+
+    x = np.random.default_rng(4).normal(size=(16, 12, 16)).astype(np.float32)
+    sigma = 1.0
+    expected = ndimage.gaussian_filter(x.astype(np.float64), [sigma * (f > 1) for f in factors], mode="reflect",
+                                       truncate=4.0)[::factors[0], ::factors[1], ::factors[2]]
+    got = td.degrade(x, factors, sigma).numpy()
+    assert got.shape == tuple(-(-n // f) for n, f in zip(x.shape, factors))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_isotropic_factor_given_per_axis_degrades_as_the_int():
+    x = np.random.default_rng(5).normal(size=(2, 12, 10, 8, 1)).astype(np.float32)
+    np.testing.assert_array_equal(td.degrade(x, (2, 2, 2), 0.7).numpy(), td.degrade(x, 2, 0.7).numpy())
+
+
+def test_per_axis_margins_cut_and_stitch_exactly():
+    volume = np.random.default_rng(6).normal(size=(20, 20, 6)).astype(np.float32)
+    # The LR patches of a 1,1,4 factor: margin 4 in-plane, 1 along the thick axis.
+    patches = td.extract_patches(volume, (12, 12, 4), (4, 4, 1))
+    assert len(patches) == len(td.patch_starts(volume.shape, (12, 12, 4), (4, 4, 1)))
+    for blend in td.BLEND_MODES:
+        np.testing.assert_allclose(td.stitch_patches(patches, volume.shape, (4, 4, 1), blend=blend), volume,
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="margin"):
+        td.patch_starts(volume.shape, (12, 12, 4), (4, 4, 2))  # no step left along z
