@@ -28,6 +28,7 @@ import model_file
 import networks
 import placement as placement_lib
 import train_dataset as td
+import utils
 from errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -109,6 +110,25 @@ def number_parser(kind, minimum, strict, maximum=None):
     return parse
 
 
+def parse_factor(value):
+    """Parses -upsampling_factor: ``"4"`` (every axis) or ``"1,1,4"`` (one per axis, thick slices).
+
+    Three equal factors are the isotropic int (the same networks and checkpoints).
+
+    Raises:
+        ValueError: for anything but one or three integers.
+    """
+    parts = str(value).lower().replace("x", ",").replace(" ", "").split(",")
+    try:
+        numbers = tuple(int(p) for p in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) not in (1, 3):
+        raise ValueError(f"expected a power of two such as 4, or three such as 1,1,4, got {value!r}")
+    # Powers of two are checked with the geometry (check_geometry), after resolution.
+    return numbers[0] if len(set(numbers)) == 1 else numbers
+
+
 positive_int = number_parser(int, 0, strict=True)
 non_negative_int = number_parser(int, 0, strict=False)
 positive_float = number_parser(float, 0, strict=True)
@@ -161,8 +181,9 @@ class Settings:
     # Architecture
     residual_blocks: int = setting(6, "number of residual blocks", ARCHITECTURE, non_negative_int,
                                    metavar="N")
-    upsampling_factor: int = setting(4, "upsampling factor, a power of two (2, 4, 8)", ARCHITECTURE,
-                                     positive_int, metavar="F")
+    upsampling_factor: "int | tuple" = setting(
+        4, "upsampling factor, a power of two (2, 4, 8), or one per axis for thick slices such as 1,1,4 "
+        "(powers of two >= 1)", ARCHITECTURE, parse_factor, metavar="F")
     feature_size: int = setting(32, "filters of the residual trunk", ARCHITECTURE, positive_int, metavar="N")
     # Chosen on the command line by the original's -subpixel_NN/-nn pair (model.py).
     upsampling_mode: str = setting("subpixel", persisted=ARCHITECTURE)
@@ -531,15 +552,20 @@ def check_geometry(upsampling_factor, volume_shape, patch_shape, margin):
     """
     f = upsampling_factor
     try:
-        networks.upsampling_stages(f)
+        factors = networks.upsampling_factors(f)
     except ValueError as err:
         raise UserError(f"-upsampling_factor: {err}")
+    isotropic = not isinstance(f, tuple)
     for name, shape in (("volume_shape", volume_shape), ("patch_shape", patch_shape)):
-        if any(n % f for n in shape):
+        if any(n % a for n, a in zip(shape, factors)):
+            axis = "" if isotropic else " (axis {}: {} is not divisible by {})".format(
+                *next((i, n, a) for i, (n, a) in enumerate(zip(shape, factors)) if n % a))
             raise UserError(f"-{name} {','.join(map(str, shape))} must be divisible by "
-                            f"-upsampling_factor {f} on every axis")
-    if margin % f:
-        raise UserError(f"-patch_margin {margin} must be divisible by -upsampling_factor {f}")
+                            f"-upsampling_factor {utils.factor_text(f)} on every axis{axis}")
+    if any(margin % a for a in factors):
+        raise UserError(f"-patch_margin {margin} must be divisible by -upsampling_factor "
+                        f"{utils.factor_text(f)}" + ("" if isotropic else " on every axis (the LR patches' "
+                                                     "margin is patch_margin / factor along each axis)"))
     if any(p > v for p, v in zip(patch_shape, volume_shape)):
         raise UserError(f"-patch_shape {patch_shape} is larger than -volume_shape {volume_shape}")
     if any(p - 2 * margin < 1 for p in patch_shape):

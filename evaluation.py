@@ -35,7 +35,7 @@ def evaluation_settings(cfg, checkpoint, variants):
         "checkpoint_sha256": checkpoint["sha256"],
         "data_path": os.path.abspath(cfg.data_path),
         "bids_filter": cfg.bids_filter or "none",
-        "upsampling_factor": str(cfg.upsampling_factor),
+        "upsampling_factor": utils.factor_text(cfg.upsampling_factor),
         "sigma": str(float(cfg.sigma)),
         "volume_shape": ",".join(map(str, cfg.volume_shape)),
         "blend": cfg.blend,
@@ -98,7 +98,8 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
             "left out of the summary")
 
     source = outputs.source(scan)
-    sr_sidecar = {"Description": f"super-resolved x{f} from the _lr volume ({variants[-1].label})",
+    sr_sidecar = {"Description": f"super-resolved x{utils.factor_text(f)} from the _lr volume "
+                                  f"({variants[-1].label})",
                   "Sources": [source], **provenance, "Sigma": float(cfg.sigma),
                   "Metrics": {k: v for k, v in row.items() if k != "subject"}}
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
@@ -106,10 +107,11 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
     outputs.write_volume(subject, "hr", td.from_canonical(hr, grid), affine, header, sidecar={
         "Description": "the reference: the source image on its own grid, zero outside the canonical "
                        f"{'x'.join(map(str, cfg.volume_shape))} region", "Sources": [source]})
-    lr_affine = td.canonical_affine(affine, grid) @ np.diag([f, f, f, 1.0])
-    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * f, sidecar={
+    factors = np.asarray(utils.per_axis(f, "upsampling_factor"), dtype=np.float64)
+    lr_affine = td.canonical_affine(affine, grid) @ np.diag([*factors, 1.0])
+    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * factors, sidecar={
         "Description": f"the network's input: the canonical reference blurred (sigma {cfg.sigma} "
-                       f"voxels) and decimated by {f}", "Sources": [source],
+                       f"voxels) and decimated by {utils.factor_text(f)}", "Sources": [source],
         "UpsamplingFactor": f, "Sigma": float(cfg.sigma)})
     outputs.write_slices(subject, mosaic(subject, row, baselines["nearest"], baselines["tricubic"], srs, hr))
     return row

@@ -74,16 +74,18 @@ def predict_patches(predict, lr, upsampling_factor, patch_shape, margin, batch_s
     """Runs the generator over the LR patches of a volume.
 
     Returns:
-        (sr_patches float32 (n, f·px', f·py', f·pz', 1), hr_margin int,
-        hr_shape (3,) ints) for :func:`td.stitch_patches`.
+        (sr_patches float32 (n, fx·px', fy·py', fz·pz', 1), hr_margin (3,)
+        ints, hr_shape (3,) ints) for :func:`td.stitch_patches`.
     """
-    f = upsampling_factor
-    lr_patch = tuple(min(p // f, n) for p, n in zip(patch_shape, lr.shape))
-    lr_margin = min(margin // f, (min(lr_patch) - 1) // 2)
+    factors = networks.upsampling_factors(upsampling_factor)
+    lr_patch = tuple(min(p // f, n) for p, n, f in zip(patch_shape, lr.shape, factors))
+    cap = (min(lr_patch) - 1) // 2
+    lr_margin = tuple(min(margin // f, cap) for f in factors)
     patches = td.extract_patches(lr, lr_patch, lr_margin)
     outputs = [np.asarray(predict(tf.constant(patches[i:i + batch_size])))
                for i in range(0, len(patches), batch_size)]
-    return np.concatenate(outputs, axis=0), lr_margin * f, tuple(n * f for n in lr.shape)
+    return (np.concatenate(outputs, axis=0), tuple(m * f for m, f in zip(lr_margin, factors)),
+            tuple(n * f for n, f in zip(lr.shape, factors)))
 
 
 def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,
@@ -99,11 +101,11 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
     (:func:`_align_mirrored_pass`).
 
     Args:
-        predict: callable float32 (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1).
+        predict: callable float32 (n, x, y, z, 1) -> (n, fx·x, fy·y, fz·z, 1).
         lr: float32 (x, y, z) in [-1, 1].
-        upsampling_factor: int f.
-        patch_shape: HR patch (px, py, pz), divisible by f.
-        margin: HR margin, divisible by f.
+        upsampling_factor: int f, or (fx, fy, fz).
+        patch_shape: HR patch (px, py, pz), divisible by the factors.
+        margin: HR margin, divisible by every factor.
         batch_size: patches per generator call.
         variants: sequence of :class:`Variant`.
         flip_axis: int in {0, 1, 2}, the voxel axis that is left-right
@@ -111,7 +113,7 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
             variant flips.
 
     Returns:
-        dict :class:`Variant` -> float32 (f·x, f·y, f·z).
+        dict :class:`Variant` -> float32 (fx·x, fy·y, fz·z).
 
     Raises:
         ValueError: if a variant flips and ``flip_axis`` is not 0, 1 or 2.
@@ -163,12 +165,12 @@ def align_mirrored_pass(mirrored, plain, axis, upsampling_factor):
         mirrored: float32 (X, Y, Z), the mirrored volume's result mirrored back.
         plain: float32 (X, Y, Z), the plain result.
         axis: int, the mirrored axis.
-        upsampling_factor: int f.
+        upsampling_factor: int f, or (fx, fy, fz): the mirrored axis's factor counts.
 
     Returns:
         float32 (X, Y, Z).
     """
-    shift = int(upsampling_factor) - 1
+    shift = networks.upsampling_factors(upsampling_factor)[axis] - 1
     if shift == 0:
         return mirrored
     aligned = plain.copy()

@@ -119,6 +119,7 @@ def model_card(metadata):
     """
     s = metadata["settings"]
     f = s["upsampling_factor"]
+    f = "x".join(map(str, f)) if isinstance(f, list) else f
     trained = metadata.get("training", {})
     lines = [
         f"3D SRGAN generator, x{f} super-resolution ({s['upsampling_mode']} upsampling, "

@@ -58,7 +58,7 @@ class PlainOutputs:
 
     Args:
         folder: the -path_volumes.
-        upsampling_factor: int f.
+        upsampling_factor: int f, or (fx, fy, fz).
     """
 
     scheme = "plain"
@@ -67,7 +67,8 @@ class PlainOutputs:
 
     def __init__(self, folder, upsampling_factor):
         self.folder = folder
-        self.factor = int(upsampling_factor)
+        # As names show it: 4, or 1x1x4 for one factor per axis.
+        self.factor = utils.factor_text(upsampling_factor)
 
     def path(self, subject, kind):
         """str, the NIfTI path of a subject's ``kind`` ("sr", "lr" or "hr") volume."""
@@ -369,7 +370,8 @@ def generated_by(cfg, checkpoint):
     return [{
         "Name": PROGRAM_NAME,
         "Version": __version__,
-        "Description": (f"3D SRGAN generator x{cfg.upsampling_factor} ({cfg.upsampling_mode}), "
+        "Description": (f"3D SRGAN generator x{utils.factor_text(cfg.upsampling_factor)} "
+                        f"({cfg.upsampling_mode}), "
                         f"checkpoint {checkpoint['path']} (step {checkpoint['step']}, "
                         f"sha256 {checkpoint['sha256']})"),
     }]

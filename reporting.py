@@ -130,14 +130,16 @@ def write_preview(trainer, lr, hr, nf, folder, tag, f):
     sr_p = utils.denormalize(sr, nf)
     eye = np.eye(4)
     utils.save_nifti(os.path.join(folder, f"{tag}_hr.nii.gz"), hr_p, eye)
-    utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, np.diag([f, f, f, 1.0]))
+    fx, fy, fz = utils.per_axis(f, "upsampling_factor")
+    utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, np.diag([fx, fy, fz, 1.0]))
     utils.save_nifti(os.path.join(folder, f"{tag}_sr.nii.gz"), sr_p, eye)
     return utils.compute_metrics(hr_p, sr_p)
 
 
 def display_slices(lr, sr, hr, f):
     """One TensorBoard image: axial mid-slices of LR (nearest-upsampled), SR, HR."""
+    fx, fy, fz = utils.per_axis(f, "upsampling_factor")
     z = hr.shape[3] // 2
-    lr_up = np.repeat(np.repeat(lr[0, :, :, z // f, 0], f, axis=0), f, axis=1)
+    lr_up = np.repeat(np.repeat(lr[0, :, :, z // fz, 0], fx, axis=0), fy, axis=1)
     row = np.concatenate([lr_up, sr[0, :, :, z, 0], hr[0, :, :, z, 0]], axis=1)
     return np.clip((row[None, ..., None] + 1) / 2, 0, 1)

@@ -16,6 +16,45 @@ import scans
 import utils
 from errors import UserError
 
+# Output voxel sizes further apart than this ratio get a warning: the scan's
+# voxel sizes do not fit the model's per-axis factors.
+ANISOTROPY_WARNING = 1.3
+
+
+def check_scan_fits_factors(path, zooms, upsampling_factor, log):
+    """Matches a scan's voxel sizes against a model's per-axis factors.
+
+    A thick-slice model (e.g. 1,1,4) upsamples one voxel axis: the scan's
+    slice axis (its largest voxel size) must be one the model upsamples, and
+    the output voxels should come out about isotropic. Isotropic models are
+    not checked (they super-resolve any scan, as the original).
+
+    Args:
+        path: the scan, for messages.
+        zooms: (3,) voxel sizes of its voxel axes (mm).
+        upsampling_factor: the model's factor.
+        log: callable for the warning.
+
+    Raises:
+        nifti_io.DataError: the scan's slice axis is one the model does not upsample.
+    """
+    factors = utils.per_axis(upsampling_factor, "upsampling_factor")
+    if len(set(factors)) == 1:
+        return
+    zooms = np.asarray(zooms, dtype=np.float64)
+    sizes, model = "x".join(f"{z:g}" for z in zooms), utils.factor_text(factors)
+    thick = int(np.argmax(zooms))
+    if zooms[thick] > 1.01 * zooms.min() and factors[thick] == 1:
+        raise nifti_io.DataError(
+            f"{path}: its thickest voxel axis is axis {thick} ({sizes} mm), but the model upsamples "
+            f"{model} (axis {thick} not at all); reorient the scan so its slice axis is one the model "
+            "upsamples, or use a model trained for it")
+    out = zooms / np.asarray(factors)
+    if out.max() > ANISOTROPY_WARNING * out.min():
+        log(f"warning: {path} has voxels of {sizes} mm; the model's factors {model} make them "
+            f"{'x'.join(f'{z:g}' for z in out)} mm, not isotropic: its voxel-size ratio does not fit "
+            "the model's")
+
 
 def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
@@ -28,16 +67,19 @@ def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     path = scan.subject.image_path
     image, affine, header = nifti_io.load_volume(path, log=log, max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
     nifti_io.check_intensity(image, path)
+    check_scan_fits_factors(path, header.get_zooms()[:3], f, log)
     lr_n, nf = utils.normalize(image)
     variant = inference.inference_variants(cfg.blend, cfg.tta)[-1]
     flip_axis = utils.left_right_axis(affine) if variant.flip else None
     sr = utils.denormalize(inference.super_resolve_variants(
         predict, lr_n, f, cfg.patch_shape, cfg.patch_margin, cfg.batch_size, (variant,),
         flip_axis)[variant], nf)
-    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / f
-    sidecar = {"Description": f"super-resolved x{f} from the source as it is ({variant.label})",
+    factors = np.asarray(utils.per_axis(f, "upsampling_factor"), dtype=np.float64)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / factors
+    sidecar = {"Description": f"super-resolved x{utils.factor_text(f)} from the source as it is "
+                              f"({variant.label})",
                "Sources": [outputs.source(scan)], **provenance}
-    out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([1.0 / f, 1.0 / f, 1.0 / f, 1.0]),
+    out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([*(1.0 / factors), 1.0]),
                                header, zooms=zooms, sidecar=sidecar)
     tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
     return out

@@ -55,6 +55,13 @@ def per_axis(value, name, minimum=1):
     return tuple(int(v) for v in values)
 
 
+def factor_text(upsampling_factor):
+    """How names and messages show a factor: ``"4"``, or ``"1x1x4"`` for one per axis."""
+    if isinstance(upsampling_factor, (tuple, list)):
+        return "x".join(str(int(f)) for f in upsampling_factor)
+    return str(int(upsampling_factor))
+
+
 def is_real(value):
     """bool, whether ``value`` is a finite real number (Python or NumPy, not a bool)."""
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
@@ -169,9 +176,10 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
 
     Args:
         lr: float array (x, y, z).
-        upsampling_factor: int f.
+        upsampling_factor: int f, or (fx, fy, fz): each axis is interpolated
+            by its own factor (a factor 1 copies that axis).
         order: 0 nearest, 1 trilinear, 3 tricubic (B-spline).
-        out_shape: (X, Y, Z) of the result, default ``f`` times ``lr.shape``.
+        out_shape: (X, Y, Z) of the result, default the factors times ``lr.shape``.
 
     Returns:
         float32 array ``out_shape``.
@@ -179,9 +187,9 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
     from scipy import ndimage
 
     lr = np.asarray(lr, dtype=np.float32)
-    f = upsampling_factor
-    out_shape = tuple(out_shape) if out_shape is not None else tuple(n * f for n in lr.shape)
-    return ndimage.affine_transform(lr, np.full(3, 1.0 / f), output_shape=out_shape,
+    factors = np.asarray(per_axis(upsampling_factor, "upsampling_factor", 1), dtype=np.float64)
+    out_shape = tuple(out_shape) if out_shape is not None else tuple(int(n * f) for n, f in zip(lr.shape, factors))
+    return ndimage.affine_transform(lr, 1.0 / factors, output_shape=out_shape,
                                     order=order, mode="nearest", prefilter=order > 1)
 
 
