@@ -439,12 +439,13 @@ def run_settings(args):
         raise ValueError(f"--train-fraction {s['train_fraction']} must be in (0, 1)")
     if s["pretrain_steps"] < 0:
         raise ValueError(f"--pretrain-steps {s['pretrain_steps']} must be >= 0")
-    f = s["factor"]
+    factors = utils.per_axis(s["factor"], "--factor")
     for name in ("volume_shape", "patch_shape"):
-        if any(n % f for n in s[name]):
-            raise ValueError(f"{name} {s[name]} must be divisible by --factor {f} on every axis")
-    if s["margin"] % f:
-        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {f}")
+        if any(n % f for n, f in zip(s[name], factors)):
+            raise ValueError(f"{name} {s[name]} must be divisible by --factor {factor_label(s['factor'])} "
+                             "on every axis")
+    if any(s["margin"] % f for f in factors):
+        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {factor_label(s['factor'])}")
     return s
 
 
@@ -490,7 +491,8 @@ def model_argv(s, data, checkpoint_dir, epochs):
     """The model.py command line of a run's training configuration."""
     shape = lambda v: ",".join(map(str, v))  # noqa: E731
     return ["-data_path", data, "-checkpoint_dir", checkpoint_dir,
-            "-upsampling_factor", str(s["factor"]), "-residual_blocks", str(s["residual_blocks"]),
+            "-upsampling_factor", factor_label(s["factor"]).replace("x", ","),
+            "-residual_blocks", str(s["residual_blocks"]),
             "-feature_size", str(s["feature_size"]),
             "-subpixel_NN", str(s["mode"] == "subpixel_NN"), "-nn", str(s["mode"] == "nn"),
             "-volume_shape", shape(s["volume_shape"]), "-patch_shape", shape(s["patch_shape"]),
@@ -792,7 +794,7 @@ def header_lines(s, info):
     x = lambda v: "×".join(map(str, v))  # noqa: E731
     data_grid = "the template's grid" if s["data_shape"] is None else f"{x(s['data_shape'])} (central crop)"
     return [
-        f"upsampling factor ×{s['factor']}, mode {s['mode']}, F={s['feature_size']}, "
+        f"upsampling factor ×{factor_label(s['factor'])}, mode {s['mode']}, F={s['feature_size']}, "
         f"{s['residual_blocks']} residual blocks",
         f"geometry {s['geometry']}: data {data_grid}, 1 mm; volume {x(s['volume_shape'])}, "
         f"patches {x(s['patch_shape'])}, margin {s['margin']} ({info['patches_per_volume']} per volume)",
@@ -832,8 +834,9 @@ def write_table(out, s, info, table, paired, texture=None):
               f"{_pm(*paired['psnr'], 2)} dB (GAN higher on {paired['psnr_wins']}), SSIM "
               f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']})."]
     if texture:
-        f = s["factor"]
-        lines += ["", f"Period-{f} error pattern (RMS over the {f ** 3} voxel phases of the mean error, "
+        f = factor_label(s["factor"])
+        phases = int(np.prod(utils.per_axis(s["factor"], "--factor")))
+        lines += ["", f"Period-{f} error pattern (RMS over the {phases} voxel phases of the mean error, "
                   "% of the mean brain intensity; 0 = no checkerboard): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
     lines.append("")
@@ -887,10 +890,10 @@ def plot_curve(path, curve, baselines, title):
 def error_phase_pattern(estimate, hr, mask, factor):
     """The period-``factor`` part of an estimate's error: its mean at each voxel phase.
 
-    Sub-pixel upsampling computes the ``factor**3`` voxels of each output block
+    Sub-pixel upsampling computes the ``fx·fy·fz`` voxels of each output block
     from different output channels, so a network that has not equalised them
     leaves a periodic pattern (the checkerboard) that this measures. Voxel
-    ``(x, y, z)`` has phase ``(x % f, y % f, z % f)`` on the canonical grid,
+    ``(x, y, z)`` has phase ``(x % fx, y % fy, z % fz)`` on the canonical grid,
     where low-resolution voxel ``i`` sits on high-resolution voxel ``f * i``.
     The reference's own noise averages out over the many voxels of a phase.
 
@@ -898,20 +901,20 @@ def error_phase_pattern(estimate, hr, mask, factor):
         estimate: float (x, y, z), the estimate on the canonical grid.
         hr: float (x, y, z), the reference, same grid.
         mask: bool (x, y, z), the voxels to use (e.g. the eroded brain mask).
-        factor: int f.
+        factor: int f, or (fx, fy, fz).
 
     Returns:
         (amplitude, pattern): the RMS over phases of ``pattern`` minus its mean,
-        and float64 (f, f, f), the mean error at each phase; both in percent of
-        the mean reference intensity inside ``mask``.
+        and float64 (fx, fy, fz), the mean error at each phase; both in percent
+        of the mean reference intensity inside ``mask``.
     """
-    f = int(factor)
+    fx, fy, fz = utils.per_axis(factor, "factor")
     error = np.asarray(estimate, np.float64) - np.asarray(hr, np.float64)
     scale = float(np.mean(np.asarray(hr, np.float64)[mask])) / 100.0
-    pattern = np.zeros((f, f, f))
-    for p in np.ndindex(f, f, f):
-        sel = mask[p[0]::f, p[1]::f, p[2]::f]
-        pattern[p] = error[p[0]::f, p[1]::f, p[2]::f][sel].mean() / scale
+    pattern = np.zeros((fx, fy, fz))
+    for p in np.ndindex(fx, fy, fz):
+        sel = mask[p[0]::fx, p[1]::fy, p[2]::fz]
+        pattern[p] = error[p[0]::fx, p[1]::fy, p[2]::fz][sel].mean() / scale
     return float(np.sqrt(np.mean((pattern - pattern.mean()) ** 2))), pattern
 
 
@@ -1032,7 +1035,7 @@ def run_experiment(s, log=print):
     _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
     _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
     plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
-               f"x{s['factor']} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
+               f"x{factor_label(s['factor'])} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
                f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
@@ -1053,7 +1056,7 @@ def run_experiment(s, log=print):
 
 
 def _run_label(settings):
-    label = f"x{settings['factor']} {settings['mode']}, lr {settings['learning_rate']:g}"
+    label = f"x{factor_label(settings['factor'])} {settings['mode']}, lr {settings['learning_rate']:g}"
     if settings["pretrain_steps"]:
         label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
                   else f", {settings['pretrain_steps']} pretrain steps")
@@ -1127,6 +1130,23 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
 # --------------------------------------------------------------------------- #
 
 
+def factor_label(factor):
+    """A factor as labels show it: ``4`` or ``1x1x4`` (also from a JSON list)."""
+    return utils.factor_text(tuple(factor) if isinstance(factor, list) else factor)
+
+
+def _factor(text):
+    """Parses --factor: 2, 4, or three powers of two >= 1 with one > 1 (e.g. 1,1,4)."""
+    values = tuple(int(v) for v in text.split(",")) if text.replace(",", "").isdigit() else ()
+    if len(values) == 3 and len(set(values)) == 1:
+        values = values[:1]
+    ok = (values in ((2,), (4,)) or (len(values) == 3 and max(values) > 1
+                                       and all(v >= 1 and not v & (v - 1) for v in values)))
+    if not ok:
+        raise argparse.ArgumentTypeError(f"--factor {text!r} must be 2, 4 or three powers of two such as 1,1,4")
+    return values[0] if len(values) == 1 else values
+
+
 def _numbers(text, n, flag, kind=int):
     """Parses ``n`` comma-separated numbers of ``kind`` for ``flag``; argparse error otherwise."""
     try:
@@ -1163,7 +1183,8 @@ def make_parser():
     r.add_argument("--subjects", type=int, default=None,
                    help=f"subjects to build (default {RUN_DEFAULTS['subjects']}; --quick {QUICK['subjects']})")
     r.add_argument("--train-fraction", type=float, default=0.8, help="the model's -train_fraction")
-    r.add_argument("--factor", type=int, choices=(2, 4), default=4, help="upsampling factor")
+    r.add_argument("--factor", type=_factor, default=4,
+                   help="upsampling factor: 2 or 4, or one per axis such as 1,1,4 (thick slices)")
     r.add_argument("--mode", choices=MODES, default="subpixel", help="upsampling mode")
     r.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {RUN_DEFAULTS['steps']}; --quick {QUICK['steps']})")
