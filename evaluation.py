@@ -45,16 +45,25 @@ def evaluation_settings(cfg, checkpoint, variants):
 
 
 def mosaic(subject, row, lr_nearest, tricubic, srs, hr):
-    """The subject's slice mosaic: LR, tricubic, each SR variant, HR; titled, PSNR/SSIM on top."""
+    """The subject's slice mosaic: LR, tricubic, each SR variant, HR; titled, SR's and tricubic's metrics on top.
+
+    The header gives the fair PSNR/SSIM (one data range for every method) of
+    the SR written as ``_sr`` and of tricubic interpolation, side by side.
+    """
     if len(srs) == 1:
         titles = ["SR"]
     else:
         titles = [f"SR {v.label}" for v in srs]
-    quality = (f"PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}" if np.isfinite(row["psnr"])
-               else "empty brain mask: no PSNR/SSIM")
     return utils.slices_mosaic([lr_nearest, tricubic, *srs.values(), hr],
-                               titles=["LR", "tricubic", *titles, "HR"],
-                               header=f"{subject.name}  {quality}")
+                               titles=["LR", "tricubic", *titles, "HR"], header=mosaic_header(subject, row))
+
+
+def mosaic_header(subject, row):
+    """The mosaic's header line: the subject, then SR's and tricubic's fair PSNR/SSIM side by side."""
+    if not np.isfinite(row["psnr"]):
+        return f"{subject.name}  empty brain mask: no PSNR/SSIM"
+    return (f"{subject.name}  SR PSNR {row['psnr_fair']:.2f} dB SSIM {row['ssim_fair']:.4f} | tricubic PSNR "
+            f"{row['psnr_tricubic_fair']:.2f} dB SSIM {row['ssim_tricubic_fair']:.4f} (one data range)")
 
 
 def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
@@ -180,9 +189,9 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
             if row is None:
                 continue
             metrics.append(row)
-            tqdm.write(f"{row['subject']}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
-                       f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
-                       f"{time.time() - start:.1f} s", file=sys.stderr)
+            tqdm.write(f"{row['subject']}: SR PSNR {row['psnr_fair']:.4f} SSIM {row['ssim_fair']:.4f}, "
+                       f"tricubic {row['psnr_tricubic_fair']:.4f} / {row['ssim_tricubic_fair']:.4f} "
+                       f"(one data range) {time.time() - start:.1f} s", file=sys.stderr)
     rows = metrics.rows() if os.path.exists(metrics.path) else []
     if not rows:
         raise UserError("no test subject could be evaluated; see the messages above")

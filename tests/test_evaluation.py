@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import durable
+import evaluation
 import inference
 import layouts
 import metrics
@@ -109,3 +110,21 @@ def test_fair_metrics_use_the_references_range_for_every_method():
     # The two rules differ by exactly the ratio of the ranges they use.
     both = max(hr.max(), close.max()) - min(hr.min(), close.min())
     assert row["psnr"] - row["psnr_fair"] == pytest.approx(20 * np.log10(both / (hr.max() - hr.min())), rel=1e-6)
+
+
+def test_the_summary_and_the_mosaic_lead_with_the_fair_comparison():
+    methods = ("", "_sr_crop", "_tricubic", "_trilinear", "_nearest")
+    rows = [{"subject": f"s{i}", **{f"{m}{s}{t}": base + i + (0.5 if t else 0.0)
+                                   for s, base in zip(methods, (30.0, 29.0, 28.0, 27.0, 25.0))
+                                   for m in ("psnr", "ssim") for t in ("", "_fair")}} for i in range(2)]
+    variants = inference.inference_variants("crop", "flip")
+    lines = metrics.summary_lines(rows, variants)
+    assert "2 subject(s)" in lines[0] and "one data range for every method" in lines[0]
+    table = [line.split() for line in lines[2:7]]
+    assert [row[:2] for row in table] == [["SR", "crop"], ["SR", "crop+flip"], ["tricubic", "29.0000"],
+                                          ["trilinear", "28.0000"], ["nearest", "26.0000"]]
+    assert table[1][2:4] == ["*", "31.0000"]  # written as _sr; the fair PSNR (30 + 0.5 + mean of i) first
+    assert table[1][-2] == "30.5000"  # then the original's rule
+    assert lines[7] == "  (* written as _sr)" and any(line.startswith("PSNR: mean 30.5000") for line in lines)
+    header = evaluation.mosaic_header(layouts.Subject("s0", "s0.nii.gz"), rows[0])
+    assert header == "s0  SR PSNR 30.50 dB SSIM 30.5000 | tricubic PSNR 28.50 dB SSIM 28.5000 (one data range)"

@@ -624,7 +624,8 @@ def test_options_are_reported_side_by_side_and_in_the_header(bids_run, tmp_path)
 
 def test_mosaic_has_a_column_per_variant():
     vol = np.random.default_rng(0).uniform(0, 1, (8, 8, 6)).astype(np.float32)
-    row = {"psnr": 30.0, "ssim": 0.9}
+    row = {"psnr": 30.0, "ssim": 0.9, "psnr_fair": 29.0, "ssim_fair": 0.88, "psnr_tricubic_fair": 28.0,
+           "ssim_tricubic_fair": 0.87}
     subject = layouts.Subject("s", "s.nii.gz")
     one = evaluation.mosaic(subject, row, vol, vol, {inference.Variant(): vol}, vol)
     three = evaluation.mosaic(subject, row, vol, vol, {v: vol for v in inference.inference_variants("gaussian", "flip")}, vol)
