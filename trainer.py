@@ -105,6 +105,7 @@ class SRGANTrainer:
         self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
         self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn)
+        self._finite_fn = None
 
     def _scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -210,6 +211,43 @@ class SRGANTrainer:
                 f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
                 f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
                 f"resume with -restore {self.checkpoint_dir}.") from err
+
+    def saved_float_variables(self):
+        """What a checkpoint holds that can turn non-finite, by the part it belongs to.
+
+        Returns:
+            list of (label, variable) pairs: the weights of both networks, both
+            optimisers' state (moments; loss-scale state under float16) and
+            the current epoch's loss sums.
+        """
+        groups = [("generator weights", self.generator.variables),
+                  ("discriminator weights", self.discriminator.variables),
+                  ("generator optimiser state", self._g_apply.variables),
+                  ("discriminator optimiser state", self._d_apply.variables),
+                  ("epoch loss sums", [self.loss_sums, self.loss_count])]
+        pairs, seen = [], set()
+        for label, variables in groups:
+            for v in variables:
+                if tf.as_dtype(v.dtype).is_floating and id(v) not in seen:
+                    seen.add(id(v))
+                    pairs.append((label, v))
+        return pairs
+
+    def non_finite_state(self):
+        """The checkpointed variables holding a NaN or an infinity, checked on the device in one call.
+
+        Returns:
+            list of (label, variable name) pairs; empty when everything a
+            checkpoint would hold is finite.
+        """
+        pairs = self.saved_float_variables()
+        if self._finite_fn is None:
+            variables = [v for _, v in pairs]
+            self._finite_fn = tf.function(lambda: tf.stack(
+                [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]))
+        finite = self._finite_fn().numpy()
+        return [(label, getattr(v, "path", None) or v.name)
+                for (label, v), ok in zip(pairs, finite) if not ok]
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""

@@ -1,0 +1,101 @@
+"""Always recoverable: what a checkpoint folder holds can be resumed, whatever stopped the run.
+
+Divergence never writes non-finite state, a lost ``checkpoint`` state file is
+recovered from the ``ckpt-N.index`` files, and the checkpoints of earlier
+released layouts (tests/data/checkpoints/<commit>/) still resume and evaluate.
+"""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import errors
+import model
+import networks
+import phantoms
+import train_dataset as td
+from errors import RunStopped
+from trainer import SRGANTrainer
+from training_loop import TrainingLoop
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = ["-volume_shape", "16,16,12", "-patch_shape", "8,8,6", "-patch_margin", "2",
+         "-upsampling_factor", "2", "-residual_blocks", "1", "-feature_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt_data")
+    phantoms.make_demo_data(str(root), subjects=3, shape=(16, 16, 12), seed=6)
+    return root
+
+
+def _argv(data, ckpt, *extra):
+    return (["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-train_fraction", "0.67"]
+            + SMALL + list(extra))
+
+
+def _non_finite_tensors(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    bad = []
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad.append(name)
+    return bad
+
+
+def _tiny_trainer(folder):
+    g = networks.build_generator(2, residual_blocks=1, feature_size=4)
+    d = networks.build_discriminator((8, 8, 6, 1))
+    return SRGANTrainer(g, d, learning_rate=1e-4, seed=1, checkpoint_dir=str(folder))
+
+
+def _batch(seed=2):
+    hr = np.random.default_rng(seed).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+    return np.asarray(td.degrade(hr, 2)), hr
+
+
+# ----------------------------------------------------------------------------
+# 1. Divergence never writes non-finite state
+# ----------------------------------------------------------------------------
+
+def test_divergence_writes_no_non_finite_checkpoint(data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    rc = model.main(_argv(data, ckpt, "-learning_rate", "1e3", "-checkpoint_steps", "1", "-epochs", "2"))
+    assert rc == errors.EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "diverged" in err
+    for index in glob.glob(str(ckpt / "ckpt-*.index")):
+        assert _non_finite_tensors(index[:-len(".index")]) == []
+    latest = checkpoints.latest(str(ckpt))
+    if latest:
+        assert f"the last good checkpoint is {latest}" in err
+
+
+def test_non_finite_optimiser_state_is_refused_and_the_named_checkpoint_resumes(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    loop = TrainingLoop(trainer, log=lambda *_: None)
+    trainer.train_step(*_batch())
+    good = loop.save(1)
+    trainer.train_step(*_batch(3))
+    # Losses finite, one Adam moment of the generator overflowed.
+    moment = next(v for label, v in trainer.saved_float_variables()
+                  if label == "generator optimiser state" and "velocity" in v.path)
+    moment.assign(np.full(moment.shape, np.inf, np.float32))
+    with pytest.raises(RunStopped) as stop:
+        loop.save(2)
+    assert stop.value.exit_code == errors.EXIT_DIVERGED
+    assert "generator optimiser state" in str(stop.value) and moment.path in str(stop.value)
+    assert f"the last good checkpoint is {good}" in str(stop.value)
+    assert checkpoints.latest(str(tmp_path)) == good
+    assert _non_finite_tensors(good) == []
+    resumed = _tiny_trainer(tmp_path)
+    assert resumed.restore(str(tmp_path)) == good
+    out = resumed.train_step(*_batch(3))
+    assert all(np.isfinite(float(v)) for v in out.values())
+    assert resumed.non_finite_state() == []
