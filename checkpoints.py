@@ -1,6 +1,7 @@
 """Checkpoint folders: finding the latest checkpoint, what identifies it, restoring the generator alone."""
 
 import gc
+import glob
 import hashlib
 import os
 import re
@@ -8,13 +9,121 @@ import re
 import keras
 import tensorflow as tf
 
+import durable
 import quiet
 from errors import UserError
 
 
+STATE_FILE = "checkpoint"
+_NUMBERED = re.compile(r"ckpt-(\d+)$")
+_SHARD = re.compile(r"\.data-(\d+)-of-(\d+)$")
+
+
+def number(prefix):
+    """int N of a ``.../ckpt-N`` prefix, or None."""
+    match = _NUMBERED.search(os.path.basename(prefix or ""))
+    return int(match.group(1)) if match else None
+
+
+def is_complete(prefix):
+    """bool, whether ``prefix.index`` and every data shard it names exist."""
+    if not os.path.isfile(prefix + ".index"):
+        return False
+    shards = [_SHARD.search(p) for p in glob.glob(glob.escape(prefix) + ".data-*-of-*")]
+    shards = [m for m in shards if m]
+    if not shards:
+        return False
+    total = int(shards[0].group(2))
+    return {int(m.group(1)) for m in shards if int(m.group(2)) == total} == set(range(total))
+
+
+def complete_checkpoints(folder):
+    """The complete ``ckpt-N`` checkpoints on disk, oldest first.
+
+    Returns:
+        list of prefixes (``folder/ckpt-N``), by N; a ``ckpt-N.index`` without
+        all its data shards is left out.
+    """
+    found = []
+    for index in glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")):
+        prefix = index[:-len(".index")]
+        if number(prefix) is not None and is_complete(prefix):
+            found.append((number(prefix), prefix))
+    return [prefix for _, prefix in sorted(found)]
+
+
+def listed(folder):
+    """The newest checkpoint the state file ``folder/checkpoint`` names (None when unreadable)."""
+    try:
+        return tf.train.latest_checkpoint(folder)
+    except (tf.errors.OpError, ValueError):
+        return None
+
+
 def latest(folder):
-    """str, the prefix of the newest checkpoint in ``folder`` (``.../ckpt-N``), or None."""
-    return tf.train.latest_checkpoint(folder)
+    """The prefix of the newest complete checkpoint in ``folder`` (``.../ckpt-N``), or None.
+
+    The ``checkpoint`` state file names it; a checkpoint it does not list
+    (the file was lost, or a kill came between writing ``ckpt-N.index`` and
+    updating it) is found from the ``ckpt-N.index`` files.
+    """
+    if not folder or not os.path.isdir(folder):
+        return None
+    named = listed(folder)
+    on_disk = complete_checkpoints(folder)
+    newest = on_disk[-1] if on_disk else None
+    if named is None or (newest is not None and number(named) is not None
+                         and number(newest) > number(named)):
+        return newest
+    return named
+
+
+def write_state(folder, newest, kept):
+    """Writes the ``checkpoint`` state file (atomically) as tf.train.CheckpointManager does.
+
+    Args:
+        folder: the checkpoint folder.
+        newest: the prefix of the latest checkpoint.
+        kept: the prefixes of every checkpoint to keep, oldest first.
+    """
+    def line(key, prefix):
+        return f'{key}: "{os.path.basename(prefix)}"\n'
+    text = line("model_checkpoint_path", newest) + "".join(
+        line("all_model_checkpoint_paths", p) for p in kept)
+    durable.write_text(os.path.join(folder, STATE_FILE), text)
+
+
+def holds_checkpoints(folder):
+    """bool, whether ``folder`` holds a training run's checkpoint files (complete or not)."""
+    return bool(latest(folder) or glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")))
+
+
+def recover_state(folder, log=print):
+    """Rewrites the ``checkpoint`` state file when it misses the newest complete checkpoint.
+
+    A ``tf.train.CheckpointManager`` reads that file to find (and later
+    delete) the earlier checkpoints; a resumed run must see them all.
+
+    Args:
+        folder: a checkpoint folder.
+        log: callable for the one-line note.
+
+    Returns:
+        str, the newest complete checkpoint (None when there is none).
+    """
+    newest = latest(folder)
+    if newest is None or listed(folder) == newest:
+        return newest
+    kept = [p for p in complete_checkpoints(folder) if number(p) <= number(newest)]
+    try:
+        write_state(folder, newest, kept)
+    except OSError as err:
+        log(f"note: {os.path.join(folder, STATE_FILE)} does not list {newest} and could not be "
+            f"rewritten ({err}); using {newest} all the same")
+        return newest
+    log(f"note: {os.path.join(folder, STATE_FILE)} was missing or did not list {newest} (a run "
+        f"killed while saving?); rebuilt it from the {len(kept)} complete ckpt-N.index file(s)")
+    return newest
 
 
 def require(folder):
@@ -36,7 +145,8 @@ def require(folder):
     path = latest(folder)
     if path is None:
         raise UserError(f"checkpoint folder {folder!r} holds no checkpoint "
-                        "(expected the files written by a training run: checkpoint, ckpt-N.index)")
+                        "(expected the files written by a training run: ckpt-N.index with its "
+                        "ckpt-N.data-* files, and the checkpoint state file)")
     return path
 
 

@@ -164,7 +164,7 @@ def prepare_run_folder(cfg, write=True):
     """
     ckpt_dir = cfg.checkpoint_dir
     same_folder = bool(cfg.restore) and os.path.realpath(ckpt_dir) == os.path.realpath(cfg.restore)
-    if not same_folder and os.path.isdir(ckpt_dir) and checkpoints.latest(ckpt_dir) is not None:
+    if not same_folder and os.path.isdir(ckpt_dir) and checkpoints.holds_checkpoints(ckpt_dir):
         raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
                         f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
     if write:
@@ -267,6 +267,9 @@ def train_locked(cfg, placement, same_folder, say, log):
     chief = placement.is_chief
     train_subjects, test_subjects = splits.training_split(cfg, say)
     say(placement.describe())
+    if same_folder and chief:
+        # Before the trainer's CheckpointManager reads the state file.
+        checkpoints.recover_state(cfg.restore, say)
     trainer = make_trainer(cfg, placement)
     if cfg.restore:
         cfg = resume(trainer, cfg, say)

@@ -99,3 +99,60 @@ def test_non_finite_optimiser_state_is_refused_and_the_named_checkpoint_resumes(
     out = resumed.train_step(*_batch(3))
     assert all(np.isfinite(float(v)) for v in out.values())
     assert resumed.non_finite_state() == []
+
+
+# ----------------------------------------------------------------------------
+# 2. A lost or stale `checkpoint` state file loses nothing
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One epoch (36 steps) checkpointed every 12 steps: ckpt-12, ckpt-24, ckpt-36."""
+    ckpt = tmp_path_factory.mktemp("trained") / "ckpt"
+    assert model.main(_argv(data, ckpt, "-epochs", "1", "-checkpoint_steps", "12")) == 0
+    assert checkpoints.latest(str(ckpt)).endswith("ckpt-36")
+    return ckpt
+
+
+def _copy_run(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    return folder
+
+
+def test_lost_state_file_is_rebuilt_and_a_plain_start_is_refused(data, trained, tmp_path, capsys):
+    ckpt = _copy_run(trained, tmp_path)
+    os.remove(ckpt / "checkpoint")
+    assert checkpoints.latest(str(ckpt)) == str(ckpt / "ckpt-36")
+    assert checkpoints.require(str(ckpt)) == str(ckpt / "ckpt-36")
+    config_before = (ckpt / "config.json").read_bytes()
+    index_before = (ckpt / "ckpt-36.index").read_bytes()
+    # A plain start over it is refused, and writes nothing.
+    assert model.main(_argv(data, ckpt, "-epochs", "2")) == errors.EXIT_ERROR
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (ckpt / "config.json").read_bytes() == config_before
+    assert (ckpt / "ckpt-36.index").read_bytes() == index_before
+    assert not (ckpt / "checkpoint").exists()
+    # -restore resumes from the newest complete checkpoint and rebuilds the state file.
+    assert model.main(_argv(data, ckpt, "-epochs", "2", "-restore", str(ckpt))) == 0
+    out = capsys.readouterr().out
+    assert "rebuilt it from the" in out and "resumed " + str(ckpt / "ckpt-36") in out
+    assert checkpoints.latest(str(ckpt)).endswith("ckpt-72")
+    assert tf.train.latest_checkpoint(str(ckpt)).endswith("ckpt-72")
+
+
+def test_kill_between_index_and_state_file_resumes_from_the_newest(data, trained, tmp_path, capsys):
+    ckpt = _copy_run(trained, tmp_path)
+    # The state of the folder after a kill right after ckpt-36.index was written.
+    checkpoints.write_state(str(ckpt), str(ckpt / "ckpt-24"), [str(ckpt / "ckpt-12"), str(ckpt / "ckpt-24")])
+    assert checkpoints.latest(str(ckpt)) == str(ckpt / "ckpt-36")
+    # An index whose data shard is missing is not complete: never chosen.
+    (ckpt / "ckpt-99.index").write_bytes((ckpt / "ckpt-36.index").read_bytes())
+    assert checkpoints.latest(str(ckpt)) == str(ckpt / "ckpt-36")
+    os.remove(ckpt / "ckpt-99.index")
+    assert model.main(_argv(data, ckpt, "-epochs", "2", "-restore", str(ckpt))) == 0
+    out = capsys.readouterr().out
+    assert "resumed " + str(ckpt / "ckpt-36") in out
+    assert "did not list" in out
