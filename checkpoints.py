@@ -150,6 +150,35 @@ def require(folder):
     return path
 
 
+def saved_objects(path):
+    """set of the top-level names a checkpoint holds (``generator``, ``step``, ...).
+
+    Raises:
+        UserError: the checkpoint cannot be read.
+    """
+    try:
+        names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as err:
+        raise UserError(f"cannot read the checkpoint {path}: {str(err).splitlines()[0]}")
+    return {name.split("/")[0] for name in names} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
+
+
+def mismatch_message(path, err):
+    """The message for a checkpoint that does not fit the networks built from the settings."""
+    first = str(err).splitlines()[0]
+    shapes = re.search(r"incompatible tensor with shape (\S+) .*variable with shape (\S+)", str(err),
+                       re.S)
+    if shapes:
+        folder = os.path.dirname(path)
+        return (f"cannot resume from {path}: {folder}/config.json and the checkpoint disagree: "
+                f"the settings of config.json (and the flags given) build a variable of shape "
+                f"{shapes.group(2)} where the checkpoint holds one of shape {shapes.group(1)}. "
+                "Give the architecture flags the checkpoint was trained with (-feature_size, "
+                "-residual_blocks, -upsampling_factor, -patch_shape, upsampling mode), or restore "
+                "the config.json written with it")
+    return f"cannot resume from {path}: {first}"
+
+
 def read_int(variable):
     """The value of an integer variable, also a mirrored one (which int() refuses)."""
     return int(variable.numpy())

@@ -69,6 +69,7 @@ class SRGANTrainer:
         xla: bool, compile the step with XLA (``jit_compile``; one device only).
         workers: int, processes training together (the training loop makes
             them agree on checkpoints and stop requests).
+        log: callable for notes (a resume from an earlier version's checkpoint).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -76,10 +77,13 @@ class SRGANTrainer:
     SCALAR_NAMES = LOSS_NAMES + ("flipped", "learning_rate")
     # Steps of scalars kept on the device between two reads by the host.
     HISTORY = 256
+    # Bookkeeping that checkpoints of earlier versions lack: it starts afresh.
+    FRESH_IF_MISSING = ("loss_sums", "loss_count")
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
                  loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
-                 strategy=None, is_chief=True, xla=False, workers=1):
+                 strategy=None, is_chief=True, xla=False, workers=1, log=print):
+        self.log = log
         self.generator = generator
         self.discriminator = discriminator
         self.strategy = strategy
@@ -144,11 +148,13 @@ class SRGANTrainer:
         # host reads them every few steps instead of waiting on every step.
         self.history = tf.Variable(tf.zeros((self.HISTORY, len(self.SCALAR_NAMES))),
                                    trainable=False, name="history")
-        self.checkpoint = tf.train.Checkpoint(
+        # What a checkpoint holds, by the name it is saved under.
+        self.checkpointed = dict(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
             step=self.step, data_seed=self.data_seed, loss_sums=self.loss_sums,
             loss_count=self.loss_count, **extra)
+        self.checkpoint = tf.train.Checkpoint(**self.checkpointed)
 
     # ------------------------------------------------------------------ state
 
@@ -170,14 +176,27 @@ class SRGANTrainer:
             UserError: if the folder holds no checkpoint or it does not fit.
         """
         path = checkpoints.require(checkpoint_dir)
+        saved = checkpoints.saved_objects(path)
+        missing = [name for name in self.checkpointed if name not in saved]
+        lacking = [name for name in missing if name not in self.FRESH_IF_MISSING]
+        if lacking:
+            raise UserError(
+                f"cannot resume from {path}: it holds no {', '.join(lacking)} (it holds "
+                f"{', '.join(sorted(saved))}); it was not written by a training run of this "
+                "project, or by one with other settings (e.g. -mixed_precision float16 adds loss-scale state)")
+        present = {k: v for k, v in self.checkpointed.items() if k in saved}
         try:
-            status = self.checkpoint.restore(path)
+            status = tf.train.Checkpoint(**present).restore(path)
             # Checkpoints of earlier versions also hold a label-noise generator
             # that the stateless draws no longer need.
             status.expect_partial()
             status.assert_existing_objects_matched()
         except (ValueError, AssertionError, tf.errors.OpError) as err:
-            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+            raise UserError(checkpoints.mismatch_message(path, err))
+        if missing:
+            self.log(f"note: {path} was written by an earlier version without {', '.join(missing)}: "
+                     "the current epoch's running loss sums start afresh (weights, optimisers, "
+                     "step and data order are restored)")
         self._host_step = None
         return path
 

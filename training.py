@@ -251,7 +251,7 @@ def train(cfg, log=print, placement=None):
         return train_locked(cfg, placement, same_folder, say, log)
 
 
-def make_trainer(cfg, placement):
+def make_trainer(cfg, placement, log=print):
     """The networks of ``cfg`` and their trainer, placed, seeded by ``cfg.seed``."""
     keras.utils.set_random_seed(cfg.seed)
     generator, discriminator = build_networks(cfg, placement)
@@ -259,7 +259,8 @@ def make_trainer(cfg, placement):
                         run_eagerly=cfg.run_eagerly, loss_scale=cfg.mixed_precision == "float16",
                         checkpoint_dir=cfg.checkpoint_dir, max_to_keep=cfg.keep_checkpoints,
                         pretrain_steps=cfg.pretrain_steps, strategy=placement.strategy,
-                        is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers)
+                        is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers,
+                        log=log)
 
 
 def train_locked(cfg, placement, same_folder, say, log):
@@ -270,7 +271,7 @@ def train_locked(cfg, placement, same_folder, say, log):
     if same_folder and chief:
         # Before the trainer's CheckpointManager reads the state file.
         checkpoints.recover_state(cfg.restore, say)
-    trainer = make_trainer(cfg, placement)
+    trainer = make_trainer(cfg, placement, say)
     if cfg.restore:
         cfg = resume(trainer, cfg, say)
     if read_int(trainer.epoch) >= cfg.epochs:

@@ -156,3 +156,98 @@ def test_kill_between_index_and_state_file_resumes_from_the_newest(data, trained
     out = capsys.readouterr().out
     assert "resumed " + str(ckpt / "ckpt-36") in out
     assert "did not list" in out
+
+
+# ----------------------------------------------------------------------------
+# 10. Checkpoints of earlier versions resume and evaluate
+# ----------------------------------------------------------------------------
+
+# Runs of `python model.py -epochs 1` + SMALL on 3 demo phantoms 16x16x12 of
+# seed 5, by the commit each folder is named after; see tests/data/checkpoints/README.md.
+OLD_RUNS = ("38d74e2", "9a6130d")
+
+
+def _old_run(commit, tmp_path):
+    import gzip
+    import shutil
+
+    folder = tmp_path / commit
+    shutil.copytree(os.path.join(HERE, "data", "checkpoints", commit), folder)
+    for packed in glob.glob(str(folder / "*.gz")):
+        with gzip.open(packed, "rb") as src, open(packed[:-len(".gz")], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(packed)
+    data = tmp_path / "data"
+    phantoms.make_demo_data(str(data), subjects=3, shape=(16, 16, 12), seed=5)
+    return folder, data
+
+
+def _tensors(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
+
+
+@pytest.mark.parametrize("commit", OLD_RUNS)
+def test_checkpoint_of_an_earlier_version_restores_exactly(commit, tmp_path):
+    import placement
+    import training
+
+    folder, data = _old_run(commit, tmp_path)
+    log = []
+    cfg = model.parse_command(["-data_path", str(data), "-restore", str(folder), "-checkpoint_dir",
+                               str(folder), "-epochs", "2"], log=log.append).settings
+    trainer = training.make_trainer(cfg.replace(checkpoint_dir=str(tmp_path / "again")),
+                                    placement.Placement(), log=log.append)
+    assert trainer.restore(str(folder)) == str(folder / "ckpt-36")
+    old = _tensors(str(folder / "ckpt-36"))
+    new = _tensors(trainer.save())
+    shared = set(old) & set(new)
+    assert {k.split("/")[0] for k in shared} >= {"generator", "discriminator", "g_optimizer",
+                                                 "d_optimizer", "step", "epoch", "data_seed"}
+    for name in shared:
+        np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+    fresh = "loss_sums" not in {k.split("/")[0] for k in old}
+    assert any("start afresh" in line for line in log) == fresh
+
+
+@pytest.mark.parametrize("commit", OLD_RUNS)
+def test_run_of_an_earlier_version_resumes_and_evaluates(commit, tmp_path, capsys):
+    folder, data = _old_run(commit, tmp_path)
+    assert model.main(["-data_path", str(data), "-restore", str(folder), "-checkpoint_dir",
+                       str(folder), "-epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {folder / 'ckpt-36'}: epoch 1 done, step 36" in out
+    assert checkpoints.latest(str(folder)).endswith("ckpt-72")
+    volumes = tmp_path / "volumes"
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(folder), "-data_path",
+                       str(data), "-path_volumes", str(volumes)]) == 0
+    assert (volumes / "metrics.csv").exists()
+
+
+def test_checkpoint_that_does_not_fit_is_refused_with_what_differs(tmp_path, capsys):
+    folder, data = _old_run("9a6130d", tmp_path)
+    foreign = tmp_path / "foreign"
+    tf.train.CheckpointManager(tf.train.Checkpoint(step=tf.Variable(3, dtype=tf.int64)),
+                               str(foreign), max_to_keep=1, checkpoint_name="ckpt").save(3)
+    for name in ("config.json", "split.json"):
+        (foreign / name).write_bytes((folder / name).read_bytes())
+    rc = model.main(["-data_path", str(data), "-restore", str(foreign), "-checkpoint_dir",
+                     str(foreign), "-epochs", "2"])
+    err = capsys.readouterr().err
+    assert rc == errors.EXIT_ERROR
+    assert "holds no generator, discriminator" in err and "it holds step" in err
+
+
+def test_config_json_that_disagrees_with_its_checkpoint_says_so(tmp_path, capsys):
+    import json
+
+    folder, data = _old_run("9a6130d", tmp_path)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["feature_size"] = 8
+    (folder / "config.json").write_text(json.dumps(saved))
+    rc = model.main(["-data_path", str(data), "-restore", str(folder), "-checkpoint_dir",
+                     str(folder), "-epochs", "2"])
+    err = capsys.readouterr().err
+    assert rc == errors.EXIT_ERROR
+    assert "config.json and the checkpoint disagree" in err and "Received incompatible" not in err
