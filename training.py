@@ -215,6 +215,31 @@ def check_placement(cfg, placement):
                         "Drop -xla, or choose one device with -gpus 0")
 
 
+def check_batch_size(cfg, train_subjects):
+    """Refuses a batch larger than an epoch's patches (it would train one short step a epoch).
+
+    Raises:
+        UserError: naming -batch_size and the epoch's patch count.
+    """
+    per_volume = td.patches_per_volume(cfg.volume_shape, cfg.patch_shape, cfg.patch_margin)
+    patches = len(train_subjects) * per_volume
+    if cfg.batch_size > patches:
+        raise UserError(f"-batch_size {cfg.batch_size} is more than the {patches} patches of one epoch "
+                        f"({len(train_subjects)} training subjects x {per_volume} patches of "
+                        f"-patch_shape {','.join(map(str, cfg.patch_shape))}); choose at most {patches}")
+
+
+def pretraining_note(cfg, trainer, steps_per_epoch, say):
+    """Says, in one line, when -pretrain_steps covers the whole run: its adversarial loss stays 0."""
+    first = read_int(trainer.step)
+    last = cfg.epochs * steps_per_epoch
+    if cfg.pretrain_steps > first and cfg.pretrain_steps >= last:
+        say(f"note: -pretrain_steps {cfg.pretrain_steps} covers every step of this run (steps "
+            f"{first + 1}..{last}: -epochs {cfg.epochs} x {steps_per_epoch} batches): the generator "
+            "trains on the content loss alone and adv stays 0; the GAN starts at step "
+            f"{cfg.pretrain_steps + 1}")
+
+
 def train(cfg, log=print, placement=None):
     """Trains the GAN as the original, checkpointing every epoch.
 
@@ -267,6 +292,7 @@ def train_locked(cfg, placement, same_folder, say, log):
     """:func:`train` once the run folder is locked."""
     chief = placement.is_chief
     train_subjects, test_subjects = splits.training_split(cfg, say)
+    check_batch_size(cfg, train_subjects)
     say(placement.describe())
     if same_folder and chief:
         # Before the trainer's CheckpointManager reads the state file.
@@ -281,6 +307,7 @@ def train_locked(cfg, placement, same_folder, say, log):
     if chief:
         write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
     stream = TrainingStream(train_subjects, cfg, placement, say)
+    pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
     losses = TrainingLoop(trainer, reporter, policy, say).fit(stream, cfg.epochs)

@@ -251,3 +251,23 @@ def test_config_json_that_disagrees_with_its_checkpoint_says_so(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == errors.EXIT_ERROR
     assert "config.json and the checkpoint disagree" in err and "Received incompatible" not in err
+
+
+# ----------------------------------------------------------------------------
+# 5. Settings are never changed silently
+# ----------------------------------------------------------------------------
+
+def test_batch_larger_than_an_epoch_is_refused(data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    rc = model.main(_argv(data, ckpt, "-epochs", "1", "-batch_size", "100000"))
+    err = capsys.readouterr().err
+    assert rc == errors.EXIT_ERROR
+    assert "-batch_size 100000 is more than the 72 patches of one epoch" in err
+    assert not (ckpt / "config.json").exists()
+
+
+def test_pretraining_that_covers_the_whole_run_is_said(data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert model.main(_argv(data, ckpt, "-epochs", "1", "-pretrain_steps", "1000")) == 0
+    out = capsys.readouterr().out
+    assert "note: -pretrain_steps 1000 covers every step of this run" in out
