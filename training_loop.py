@@ -73,6 +73,11 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = signum
 
+    def stop(self, what):
+        """The :class:`RunStopped` for the signal received: ``received SIGTERM <what>``, exit 128 + N."""
+        signum = self.received or signal.SIGTERM
+        return RunStopped(f"received {signal.Signals(signum).name} {what}", exit_code=128 + int(signum))
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

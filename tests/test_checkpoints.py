@@ -271,3 +271,38 @@ def test_pretraining_that_covers_the_whole_run_is_said(data, tmp_path, capsys):
     assert model.main(_argv(data, ckpt, "-epochs", "1", "-pretrain_steps", "1000")) == 0
     out = capsys.readouterr().out
     assert "note: -pretrain_steps 1000 covers every step of this run" in out
+
+
+# ----------------------------------------------------------------------------
+# 8. SIGTERM during an evaluation: the subject under way is finished, exit 143
+# ----------------------------------------------------------------------------
+
+def test_sigterm_during_evaluation_stops_after_the_subject_and_the_rerun_resumes(trained, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import signal
+
+    import evaluation
+
+    other = tmp_path / "other"
+    phantoms.make_demo_data(str(other), subjects=3, shape=(16, 16, 12), seed=7)
+    volumes = tmp_path / "volumes"
+    argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(trained), "-data_path", str(other),
+            "-path_volumes", str(volumes)]
+    real = evaluation.evaluate_subject
+    calls = []
+
+    def terminated(*args, **kwargs):
+        calls.append(args[0].subject.name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the first subject is under way
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_subject", terminated)
+    assert model.main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "received SIGTERM after 1 of 3 subject(s)" in err
+    assert len(calls) == 1
+    monkeypatch.setattr(evaluation, "evaluate_subject", real)
+    assert model.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "resuming: 1 of 3 subject(s) already in" in out
