@@ -306,3 +306,30 @@ def test_sigterm_during_evaluation_stops_after_the_subject_and_the_rerun_resumes
     assert model.main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming: 1 of 3 subject(s) already in" in out
+
+
+# ----------------------------------------------------------------------------
+# 3. A mask on another grid than its image's is not used as if it matched
+# ----------------------------------------------------------------------------
+
+def test_mask_with_a_shifted_affine_is_refused(tmp_path):
+    import layouts
+    from helpers import write_nifti
+
+    import nifti_io
+
+    img = np.zeros((6, 6, 6), np.float32)
+    img[1:4, 1:4, 1:4] = 3
+    mask = np.ones((6, 6, 6), np.uint8)
+    shifted = np.eye(4)
+    shifted[0, 3] = 20.0
+    nearly = np.eye(4)
+    nearly[:3, 3] = 1e-4
+    image_path = write_nifti(str(tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"), img)
+    subject = layouts.Subject("sub-01", image_path, write_nifti(
+        str(tmp_path / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"), mask, shifted, np.uint8))
+    with pytest.raises(nifti_io.DataError, match=r"not on the image's grid.*origin shifted by \(20, 0, 0\) mm"):
+        nifti_io.load_mask(subject, img)
+    within = layouts.Subject("sub-01", image_path, write_nifti(
+        str(tmp_path / "m2.nii.gz"), mask, nearly, np.uint8))
+    assert nifti_io.load_mask(within, img).all()
