@@ -239,6 +239,34 @@ def header_problem(path, min_shape=None, max_voxels=None):
     return None, spatial
 
 
+def minimum_image_shape(patch_shape, factor):
+    """The smallest (x, y, z) image worth one patch: the LR patch, and at least 2 x factor a side.
+
+    Args:
+        patch_shape: (3,) ints, the HR patch.
+        factor: int, the upsampling factor.
+
+    Returns:
+        tuple of 3 ints.
+    """
+    return tuple(max(-(-int(p) // int(factor)), 2 * int(factor)) for p in patch_shape)
+
+
+def size_problem(shape, patch_shape, factor):
+    """Why an image is too small to train on or to score (None when it is not).
+
+    A 1x1x1 image would be padded into a whole canonical volume and score a
+    meaningless PSNR; anything with an axis smaller than
+    :func:`minimum_image_shape` is refused with its shape.
+    """
+    minimum = minimum_image_shape(patch_shape, factor)
+    if any(int(s) < m for s, m in zip(shape, minimum)):
+        return (f"image {shape_str(shape)} is smaller than one patch's worth: each axis needs at "
+                f"least {shape_str(minimum)} voxels (the LR patch of -patch_shape "
+                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {factor})")
+    return None
+
+
 # --------------------------------------------------------------------------- #
 # Reading volumes
 # --------------------------------------------------------------------------- #

@@ -229,6 +229,26 @@ def check_batch_size(cfg, train_subjects):
                         f"-patch_shape {','.join(map(str, cfg.patch_shape))}); choose at most {patches}")
 
 
+def usable_training_subjects(cfg, train_subjects, say):
+    """The training subjects whose image is at least one patch's worth; the others are reported.
+
+    Raises:
+        UserError: none is left.
+    """
+    usable = []
+    for subject in train_subjects:
+        _, shape = nifti_io.header_problem(subject.image_path)
+        problem = shape and nifti_io.size_problem(shape, cfg.patch_shape, cfg.upsampling_factor)
+        if problem:
+            say(f"skipping {subject.name}: {subject.image_path}: {problem}")
+        else:
+            usable.append(subject)
+    if not usable:
+        raise UserError(f"none of the {len(train_subjects)} training subjects in {cfg.data_path!r} "
+                        "is large enough to train on (see above)")
+    return usable
+
+
 def pretraining_note(cfg, trainer, steps_per_epoch, say):
     """Says, in one line, when -pretrain_steps covers the whole run: its adversarial loss stays 0."""
     first = read_int(trainer.step)
@@ -306,7 +326,7 @@ def train_locked(cfg, placement, same_folder, say, log):
         return {"checkpoint": checkpoints.latest(cfg.restore), "losses": {}}
     if chief:
         write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
-    stream = TrainingStream(train_subjects, cfg, placement, say)
+    stream = TrainingStream(usable_training_subjects(cfg, train_subjects, say), cfg, placement, say)
     pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)

@@ -333,3 +333,35 @@ def test_mask_with_a_shifted_affine_is_refused(tmp_path):
     within = layouts.Subject("sub-01", image_path, write_nifti(
         str(tmp_path / "m2.nii.gz"), mask, nearly, np.uint8))
     assert nifti_io.load_mask(within, img).all()
+
+
+# ----------------------------------------------------------------------------
+# 4. Images smaller than one patch's worth are refused with their shape
+# ----------------------------------------------------------------------------
+
+def test_degenerate_images_are_refused_for_training(data, tmp_path, capsys):
+    import shutil
+
+    import layouts
+    from helpers import write_nifti
+
+    import nifti_io
+
+    assert nifti_io.minimum_image_shape((8, 8, 6), 2) == (4, 4, 4)
+    assert nifti_io.size_problem((1, 1, 1), (8, 8, 6), 2).startswith("image 1x1x1 is smaller")
+    assert nifti_io.size_problem((16, 16, 12), (8, 8, 6), 2) is None
+    tiny = tmp_path / "tiny"
+    for name in ("a", "b", "c"):
+        write_nifti(str(tiny / name / layouts.IMAGE_NAME), np.full((1, 1, 1), 5.0))
+    rc = model.main(_argv(tiny, tmp_path / "ckpt", "-epochs", "1"))
+    captured = capsys.readouterr()
+    assert rc == errors.EXIT_ERROR
+    assert "image 1x1x1 is smaller than one patch's worth" in captured.out
+    assert "is large enough to train on" in captured.err
+    # One good subject among them trains, the tiny ones are reported.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny, mixed)
+    for name in ("demo_000", "demo_001"):
+        shutil.copytree(data / name, mixed / name)
+    assert model.main(_argv(mixed, tmp_path / "ckpt2", "-epochs", "1", "-train_fraction", "0.8")) == 0
+    assert "skipping" in capsys.readouterr().out
