@@ -5,6 +5,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 
 import keras
 import tensorflow as tf
@@ -91,6 +92,35 @@ def write_state(folder, newest, kept):
     text = line("model_checkpoint_path", newest) + "".join(
         line("all_model_checkpoint_paths", p) for p in kept)
     durable.write_text(os.path.join(folder, STATE_FILE), text)
+
+
+def plain_reason(message):
+    """The part of a TensorFlow error message a person reads: no ``{{function_node ...}}``, no ``[Op:...]``."""
+    text = " ".join(str(message).split())
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text.strip() or str(message).splitlines()[0]
+
+
+def remove_partial(folder, step):
+    """Removes what a failed save of ``ckpt-<step>`` left: its ``_temp`` folder, data shards without an index.
+
+    Returns:
+        list of the removed paths.
+    """
+    prefix = os.path.join(folder, f"ckpt-{int(step)}")
+    removed = []
+    if os.path.isdir(prefix + "_temp") and not os.path.islink(prefix + "_temp"):
+        shutil.rmtree(prefix + "_temp", ignore_errors=True)
+        removed.append(prefix + "_temp")
+    if not os.path.exists(prefix + ".index"):
+        for shard in glob.glob(glob.escape(prefix) + ".data-*"):
+            try:
+                os.remove(shard)
+                removed.append(shard)
+            except OSError:
+                pass
+    return removed
 
 
 def holds_checkpoints(folder):

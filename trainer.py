@@ -223,13 +223,14 @@ class SRGANTrainer:
             return os.path.join(self.checkpoint_dir, f"ckpt-{step}")
         except (tf.errors.OpError, OSError) as err:
             reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            checkpoints.remove_partial(self.checkpoint_dir, step)
             latest = checkpoints.latest(self.checkpoint_dir)
             kept = (f"The last complete checkpoint is {latest}" if latest else
                     "No checkpoint of this run was completed")
             raise RunStopped(
                 f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
-                f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
-                f"resume with -restore {self.checkpoint_dir}.") from err
+                f"{checkpoints.plain_reason(reason)}. {kept}; make room (or fix the folder) and "
+                f"resume with -restore {self.checkpoint_dir}.") from None
 
     def saved_float_variables(self):
         """What a checkpoint holds that can turn non-finite, by the part it belongs to.
