@@ -193,11 +193,67 @@ def saved_objects(path):
     return {name.split("/")[0] for name in names} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
 
 
+def restore_state(objects, path, fresh_if_missing, log):
+    """Restores a whole training state; bookkeeping an earlier version did not save starts afresh.
+
+    Args:
+        objects: dict name -> trackable, what the checkpoint should hold.
+        path: the checkpoint prefix.
+        fresh_if_missing: names that may be missing (earlier versions): they
+            keep their initial values, with a one-line note.
+        log: callable for the note.
+
+    Raises:
+        UserError: something else is missing, or a value does not fit.
+    """
+    saved = saved_objects(path)
+    missing = [name for name in objects if name not in saved]
+    lacking = [name for name in missing if name not in fresh_if_missing]
+    if lacking:
+        raise UserError(
+            f"cannot resume from {path}: it holds no {', '.join(lacking)} (it holds "
+            f"{', '.join(sorted(saved))}); it was not written by a training run of this project, "
+            "or by one with other settings (e.g. -mixed_precision float16 adds loss-scale state)")
+    present = {k: v for k, v in objects.items() if k in saved}
+    try:
+        status = tf.train.Checkpoint(**present).restore(path)
+        # Checkpoints of earlier versions also hold a label-noise generator
+        # that the stateless draws no longer need.
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as err:
+        raise UserError(mismatch_message(path, err)) from None
+    if missing:
+        log(f"note: {path} was written by an earlier version without {', '.join(missing)}: the "
+            "current epoch's running loss sums start afresh (weights, optimisers, step and data "
+            "order are restored)")
+
+
+class FiniteCheck:
+    """Whether each of a list of variables is all finite, in one compiled call on the device.
+
+    Args:
+        pairs: list of (label, variable) pairs.
+    """
+
+    def __init__(self, pairs):
+        self.pairs = list(pairs)
+        variables = [v for _, v in self.pairs]
+        self._fn = tf.function(lambda: tf.stack(
+            [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]))
+
+    def __call__(self):
+        """list of (label, variable name) of the variables holding a NaN or an infinity."""
+        finite = self._fn().numpy()
+        return [(label, getattr(v, "path", None) or v.name)
+                for (label, v), ok in zip(self.pairs, finite) if not ok]
+
+
 def mismatch_message(path, err):
     """The message for a checkpoint that does not fit the networks built from the settings."""
     first = str(err).splitlines()[0]
     shapes = re.search(r"incompatible tensor with shape (\S+) .*variable with shape (\S+)", str(err),
-                       re.S)
+                       re.DOTALL)
     if shapes:
         folder = os.path.dirname(path)
         return (f"cannot resume from {path}: {folder}/config.json and the checkpoint disagree: "

@@ -18,7 +18,7 @@ import checkpoints
 import config
 import networks
 from checkpoints import read_int
-from errors import RunStopped, UserError
+from errors import RunStopped
 from losses import (
     discriminator_loss,
     draw_targets,
@@ -109,7 +109,7 @@ class SRGANTrainer:
         self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
         self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn)
-        self._finite_fn = None
+        self._finite_check = None
 
     def _scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -176,27 +176,7 @@ class SRGANTrainer:
             UserError: if the folder holds no checkpoint or it does not fit.
         """
         path = checkpoints.require(checkpoint_dir)
-        saved = checkpoints.saved_objects(path)
-        missing = [name for name in self.checkpointed if name not in saved]
-        lacking = [name for name in missing if name not in self.FRESH_IF_MISSING]
-        if lacking:
-            raise UserError(
-                f"cannot resume from {path}: it holds no {', '.join(lacking)} (it holds "
-                f"{', '.join(sorted(saved))}); it was not written by a training run of this "
-                "project, or by one with other settings (e.g. -mixed_precision float16 adds loss-scale state)")
-        present = {k: v for k, v in self.checkpointed.items() if k in saved}
-        try:
-            status = tf.train.Checkpoint(**present).restore(path)
-            # Checkpoints of earlier versions also hold a label-noise generator
-            # that the stateless draws no longer need.
-            status.expect_partial()
-            status.assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.OpError) as err:
-            raise UserError(checkpoints.mismatch_message(path, err))
-        if missing:
-            self.log(f"note: {path} was written by an earlier version without {', '.join(missing)}: "
-                     "the current epoch's running loss sums start afresh (weights, optimisers, "
-                     "step and data order are restored)")
+        checkpoints.restore_state(self.checkpointed, path, self.FRESH_IF_MISSING, self.log)
         self._host_step = None
         return path
 
@@ -260,14 +240,9 @@ class SRGANTrainer:
             list of (label, variable name) pairs; empty when everything a
             checkpoint would hold is finite.
         """
-        pairs = self.saved_float_variables()
-        if self._finite_fn is None:
-            variables = [v for _, v in pairs]
-            self._finite_fn = tf.function(lambda: tf.stack(
-                [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]))
-        finite = self._finite_fn().numpy()
-        return [(label, getattr(v, "path", None) or v.name)
-                for (label, v), ok in zip(pairs, finite) if not ok]
+        if self._finite_check is None:
+            self._finite_check = checkpoints.FiniteCheck(self.saved_float_variables())
+        return self._finite_check()
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""

@@ -313,9 +313,9 @@ def test_sigterm_during_evaluation_stops_after_the_subject_and_the_rerun_resumes
 # ----------------------------------------------------------------------------
 
 def test_mask_with_a_shifted_affine_is_refused(tmp_path):
-    import layouts
     from helpers import write_nifti
 
+    import layouts
     import nifti_io
 
     img = np.zeros((6, 6, 6), np.float32)
@@ -342,9 +342,9 @@ def test_mask_with_a_shifted_affine_is_refused(tmp_path):
 def test_degenerate_images_are_refused_for_training(data, tmp_path, capsys):
     import shutil
 
-    import layouts
     from helpers import write_nifti
 
+    import layouts
     import nifti_io
 
     assert nifti_io.minimum_image_shape((8, 8, 6), 2) == (4, 4, 4)

@@ -1,5 +1,9 @@
 """Rewrites a checkpoint with its large tensors (> LIMIT values, the discriminator's) zeroed: same keys, shapes, dtypes, object graph."""
-import sys, numpy as np, tensorflow as tf
+import sys
+
+import numpy as np
+import tensorflow as tf
+
 LIMIT = 20000
 src, dst = sys.argv[1], sys.argv[2]
 r = tf.train.load_checkpoint(src)
