@@ -20,7 +20,7 @@ import splits
 import train_dataset as td
 import utils
 from errors import UserError
-from training_loop import StopSignals
+from training_loop import stop_between
 from version import program
 
 
@@ -175,21 +175,19 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
         outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
         provenance = outputs_lib.provenance(cfg, checkpoint)
         # SIGTERM/SIGUSR1: the subject under way is finished, then the run stops (128 + N).
-        with StopSignals() as signals:
-            for n, scan in enumerate(tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr,
-                                          dynamic_ncols=True), 1):
-                start = time.time()
-                row = evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log)
-                if row is not None:
-                    metrics.append(row)
-                    tqdm.write(f"{row['subject']}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
-                               f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
-                               f"{time.time() - start:.1f} s", file=sys.stderr)
-                if signals.received and n < len(todo):
-                    raise signals.stop(
-                        f"after {n} of {len(todo)} subject(s): their rows are in {metrics.path}. "
-                        "Run the same evaluation again to do the other "
-                        f"{len(todo) - n} (the finished ones are skipped)")
+        def stopped(n, total):
+            return (f"after {n} of {total} subject(s): their rows are in {metrics.path}. Run the same "
+                    f"evaluation again to do the other {total - n} (the finished ones are skipped)")
+        bar = tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True)
+        for scan in stop_between(bar, stopped):
+            start = time.time()
+            row = evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log)
+            if row is None:
+                continue
+            metrics.append(row)
+            tqdm.write(f"{row['subject']}: PSNR {row['psnr']:.4f} SSIM {row['ssim']:.4f} "
+                       f"(tricubic {row['psnr_tricubic']:.4f} / {row['ssim_tricubic']:.4f}) "
+                       f"{time.time() - start:.1f} s", file=sys.stderr)
     rows = metrics.rows() if os.path.exists(metrics.path) else []
     if not rows:
         raise UserError("no test subject could be evaluated; see the messages above")

@@ -86,6 +86,29 @@ class StopSignals:
 
 
 
+def stop_between(items, said):
+    """Yields ``items`` with SIGTERM/SIGUSR1 recorded; after one, stops if a signal came and some are left.
+
+    The item under way is always finished: the check runs when the loop asks
+    for the next one. The handlers are those of :class:`StopSignals`,
+    installed while the loop runs and restored after it.
+
+    Args:
+        items: a sized iterable (a list, a tqdm over one).
+        said: callable ``(done, total) -> str``, what the stop message adds
+            after ``received SIGTERM``.
+
+    Raises:
+        RunStopped: exit code 128 + N, when a signal N came before the last item.
+    """
+    total = len(items)
+    with StopSignals() as signals:
+        for done, item in enumerate(items, 1):
+            yield item
+            if signals.received is not None and done < total:
+                raise signals.stop(said(done, total))
+
+
 class NullReporter:
     """Says nothing: what a :class:`TrainingLoop` reports to by default (and on non-chief workers).
 
