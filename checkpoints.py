@@ -1,20 +1,159 @@
 """Checkpoint folders: finding the latest checkpoint, what identifies it, restoring the generator alone."""
 
 import gc
+import glob
 import hashlib
 import os
 import re
+import shutil
 
 import keras
 import tensorflow as tf
 
+import durable
 import quiet
 from errors import UserError
 
 
+STATE_FILE = "checkpoint"
+_NUMBERED = re.compile(r"ckpt-(\d+)$")
+_SHARD = re.compile(r"\.data-(\d+)-of-(\d+)$")
+
+
+def number(prefix):
+    """int N of a ``.../ckpt-N`` prefix, or None."""
+    match = _NUMBERED.search(os.path.basename(prefix or ""))
+    return int(match.group(1)) if match else None
+
+
+def is_complete(prefix):
+    """bool, whether ``prefix.index`` and every data shard it names exist."""
+    if not os.path.isfile(prefix + ".index"):
+        return False
+    shards = [_SHARD.search(p) for p in glob.glob(glob.escape(prefix) + ".data-*-of-*")]
+    shards = [m for m in shards if m]
+    if not shards:
+        return False
+    total = int(shards[0].group(2))
+    return {int(m.group(1)) for m in shards if int(m.group(2)) == total} == set(range(total))
+
+
+def complete_checkpoints(folder):
+    """The complete ``ckpt-N`` checkpoints on disk, oldest first.
+
+    Returns:
+        list of prefixes (``folder/ckpt-N``), by N; a ``ckpt-N.index`` without
+        all its data shards is left out.
+    """
+    found = []
+    for index in glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")):
+        prefix = index[:-len(".index")]
+        if number(prefix) is not None and is_complete(prefix):
+            found.append((number(prefix), prefix))
+    return [prefix for _, prefix in sorted(found)]
+
+
+def listed(folder):
+    """The newest checkpoint the state file ``folder/checkpoint`` names (None when unreadable)."""
+    try:
+        return tf.train.latest_checkpoint(folder)
+    except (tf.errors.OpError, ValueError):
+        return None
+
+
 def latest(folder):
-    """str, the prefix of the newest checkpoint in ``folder`` (``.../ckpt-N``), or None."""
-    return tf.train.latest_checkpoint(folder)
+    """The prefix of the newest complete checkpoint in ``folder`` (``.../ckpt-N``), or None.
+
+    The ``checkpoint`` state file names it; a checkpoint it does not list
+    (the file was lost, or a kill came between writing ``ckpt-N.index`` and
+    updating it) is found from the ``ckpt-N.index`` files.
+    """
+    if not folder or not os.path.isdir(folder):
+        return None
+    named = listed(folder)
+    on_disk = complete_checkpoints(folder)
+    newest = on_disk[-1] if on_disk else None
+    if named is None or (newest is not None and number(named) is not None
+                         and number(newest) > number(named)):
+        return newest
+    return named
+
+
+def write_state(folder, newest, kept):
+    """Writes the ``checkpoint`` state file (atomically) as tf.train.CheckpointManager does.
+
+    Args:
+        folder: the checkpoint folder.
+        newest: the prefix of the latest checkpoint.
+        kept: the prefixes of every checkpoint to keep, oldest first.
+    """
+    def line(key, prefix):
+        return f'{key}: "{os.path.basename(prefix)}"\n'
+    text = line("model_checkpoint_path", newest) + "".join(
+        line("all_model_checkpoint_paths", p) for p in kept)
+    durable.write_text(os.path.join(folder, STATE_FILE), text)
+
+
+def plain_reason(message):
+    """The part of a TensorFlow error message a person reads: no ``{{function_node ...}}``, no ``[Op:...]``."""
+    text = " ".join(str(message).split())
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+    return text.strip() or str(message).splitlines()[0]
+
+
+def remove_partial(folder, step):
+    """Removes what a failed save of ``ckpt-<step>`` left: its ``_temp`` folder, data shards without an index.
+
+    Returns:
+        list of the removed paths.
+    """
+    prefix = os.path.join(folder, f"ckpt-{int(step)}")
+    removed = []
+    if os.path.isdir(prefix + "_temp") and not os.path.islink(prefix + "_temp"):
+        shutil.rmtree(prefix + "_temp", ignore_errors=True)
+        removed.append(prefix + "_temp")
+    if not os.path.exists(prefix + ".index"):
+        for shard in glob.glob(glob.escape(prefix) + ".data-*"):
+            try:
+                os.remove(shard)
+                removed.append(shard)
+            except OSError:
+                pass
+    return removed
+
+
+def holds_checkpoints(folder):
+    """bool, whether ``folder`` holds a training run's checkpoint files (complete or not)."""
+    return bool(latest(folder) or glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")))
+
+
+def recover_state(folder, log=print):
+    """Rewrites the ``checkpoint`` state file when it misses the newest complete checkpoint.
+
+    A ``tf.train.CheckpointManager`` reads that file to find (and later
+    delete) the earlier checkpoints; a resumed run must see them all.
+
+    Args:
+        folder: a checkpoint folder.
+        log: callable for the one-line note.
+
+    Returns:
+        str, the newest complete checkpoint (None when there is none).
+    """
+    newest = latest(folder)
+    if newest is None or listed(folder) == newest:
+        return newest
+    kept = [p for p in complete_checkpoints(folder) if number(p) <= number(newest)]
+    try:
+        write_state(folder, newest, kept)
+    except OSError as err:
+        log(f"note: {os.path.join(folder, STATE_FILE)} does not list {newest} and could not be "
+            f"rewritten ({err}); using {newest} all the same")
+        return newest
+    log(f"note: {os.path.join(folder, STATE_FILE)} was missing or did not list {newest} (a run "
+        f"killed while saving?); rebuilt it from the {len(kept)} complete ckpt-N.index file(s)")
+    return newest
 
 
 def require(folder):
@@ -36,8 +175,94 @@ def require(folder):
     path = latest(folder)
     if path is None:
         raise UserError(f"checkpoint folder {folder!r} holds no checkpoint "
-                        "(expected the files written by a training run: checkpoint, ckpt-N.index)")
+                        "(expected the files written by a training run: ckpt-N.index with its "
+                        "ckpt-N.data-* files, and the checkpoint state file)")
     return path
+
+
+def saved_objects(path):
+    """set of the top-level names a checkpoint holds (``generator``, ``step``, ...).
+
+    Raises:
+        UserError: the checkpoint cannot be read.
+    """
+    try:
+        names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as err:
+        raise UserError(f"cannot read the checkpoint {path}: {str(err).splitlines()[0]}")
+    return {name.split("/")[0] for name in names} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
+
+
+def restore_state(objects, path, fresh_if_missing, log):
+    """Restores a whole training state; bookkeeping an earlier version did not save starts afresh.
+
+    Args:
+        objects: dict name -> trackable, what the checkpoint should hold.
+        path: the checkpoint prefix.
+        fresh_if_missing: names that may be missing (earlier versions): they
+            keep their initial values, with a one-line note.
+        log: callable for the note.
+
+    Raises:
+        UserError: something else is missing, or a value does not fit.
+    """
+    saved = saved_objects(path)
+    missing = [name for name in objects if name not in saved]
+    lacking = [name for name in missing if name not in fresh_if_missing]
+    if lacking:
+        raise UserError(
+            f"cannot resume from {path}: it holds no {', '.join(lacking)} (it holds "
+            f"{', '.join(sorted(saved))}); it was not written by a training run of this project, "
+            "or by one with other settings (e.g. -mixed_precision float16 adds loss-scale state)")
+    present = {k: v for k, v in objects.items() if k in saved}
+    try:
+        status = tf.train.Checkpoint(**present).restore(path)
+        # Checkpoints of earlier versions also hold a label-noise generator
+        # that the stateless draws no longer need.
+        status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as err:
+        raise UserError(mismatch_message(path, err)) from None
+    if missing:
+        log(f"note: {path} was written by an earlier version without {', '.join(missing)}: the "
+            "current epoch's running loss sums start afresh (weights, optimisers, step and data "
+            "order are restored)")
+
+
+class FiniteCheck:
+    """Whether each of a list of variables is all finite, in one compiled call on the device.
+
+    Args:
+        pairs: list of (label, variable) pairs.
+    """
+
+    def __init__(self, pairs):
+        self.pairs = list(pairs)
+        variables = [v for _, v in self.pairs]
+        self._fn = tf.function(lambda: tf.stack(
+            [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]))
+
+    def __call__(self):
+        """list of (label, variable name) of the variables holding a NaN or an infinity."""
+        finite = self._fn().numpy()
+        return [(label, getattr(v, "path", None) or v.name)
+                for (label, v), ok in zip(self.pairs, finite) if not ok]
+
+
+def mismatch_message(path, err):
+    """The message for a checkpoint that does not fit the networks built from the settings."""
+    first = str(err).splitlines()[0]
+    shapes = re.search(r"incompatible tensor with shape (\S+) .*variable with shape (\S+)", str(err),
+                       re.DOTALL)
+    if shapes:
+        folder = os.path.dirname(path)
+        return (f"cannot resume from {path}: {folder}/config.json and the checkpoint disagree: "
+                f"the settings of config.json (and the flags given) build a variable of shape "
+                f"{shapes.group(2)} where the checkpoint holds one of shape {shapes.group(1)}. "
+                "Give the architecture flags the checkpoint was trained with (-feature_size, "
+                "-residual_blocks, -upsampling_factor, -patch_shape, upsampling mode), or restore "
+                "the config.json written with it")
+    return f"cannot resume from {path}: {first}"
 
 
 def read_int(variable):

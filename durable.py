@@ -409,33 +409,45 @@ _STALE_DIR_PATTERNS = (re.compile(r"ckpt-\d+_temp"),)
 
 
 def remove_stale_temporaries(folder):
-    """Removes the temporaries killed runs of this project left in one folder.
+    """Removes the temporaries killed runs of this project left in a folder and its sub-folders.
 
-    Only in ``folder`` itself (not recursive), only regular files named
-    ``.tmp-*`` (:func:`atomic_write`) or ``checkpoint.tmp<32 hex digits>``
-    (TensorFlow's checkpoint state file) and real folders named
-    ``ckpt-<N>_temp`` (a TensorFlow checkpoint save in progress); symbolic
-    links and everything else are left alone. Call it only while holding the
-    folder's :class:`RunLock`: the temporaries of a live run look the same.
+    In ``folder`` and, recursively, its real sub-folders (a BIDS output's
+    ``sub-X/anat/``), except a sub-folder holding its own :data:`LOCK_NAME`
+    (another run's folder, cleaned by that run under its own lock): only
+    regular files named ``.tmp-*`` (:func:`atomic_write`) or
+    ``checkpoint.tmp<32 hex digits>`` (TensorFlow's checkpoint state file) and
+    real folders named ``ckpt-<N>_temp`` (a TensorFlow checkpoint save in
+    progress); symbolic links are never followed nor removed, everything else
+    is left alone. Call it only while holding the folder's :class:`RunLock`:
+    the temporaries of a live run look the same.
 
     Args:
         folder: the folder to clean; a missing folder has nothing to remove.
 
     Returns:
-        list of the removed paths (``folder`` joined with the name), sorted.
+        list of the removed paths, each folder's sorted by name, the folder's own first.
 
     Raises:
         OutputError: naming ``folder`` when it cannot be listed or a leftover
             cannot be removed (a folder this process cannot change).
     """
     folder = os.fspath(folder)
+    removed, subfolders = _remove_stale_here(folder)
+    for sub in subfolders:
+        if not os.path.exists(os.path.join(sub, LOCK_NAME)):
+            removed += remove_stale_temporaries(sub)
+    return removed
+
+
+def _remove_stale_here(folder):
+    """The stale temporaries removed from ``folder`` itself, and its other real sub-folders."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except FileNotFoundError:
-        return []
+        return [], []
     except OSError as e:
         raise _output_error(folder, e) from e
-    removed = []
+    removed, subfolders = [], []
     for entry in entries:
         try:
             if entry.is_file(follow_symlinks=False) and any(p.fullmatch(entry.name) for p in _STALE_FILE_PATTERNS):
@@ -443,6 +455,8 @@ def remove_stale_temporaries(folder):
             elif entry.is_dir(follow_symlinks=False) and any(p.fullmatch(entry.name) for p in _STALE_DIR_PATTERNS):
                 shutil.rmtree(entry.path)
             else:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(entry.path)
                 continue
         except FileNotFoundError:
             continue
@@ -451,7 +465,7 @@ def remove_stale_temporaries(folder):
             raise OutputError(folder, f"cannot remove the stale temporary {entry.name!r}: {err.reason}",
                               err.errno) from e
         removed.append(entry.path)
-    return removed
+    return removed, subfolders
 
 
 #: Name of the lock file :class:`RunLock` keeps in a run's folder.

@@ -19,6 +19,7 @@ import splits
 import train_dataset as td
 import utils
 from errors import UserError
+from training_loop import stop_between
 from version import program
 
 
@@ -183,7 +184,12 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
         predict = inference.restored_predictor(cfg, checkpoint_dir, log)
         outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
         provenance = outputs_lib.provenance(cfg, checkpoint)
-        for scan in tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True):
+        # SIGTERM/SIGUSR1: the subject under way is finished, then the run stops (128 + N).
+        def stopped(n, total):
+            return (f"after {n} of {total} subject(s): their rows are in {metrics.path}. Run the same "
+                    f"evaluation again to do the other {total - n} (the finished ones are skipped)")
+        bar = tqdm(todo, desc="evaluate", unit="volume", file=sys.stderr, dynamic_ncols=True)
+        for scan in stop_between(bar, stopped):
             start = time.time()
             row = evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log)
             if row is None:

@@ -239,6 +239,34 @@ def header_problem(path, min_shape=None, max_voxels=None):
     return None, spatial
 
 
+def minimum_image_shape(patch_shape, factor):
+    """The smallest (x, y, z) image worth one patch: the LR patch, and at least 2 x factor a side.
+
+    Args:
+        patch_shape: (3,) ints, the HR patch.
+        factor: int, the upsampling factor.
+
+    Returns:
+        tuple of 3 ints.
+    """
+    return tuple(max(-(-int(p) // int(factor)), 2 * int(factor)) for p in patch_shape)
+
+
+def size_problem(shape, patch_shape, factor):
+    """Why an image is too small to train on or to score (None when it is not).
+
+    A 1x1x1 image would be padded into a whole canonical volume and score a
+    meaningless PSNR; anything with an axis smaller than
+    :func:`minimum_image_shape` is refused with its shape.
+    """
+    minimum = minimum_image_shape(patch_shape, factor)
+    if any(int(s) < m for s, m in zip(shape, minimum)):
+        return (f"image {shape_str(shape)} is smaller than one patch's worth: each axis needs at "
+                f"least {shape_str(minimum)} voxels (the LR patch of -patch_shape "
+                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {factor})")
+    return None
+
+
 # --------------------------------------------------------------------------- #
 # Reading volumes
 # --------------------------------------------------------------------------- #
@@ -350,15 +378,59 @@ def load_mask(subject, image=None, log=print):
         bool (x, y, z) mask on the subject's own grid.
 
     Raises:
-        DataError: if a file cannot be read, or the mask's shape differs from
-            the image's (message names the mask path and both shapes).
+        DataError: if a file cannot be read, or the mask's grid differs from
+            the image's: its shape, or its affine by more than
+            ``GRID_TOLERANCE_MM`` (message names the mask path and the difference).
     """
     if subject.mask_path is None:
         if image is None:
             image, _, _ = load_volume(subject.image_path, log=log)
         return np.asarray(image) > 0
-    mask, _, _ = load_volume(subject.mask_path, log=log)
+    mask, mask_affine, _ = load_volume(subject.mask_path, log=log)
     if image is not None and tuple(mask.shape) != tuple(np.shape(image)[:3]):
         raise DataError(f"{subject.mask_path}: mask shape {shape_str(mask.shape)} differs from "
                         f"the image's {shape_str(np.shape(image)[:3])}")
+    problem = grid_problem(mask_affine, image_affine(subject.image_path))
+    if problem:
+        raise DataError(f"{subject.mask_path}: the mask is not on the image's grid ({problem}); "
+                        f"resample it onto {subject.image_path}, or remove it to use image > 0")
     return mask > 0
+
+
+#: Largest difference (mm) between a mask's and its image's affine entries taken as the same grid.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def image_affine(path):
+    """The voxel-to-world affine of a NIfTI file, from its header alone.
+
+    Raises:
+        DataError: the header cannot be read.
+    """
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(path).affine, dtype=np.float64)
+    except Exception as err:  # nibabel raises many kinds for a bad header
+        failure = _read_failure(path, "header", err)
+        if failure is None:
+            raise
+        raise failure from err
+
+
+def grid_problem(mask_affine, affine, tolerance=GRID_TOLERANCE_MM):
+    """What differs between a mask's grid and its image's (None when they match).
+
+    Args:
+        mask_affine, affine: 4x4 voxel-to-world affines (mm).
+        tolerance: largest difference of any entry, in mm.
+
+    Returns:
+        str naming the largest difference, or None.
+    """
+    diff = np.abs(np.asarray(mask_affine, np.float64) - np.asarray(affine, np.float64))
+    if diff.max() <= tolerance:
+        return None
+    shift = np.asarray(mask_affine)[:3, 3] - np.asarray(affine)[:3, 3]
+    return (f"affines differ by up to {diff.max():.4g} mm, origin shifted by "
+            f"({', '.join(f'{v:.4g}' for v in shift)}) mm; tolerance {tolerance:g} mm")

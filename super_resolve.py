@@ -14,7 +14,7 @@ import nifti_io
 import outputs as outputs_lib
 import scans
 import utils
-from errors import UserError
+from errors import EXIT_PARTIAL, RunStopped, UserError
 
 # Output voxel sizes further apart than this ratio get a warning: the scan's
 # voxel sizes do not fit the model's per-axis factors.
@@ -95,7 +95,8 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     checkpoint, options); plain names (``<name>_sr.nii.gz``) or BIDS
     derivatives (``..._rec-SRx<f>_T1w.nii.gz``) as ``outputs.output_scheme``
     says. A progress bar runs over the inputs. With several inputs an
-    unreadable one (or one whose maximum is <= 0) is reported and skipped.
+    unreadable one (or one whose maximum is <= 0) is reported and skipped,
+    and the run ends with exit code 4 once the others are written.
 
     Returns:
         list of the SR paths written.
@@ -103,6 +104,7 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     Raises:
         UserError: unusable checkpoint, output folder or inputs; the only scan
             is unusable; no scan could be read.
+        RunStopped: exit code 4, after writing the others, when some inputs were skipped.
         nifti_io.DataError: a single scan that cannot be read or has a maximum <= 0.
         durable.LockedError: another run writes into the folder.
         durable.OutputError: an output could not be written.
@@ -138,5 +140,15 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
         raise UserError("no scan could be super-resolved; see the messages above")
     log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
         + (f"; {len(skipped)} skipped" if skipped else ""))
+    if skipped:
+        raise partial_failure(written, skipped)
     return written
+
+
+def partial_failure(written, skipped):
+    """The :class:`RunStopped` (exit code 4) of a run that skipped some inputs and wrote the others."""
+    shown = ", ".join(s.subject.image_path for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    return RunStopped(f"{len(skipped)} of {len(written) + len(skipped)} inputs were skipped ({shown}; "
+                      f"the reasons are above); the other {len(written)} were written. Fix or drop the "
+                      "skipped ones and run again for them", exit_code=EXIT_PARTIAL)
 

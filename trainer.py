@@ -18,7 +18,7 @@ import checkpoints
 import config
 import networks
 from checkpoints import read_int
-from errors import RunStopped, UserError
+from errors import RunStopped
 from losses import (
     discriminator_loss,
     draw_targets,
@@ -69,6 +69,7 @@ class SRGANTrainer:
         xla: bool, compile the step with XLA (``jit_compile``; one device only).
         workers: int, processes training together (the training loop makes
             them agree on checkpoints and stop requests).
+        log: callable for notes (a resume from an earlier version's checkpoint).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -76,10 +77,13 @@ class SRGANTrainer:
     SCALAR_NAMES = LOSS_NAMES + ("flipped", "learning_rate")
     # Steps of scalars kept on the device between two reads by the host.
     HISTORY = 256
+    # Bookkeeping that checkpoints of earlier versions lack: it starts afresh.
+    FRESH_IF_MISSING = ("loss_sums", "loss_count")
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
                  loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
-                 strategy=None, is_chief=True, xla=False, workers=1):
+                 strategy=None, is_chief=True, xla=False, workers=1, log=print):
+        self.log = log
         self.generator = generator
         self.discriminator = discriminator
         self.strategy = strategy
@@ -105,6 +109,7 @@ class SRGANTrainer:
         self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
         self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn)
+        self._finite_check = None
 
     def _scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -143,11 +148,13 @@ class SRGANTrainer:
         # host reads them every few steps instead of waiting on every step.
         self.history = tf.Variable(tf.zeros((self.HISTORY, len(self.SCALAR_NAMES))),
                                    trainable=False, name="history")
-        self.checkpoint = tf.train.Checkpoint(
+        # What a checkpoint holds, by the name it is saved under.
+        self.checkpointed = dict(
             generator=generator, discriminator=discriminator, g_optimizer=self.g_optimizer,
             d_optimizer=self.d_optimizer, epoch=self.epoch, epoch_batches=self.epoch_batches,
             step=self.step, data_seed=self.data_seed, loss_sums=self.loss_sums,
             loss_count=self.loss_count, **extra)
+        self.checkpoint = tf.train.Checkpoint(**self.checkpointed)
 
     # ------------------------------------------------------------------ state
 
@@ -169,14 +176,7 @@ class SRGANTrainer:
             UserError: if the folder holds no checkpoint or it does not fit.
         """
         path = checkpoints.require(checkpoint_dir)
-        try:
-            status = self.checkpoint.restore(path)
-            # Checkpoints of earlier versions also hold a label-noise generator
-            # that the stateless draws no longer need.
-            status.expect_partial()
-            status.assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.OpError) as err:
-            raise UserError(f"cannot resume from {path}: {str(err).splitlines()[0]}")
+        checkpoints.restore_state(self.checkpointed, path, self.FRESH_IF_MISSING, self.log)
         self._host_step = None
         return path
 
@@ -203,13 +203,46 @@ class SRGANTrainer:
             return os.path.join(self.checkpoint_dir, f"ckpt-{step}")
         except (tf.errors.OpError, OSError) as err:
             reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            checkpoints.remove_partial(self.checkpoint_dir, step)
             latest = checkpoints.latest(self.checkpoint_dir)
             kept = (f"The last complete checkpoint is {latest}" if latest else
                     "No checkpoint of this run was completed")
             raise RunStopped(
                 f"cannot write the checkpoint of step {step} to {self.checkpoint_dir}: "
-                f"{str(reason).splitlines()[0]}. {kept}; make room (or fix the folder) and "
-                f"resume with -restore {self.checkpoint_dir}.") from err
+                f"{checkpoints.plain_reason(reason)}. {kept}; make room (or fix the folder) and "
+                f"resume with -restore {self.checkpoint_dir}.") from None
+
+    def saved_float_variables(self):
+        """What a checkpoint holds that can turn non-finite, by the part it belongs to.
+
+        Returns:
+            list of (label, variable) pairs: the weights of both networks, both
+            optimisers' state (moments; loss-scale state under float16) and
+            the current epoch's loss sums.
+        """
+        groups = [("generator weights", self.generator.variables),
+                  ("discriminator weights", self.discriminator.variables),
+                  ("generator optimiser state", self._g_apply.variables),
+                  ("discriminator optimiser state", self._d_apply.variables),
+                  ("epoch loss sums", [self.loss_sums, self.loss_count])]
+        pairs, seen = [], set()
+        for label, variables in groups:
+            for v in variables:
+                if tf.as_dtype(v.dtype).is_floating and id(v) not in seen:
+                    seen.add(id(v))
+                    pairs.append((label, v))
+        return pairs
+
+    def non_finite_state(self):
+        """The checkpointed variables holding a NaN or an infinity, checked on the device in one call.
+
+        Returns:
+            list of (label, variable name) pairs; empty when everything a
+            checkpoint would hold is finite.
+        """
+        if self._finite_check is None:
+            self._finite_check = checkpoints.FiniteCheck(self.saved_float_variables())
+        return self._finite_check()
 
     def epoch_losses(self):
         """dict of the mean of each loss over the current epoch's batches so far."""

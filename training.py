@@ -164,7 +164,7 @@ def prepare_run_folder(cfg, write=True):
     """
     ckpt_dir = cfg.checkpoint_dir
     same_folder = bool(cfg.restore) and os.path.realpath(ckpt_dir) == os.path.realpath(cfg.restore)
-    if not same_folder and os.path.isdir(ckpt_dir) and checkpoints.latest(ckpt_dir) is not None:
+    if not same_folder and os.path.isdir(ckpt_dir) and checkpoints.holds_checkpoints(ckpt_dir):
         raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
                         f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
     if write:
@@ -215,6 +215,51 @@ def check_placement(cfg, placement):
                         "Drop -xla, or choose one device with -gpus 0")
 
 
+def check_batch_size(cfg, train_subjects):
+    """Refuses a batch larger than an epoch's patches (it would train one short step a epoch).
+
+    Raises:
+        UserError: naming -batch_size and the epoch's patch count.
+    """
+    per_volume = td.patches_per_volume(cfg.volume_shape, cfg.patch_shape, cfg.patch_margin)
+    patches = len(train_subjects) * per_volume
+    if cfg.batch_size > patches:
+        raise UserError(f"-batch_size {cfg.batch_size} is more than the {patches} patches of one epoch "
+                        f"({len(train_subjects)} training subjects x {per_volume} patches of "
+                        f"-patch_shape {','.join(map(str, cfg.patch_shape))}); choose at most {patches}")
+
+
+def usable_training_subjects(cfg, train_subjects, say):
+    """The training subjects whose image is at least one patch's worth; the others are reported.
+
+    Raises:
+        UserError: none is left.
+    """
+    usable = []
+    for subject in train_subjects:
+        _, shape = nifti_io.header_problem(subject.image_path)
+        problem = shape and nifti_io.size_problem(shape, cfg.patch_shape, cfg.upsampling_factor)
+        if problem:
+            say(f"skipping {subject.name}: {subject.image_path}: {problem}")
+        else:
+            usable.append(subject)
+    if not usable:
+        raise UserError(f"none of the {len(train_subjects)} training subjects in {cfg.data_path!r} "
+                        "is large enough to train on (see above)")
+    return usable
+
+
+def pretraining_note(cfg, trainer, steps_per_epoch, say):
+    """Says, in one line, when -pretrain_steps covers the whole run: its adversarial loss stays 0."""
+    first = read_int(trainer.step)
+    last = cfg.epochs * steps_per_epoch
+    if cfg.pretrain_steps > first and cfg.pretrain_steps >= last:
+        say(f"note: -pretrain_steps {cfg.pretrain_steps} covers every step of this run (steps "
+            f"{first + 1}..{last}: -epochs {cfg.epochs} x {steps_per_epoch} batches): the generator "
+            "trains on the content loss alone and adv stays 0; the GAN starts at step "
+            f"{cfg.pretrain_steps + 1}")
+
+
 def train(cfg, log=print, placement=None):
     """Trains the GAN as the original, checkpointing every epoch.
 
@@ -251,7 +296,7 @@ def train(cfg, log=print, placement=None):
         return train_locked(cfg, placement, same_folder, say, log)
 
 
-def make_trainer(cfg, placement):
+def make_trainer(cfg, placement, log=print):
     """The networks of ``cfg`` and their trainer, placed, seeded by ``cfg.seed``."""
     keras.utils.set_random_seed(cfg.seed)
     generator, discriminator = build_networks(cfg, placement)
@@ -259,15 +304,20 @@ def make_trainer(cfg, placement):
                         run_eagerly=cfg.run_eagerly, loss_scale=cfg.mixed_precision == "float16",
                         checkpoint_dir=cfg.checkpoint_dir, max_to_keep=cfg.keep_checkpoints,
                         pretrain_steps=cfg.pretrain_steps, strategy=placement.strategy,
-                        is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers)
+                        is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers,
+                        log=log)
 
 
 def train_locked(cfg, placement, same_folder, say, log):
     """:func:`train` once the run folder is locked."""
     chief = placement.is_chief
     train_subjects, test_subjects = splits.training_split(cfg, say)
+    check_batch_size(cfg, train_subjects)
     say(placement.describe())
-    trainer = make_trainer(cfg, placement)
+    if same_folder and chief:
+        # Before the trainer's CheckpointManager reads the state file.
+        checkpoints.recover_state(cfg.restore, say)
+    trainer = make_trainer(cfg, placement, say)
     if cfg.restore:
         cfg = resume(trainer, cfg, say)
     if read_int(trainer.epoch) >= cfg.epochs:
@@ -276,7 +326,8 @@ def train_locked(cfg, placement, same_folder, say, log):
         return {"checkpoint": checkpoints.latest(cfg.restore), "losses": {}}
     if chief:
         write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
-    stream = TrainingStream(train_subjects, cfg, placement, say)
+    stream = TrainingStream(usable_training_subjects(cfg, train_subjects, say), cfg, placement, say)
+    pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
     losses = TrainingLoop(trainer, reporter, policy, say).fit(stream, cfg.epochs)

@@ -3,7 +3,7 @@
 :class:`TrainingLoop` drives an ``trainer.SRGANTrainer`` through epochs:
 it checkpoints by a :class:`CheckpointPolicy` and at every epoch end, turns
 SIGTERM/SIGUSR1 (:class:`StopSignals`) and Ctrl-C into a checkpoint and a
-stop, stops a run whose losses turn non-finite without saving them, and makes
+stop, stops a run whose losses or checkpointed state turn non-finite without saving them, and makes
 the workers of a multi-worker run agree on all of it at the same steps.
 """
 
@@ -73,12 +73,40 @@ class StopSignals:
     def _handle(self, signum, frame):
         self.received = signum
 
+    def stop(self, what):
+        """The :class:`RunStopped` for the signal received: ``received SIGTERM <what>``, exit 128 + N."""
+        signum = self.received or signal.SIGTERM
+        return RunStopped(f"received {signal.Signals(signum).name} {what}", exit_code=128 + int(signum))
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
         return False
 
+
+
+def stop_between(items, said):
+    """Yields ``items`` with SIGTERM/SIGUSR1 recorded; after one, stops if a signal came and some are left.
+
+    The item under way is always finished: the check runs when the loop asks
+    for the next one. The handlers are those of :class:`StopSignals`,
+    installed while the loop runs and restored after it.
+
+    Args:
+        items: a sized iterable (a list, a tqdm over one).
+        said: callable ``(done, total) -> str``, what the stop message adds
+            after ``received SIGTERM``.
+
+    Raises:
+        RunStopped: exit code 128 + N, when a signal N came before the last item.
+    """
+    total = len(items)
+    with StopSignals() as signals:
+        for done, item in enumerate(items, 1):
+            yield item
+            if signals.received is not None and done < total:
+                raise signals.stop(said(done, total))
 
 
 class NullReporter:
@@ -159,8 +187,7 @@ class TrainingLoop:
                     self.train_epoch(epoch_data(epoch, skip), epoch, skip, signals)
                     losses = self.end_epoch(epoch, signals)
             except KeyboardInterrupt:
-                self.guard_finite(read_int(trainer.step))
-                path = trainer.save()
+                path = self.save(read_int(trainer.step))
                 self.log(f"\ninterrupted: saved {path} (epoch {read_int(trainer.epoch) + 1}, "
                          f"{read_int(trainer.epoch_batches)} batches in); resume with "
                          f"-restore {trainer.checkpoint_dir}")
@@ -179,7 +206,7 @@ class TrainingLoop:
         self.guard_finite(read_int(trainer.step))
         losses = trainer.epoch_losses()
         trainer.end_epoch()
-        path = trainer.save()
+        path = self.save(read_int(trainer.step))
         self.policy.saved()
         self.reporter.end_epoch(epoch, losses, path)
         self.stop_if_requested(signals, path)
@@ -224,7 +251,7 @@ class TrainingLoop:
             save, stop = self.agree(save, stop)
         if not (save or stop):
             return
-        path = self.trainer.save()
+        path = self.save(step)
         self.policy.saved()
         self.reporter.checkpointed(step, path)
         if stop:
@@ -257,6 +284,49 @@ class TrainingLoop:
         agreed = strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None).numpy()
         return tuple(bool(v > 0) for v in agreed)
 
+    def save(self, step):
+        """Writes a checkpoint once both guards pass: finite losses and a finite state.
+
+        Returns:
+            str, the checkpoint path.
+
+        Raises:
+            RunStopped: a loss or a checkpointed value is non-finite (nothing
+                is written), or the checkpoint cannot be written.
+        """
+        self.guard_finite(step)
+        self.guard_state(step)
+        return self.trainer.save()
+
+    def guard_state(self, step):
+        """Stops the run, saving nothing, if anything a checkpoint holds is NaN or infinite.
+
+        The losses can stay finite while an optimiser's moments overflow; a
+        checkpoint holding them would diverge again on resume. One device call.
+
+        Raises:
+            RunStopped: naming the parts and variables and the last good checkpoint.
+        """
+        bad = self.trainer.non_finite_state()
+        if not bad:
+            return
+        parts = sorted({label for label, _ in bad})
+        parts = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+        names = ", ".join(name for _, name in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise RunStopped(
+            f"training diverged: at step {step} these turned non-finite: {parts} "
+            f"({names}), while the losses were still finite. Nothing of it was saved; "
+            f"{self.last_good()}.", exit_code=EXIT_DIVERGED)
+
+    def last_good(self):
+        """str, the sentence naming the last good checkpoint and how to resume from it."""
+        trainer = self.trainer
+        latest = checkpoints.latest(trainer.checkpoint_dir) if trainer.checkpoint_dir else None
+        if not latest:
+            return "no checkpoint had been written yet: start again with a lower -learning_rate"
+        return (f"the last good checkpoint is {latest}; resume from it with a lower "
+                f"-learning_rate (-restore {trainer.checkpoint_dir} -learning_rate ...)")
+
     def guard_finite(self, step):
         """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
 
@@ -267,10 +337,7 @@ class TrainingLoop:
         for s, values in trainer.recent_scalars(self.checked_step + 1, step):
             bad = {k: v for k, v in values.items() if not np.isfinite(v)}
             if bad:
-                latest = checkpoints.latest(trainer.checkpoint_dir) if trainer.checkpoint_dir else None
-                where = (f"the last good checkpoint is {latest}; resume from it with a lower "
-                         f"-learning_rate (-restore {trainer.checkpoint_dir} -learning_rate ...)"
-                         if latest else "no checkpoint had been written yet")
+                where = self.last_good()
                 shown = ", ".join(f"{k} {v}" for k, v in bad.items())
                 raise RunStopped(
                     f"training diverged: the losses turned non-finite at step {s} ({shown}). "

@@ -14,7 +14,12 @@ save counter aside).
 Two policies are measured by default: the original's (a checkpoint at the end
 of every epoch only: ``-checkpoint_minutes 0``) and checkpoints every
 ``--checkpoint-steps`` steps, which is what ``-checkpoint_minutes 30`` gives a
-real run in time rather than steps.
+real run in time rather than steps. A third run (``--no-state-loss`` leaves it
+out) uses the in-epoch policy and, after every kill, simulates a kill that
+landed between writing ``ckpt-N.index`` and updating the ``checkpoint`` state
+file (an instant too short to hit with a real SIGKILL): the state file is
+deleted after odd kills and made to list one checkpoint less after even ones.
+The resume must still start from the newest complete checkpoint.
 """
 
 import argparse
@@ -33,9 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-import phantoms  # noqa: E402
+# TensorFlow and the project's modules are imported where used: --help is instant.
 
 GEOMETRY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
             "-feature_size", "8", "-residual_blocks", "2", "-upsampling_factor", "2"]
@@ -48,14 +52,20 @@ def _argv(data, ckpt, epochs, seed, policy):
 
 
 def _state(ckpt):
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(ckpt))
+    import tensorflow as tf
+
+    import checkpoints
+
+    reader = tf.train.load_checkpoint(checkpoints.latest(ckpt))
     return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
             if not n.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"))}
 
 
 def _checkpoint_step(ckpt):
-    """int, the step of the newest checkpoint in ``ckpt`` (0 when there is none)."""
-    path = tf.train.latest_checkpoint(ckpt) if os.path.isdir(ckpt) else None
+    """int, the step of the newest complete checkpoint in ``ckpt`` (0 when there is none)."""
+    import checkpoints
+
+    path = checkpoints.latest(ckpt) if os.path.isdir(ckpt) else None
     return int(_state(ckpt)["step/.ATTRIBUTES/VARIABLE_VALUE"]) if path else 0
 
 
@@ -102,11 +112,41 @@ def _run_until_killed(command, log_path, window, rng, timeout=600):
             proc.wait(timeout=60)
 
 
-def measure(name, policy, data, work, args, reference):
-    """Kills and resumes one policy's run; returns a summary dict."""
+def lose_state_file(ckpt, kill):
+    """Leaves ``ckpt`` as a kill between ``ckpt-N.index`` and the state file update would.
+
+    Odd kills: the ``checkpoint`` state file is gone. Even kills: it lists the
+    checkpoints but the newest. Returns a one-line description.
+    """
+    import checkpoints
+
+    state = os.path.join(ckpt, checkpoints.STATE_FILE)
+    complete = checkpoints.complete_checkpoints(ckpt)
+    if kill % 2 == 1 or len(complete) < 2:
+        if os.path.exists(state):
+            os.remove(state)
+        return "state file deleted"
+    checkpoints.write_state(ckpt, complete[-2], complete[:-1])
+    return f"state file lists {os.path.basename(complete[-2])}, not {os.path.basename(complete[-1])}"
+
+
+def _resumed_step(log_path):
+    """int, the step the run's ``resumed .../ckpt-N: ... step S`` line names (None if absent)."""
+    with open(log_path, errors="replace") as fh:
+        found = re.findall(r"resumed \S+: epoch \d+ done, step (\d+)", fh.read())
+    return int(found[0]) if found else None
+
+
+def measure(name, policy, data, work, args, reference, lose_state=False):
+    """Kills and resumes one policy's run; returns a summary dict.
+
+    With ``lose_state``, every kill is followed by :func:`lose_state_file`,
+    and every resume must start at the newest complete checkpoint.
+    """
     rng = random.Random(args.seed)
     ckpt = os.path.join(work, name)
-    lost, kills, runs = [], 0, 0
+    lost, kills, runs, wrong_resumes = [], 0, 0, 0
+    expected_resume = None
     start = time.perf_counter()
     while True:
         log_path = os.path.join(work, f"{name}-{runs}.log")
@@ -115,24 +155,39 @@ def measure(name, policy, data, work, args, reference):
             command = [sys.executable, os.path.join(ROOT, "model.py"), "-restore", ckpt]
         runs += 1
         if kills < args.kills and _run_until_killed(command, log_path, args.window, rng):
+            wrong_resumes += _wrong_resume(log_path, expected_resume)
             reached, per_epoch = _reached(log_path)
             kept = _checkpoint_step(ckpt)
             lost.append(reached - kept)
             kills += 1
+            note = f"; {lose_state_file(ckpt, kills)}" if lose_state and kept else ""
+            expected_resume = kept or None
             print(f"{name}: kill {kills}: at step {reached}, newest checkpoint at step {kept}, "
-                  f"{reached - kept} step(s) lost", flush=True)
+                  f"{reached - kept} step(s) lost{note}", flush=True)
             continue
         if kills >= args.kills:
             with open(log_path, "w") as log:
                 subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=True,
                                timeout=1200)
+            wrong_resumes += _wrong_resume(log_path, expected_resume)
         if os.path.exists(os.path.join(ckpt, "config.json")) and _checkpoint_step(ckpt) >= reference["steps"]:
             break
     state = _state(ckpt)
     same = set(state) == set(reference["state"]) and all(
         np.array_equal(state[n], v) for n, v in reference["state"].items())
-    return {"name": name, "kills": kills, "runs": runs, "lost": lost, "identical": same,
+    return {"name": name, "kills": kills, "runs": runs, "lost": lost, "identical": same and not wrong_resumes,
             "per_epoch": per_epoch, "seconds": time.perf_counter() - start}
+
+
+def _wrong_resume(log_path, expected):
+    """1 when the run in ``log_path`` resumed elsewhere than at step ``expected`` (printed), else 0."""
+    if expected is None:
+        return 0
+    resumed = _resumed_step(log_path)
+    if resumed == expected:
+        return 0
+    print(f"  resumed at step {resumed}, not at the newest checkpoint's {expected}; see {log_path}", flush=True)
+    return 1
 
 
 def main():
@@ -146,7 +201,11 @@ def main():
                         help="each kill lands U(0, WINDOW) s after the run's first step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--no-state-loss", action="store_true",
+                        help="leave out the run whose checkpoint state file is lost after every kill")
     args = parser.parse_args()
+
+    import phantoms
 
     work = tempfile.mkdtemp(prefix="srgan-kill-")
     try:
@@ -163,8 +222,13 @@ def main():
             f"every {args.checkpoint_steps} steps": ["-checkpoint_minutes", "0",
                                                     "-checkpoint_steps", str(args.checkpoint_steps)],
         }
-        results = [measure(f"policy{i}", policy, data, work, args, reference)
-                   for i, policy in enumerate(policies.values())]
+        lose = [False] * len(policies)
+        if not args.no_state_loss:
+            label = f"every {args.checkpoint_steps} steps, state file lost after each kill"
+            policies[label] = policies[f"every {args.checkpoint_steps} steps"]
+            lose.append(True)
+        results = [measure(f"policy{i}", policy, data, work, args, reference, lose_state=lost_state)
+                   for i, (policy, lost_state) in enumerate(zip(policies.values(), lose))]
         print()
         print("| checkpoints | kills | steps lost per kill: mean | max | batches per epoch | "
               "resumed run bit-identical |")

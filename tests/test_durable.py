@@ -222,7 +222,12 @@ def test_remove_stale_temporaries_removes_only_the_projects_leftovers(tmp_path):
     (tmp_path / "ckpt-12_temp" / "part-00000-of-00001.data-00000-of-00001.tempstate123").write_text("x")
     for name in ("ckpt-best_temp", "my_ckpt-1_temp", ".tmp-folder", "sub"):
         (tmp_path / name).mkdir()
-    (tmp_path / "sub" / ".tmp-nested").write_text("x")  # not recursive
+    (tmp_path / "sub" / ".tmp-nested").write_text("x")  # recursive: removed too
+    (tmp_path / "sub" / "anat").mkdir()
+    (tmp_path / "sub" / "anat" / ".tmp-x_sr.nii.gz-k2.nii.gz").write_text("x")
+    (tmp_path / "other_run").mkdir()  # another run's locked folder: its own cleaning
+    (tmp_path / "other_run" / durable.LOCK_NAME).write_text("")
+    (tmp_path / "other_run" / ".tmp-live").write_text("x")
     outside = tmp_path / "sub" / "target"
     outside.write_text("keep me")
     os.symlink(outside, tmp_path / ".tmp-link")  # a link is never followed nor removed
@@ -230,11 +235,13 @@ def test_remove_stale_temporaries_removes_only_the_projects_leftovers(tmp_path):
 
     removed = durable.remove_stale_temporaries(tmp_path)
     expected = sorted(stale_files + ["ckpt-12_temp"])
-    assert removed == [str(tmp_path / n) for n in expected]
+    assert removed == [str(tmp_path / n) for n in expected] + [
+        str(tmp_path / "sub" / ".tmp-nested"), str(tmp_path / "sub" / "anat" / ".tmp-x_sr.nii.gz-k2.nii.gz")]
     left = sorted(os.listdir(tmp_path))
     assert left == sorted(keep_files + ["ckpt-best_temp", "my_ckpt-1_temp", ".tmp-folder", "sub",
-                                        ".tmp-link", "ckpt-4_temp"])
-    assert sorted(os.listdir(tmp_path / "sub")) == [".tmp-nested", "target"] and outside.read_text() == "keep me"
+                                        ".tmp-link", "ckpt-4_temp", "other_run"])
+    assert sorted(os.listdir(tmp_path / "sub")) == ["anat", "target"] and outside.read_text() == "keep me"
+    assert (tmp_path / "other_run" / ".tmp-live").exists()
     assert durable.remove_stale_temporaries(tmp_path) == []
     assert durable.remove_stale_temporaries(tmp_path / "missing") == []
 
