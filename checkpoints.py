@@ -14,7 +14,6 @@ import durable
 import quiet
 from errors import UserError
 
-
 STATE_FILE = "checkpoint"
 _NUMBERED = re.compile(r"ckpt-(\d+)$")
 _SHARD = re.compile(r"\.data-(\d+)-of-(\d+)$")

@@ -1,7 +1,8 @@
 """The trainer: both networks, both optimisers, the training state and its checkpoint, and one step.
 
 :class:`SRGANTrainer` owns what a checkpoint holds and the compiled step
-(one discriminator update, then one generator update). The loop around it
+(one discriminator update, then one generator update, whose per-replica
+arithmetic is in ``replica_steps``). The loop around it
 (epochs, checkpoint policy, stop signals, the divergence guard) lives in
 ``training_loop``.
 """
@@ -17,15 +18,9 @@ import tensorflow as tf
 import checkpoints
 import config
 import networks
+import replica_steps
 from checkpoints import read_int
 from errors import RunStopped
-from losses import (
-    discriminator_loss,
-    draw_targets,
-    generator_losses,
-    gradient_difference_loss,
-    replica_rows,
-)
 
 # Inverse time decay of the original: lr = 1e-4 / (1 + 0.5 * step / 4920).
 DECAY_STEPS = 4920
@@ -106,8 +101,8 @@ class SRGANTrainer:
             compile_ = lambda fn: fn  # noqa: E731
         else:
             compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla))  # noqa: E731
-        self._compiled = compile_(lambda lr, hr: self._step(self._gan_replica_step, lr, hr))
-        self._compiled_pretrain = compile_(lambda lr, hr: self._step(self._pretrain_replica_step, lr, hr))
+        self._compiled = compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr))
+        self._compiled_pretrain = compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn)
         self._finite_check = None
 
@@ -123,18 +118,18 @@ class SRGANTrainer:
         self.d_optimizer = keras.optimizers.Adam(self.schedule, **adam)
         # The optimisers that apply the updates: the Adams themselves, or
         # dynamic loss scaling around them (float16 gradients underflow).
-        self._g_apply, self._d_apply = self.g_optimizer, self.d_optimizer
+        self.g_apply, self.d_apply = self.g_optimizer, self.d_optimizer
         extra = {}
         if loss_scale:
             # The generator loss is a sum over every voxel (~1e3-1e5): its
             # gradients need no up-scaling, and the usual 2**15 would overflow
             # float16 for the first dozen steps. The discriminator's is a mean.
-            self._g_apply = keras.optimizers.LossScaleOptimizer(self.g_optimizer, initial_scale=1.0)
-            self._d_apply = keras.optimizers.LossScaleOptimizer(self.d_optimizer)
-            extra = {"g_loss_scale": self._g_apply, "d_loss_scale": self._d_apply}
+            self.g_apply = keras.optimizers.LossScaleOptimizer(self.g_optimizer, initial_scale=1.0)
+            self.d_apply = keras.optimizers.LossScaleOptimizer(self.d_optimizer)
+            extra = {"g_loss_scale": self.g_apply, "d_loss_scale": self.d_apply}
         # Built now so that a restore finds every slot variable to fill.
-        self._g_apply.build(generator.trainable_variables)
-        self._d_apply.build(discriminator.trainable_variables)
+        self.g_apply.build(generator.trainable_variables)
+        self.d_apply.build(discriminator.trainable_variables)
         counter = dict(dtype=tf.int64, trainable=False)
         self.epoch = tf.Variable(0, name="epoch", **counter)
         self.epoch_batches = tf.Variable(0, name="epoch_batches", **counter)
@@ -222,8 +217,8 @@ class SRGANTrainer:
         """
         groups = [("generator weights", self.generator.variables),
                   ("discriminator weights", self.discriminator.variables),
-                  ("generator optimiser state", self._g_apply.variables),
-                  ("discriminator optimiser state", self._d_apply.variables),
+                  ("generator optimiser state", self.g_apply.variables),
+                  ("discriminator optimiser state", self.d_apply.variables),
                   ("epoch loss sums", [self.loss_sums, self.loss_count])]
         pairs, seen = [], set()
         for label, variables in groups:
@@ -301,58 +296,16 @@ class SRGANTrainer:
         return out
 
     def _step(self, replica_step, lr, hr):
-        """Runs ``replica_step`` on every replica, sums the shares, records the step."""
+        """Runs ``replica_step(self, lr, hr)`` on every replica, sums the shares, records the step."""
         if self.strategy is None:
-            out = replica_step(lr, hr)
+            out = replica_step(self, lr, hr)
         else:
-            shares = self.strategy.run(replica_step, args=(lr, hr))
+            shares = self.strategy.run(replica_step, args=(self, lr, hr))
             out = {name: self.strategy.reduce(
                 tf.distribute.ReduceOp.SUM if name in self.LOSS_NAMES else tf.distribute.ReduceOp.MEAN,
                 value, axis=None) for name, value in shares.items()}
         self._record(out)
         return out
-
-    def _gan_replica_step(self, lr, hr):
-        g, d = self.generator, self.discriminator
-        local = tf.shape(hr)[0]
-        batch, first = replica_rows(local)
-        global_batch = batch if self.replicas > 1 else None
-        t_real, t_fake, flipped, t_gen = [
-            t if t.shape.rank == 0 else t[first:first + local]
-            for t in draw_targets(self.data_seed, self.step, batch)]
-        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
-        sr = g(lr, training=True)
-        with tf.GradientTape() as tape:
-            d_real = d(hr, training=True)
-            d_fake = d(sr, training=True)
-            d_loss = discriminator_loss(d_real, d_fake, t_real, t_fake, global_batch)
-            scaled = self._scale(self._d_apply, d_loss)
-        grads = tape.gradient(scaled, d.trainable_variables)
-        self._d_apply.apply(grads, d.trainable_variables)
-
-        with tf.GradientTape() as tape:
-            sr = g(lr, training=True)
-            d_fake = d(sr, training=True)
-            losses = generator_losses(hr, sr, d_fake, t_gen, global_batch)
-            scaled = self._scale(self._g_apply, losses["g_loss"])
-        grads = tape.gradient(scaled, g.trainable_variables)
-        self._g_apply.apply(grads, g.trainable_variables)
-        return {"d_loss": d_loss, **losses, "flipped": tf.cast(flipped, tf.float32),
-                "learning_rate": learning_rate}
-
-    def _pretrain_replica_step(self, lr, hr):
-        g = self.generator
-        learning_rate = tf.cast(self.schedule(self.g_optimizer.iterations), tf.float32)
-        with tf.GradientTape() as tape:
-            sr = g(lr, training=True)
-            mse = tf.reduce_sum(tf.square(sr - hr))
-            gdl = gradient_difference_loss(hr, sr)
-            scaled = self._scale(self._g_apply, mse + gdl)
-        grads = tape.gradient(scaled, g.trainable_variables)
-        self._g_apply.apply(grads, g.trainable_variables)
-        zero = tf.zeros((), tf.float32)
-        return {"d_loss": zero, "g_loss": mse + gdl, "mse": mse, "gdl": gdl, "adv": zero,
-                "flipped": zero, "learning_rate": learning_rate}
 
     def _record(self, out):
         # The counters, trackers and history move in the same graph call as the
@@ -363,13 +316,6 @@ class SRGANTrainer:
         self.loss_count.assign_add(1.0)
         row = tf.cast(self.step % self.HISTORY, tf.int32)
         self.history[row].assign(tf.stack([out[name] for name in self.SCALAR_NAMES]))
-
-    @staticmethod
-    def _scale(optimizer, loss):
-        # LossScaleOptimizer.apply divides the gradients by the same scale.
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return optimizer.scale_loss(loss)
-        return loss
 
     def local_batch(self, batch):
         """The first replica's part of a (possibly distributed) batch, for previews."""
