@@ -533,6 +533,9 @@ def check_config(cfg, action):
     if action == "export" and not model_file.is_model_file(cfg.export):
         raise UserError(f"-export {cfg.export!r} must name a {model_file.SUFFIX} file")
     if action == "train" and not cfg.demo and not os.path.exists(cfg.data_path):
+        if cfg.restore:
+            raise UserError(f"-data_path {cfg.data_path!r} (the data of the run in {cfg.restore}) does not "
+                            f"exist; pass its new place: -restore {cfg.restore} -data_path NEW_PLACE")
         raise UserError(f"-data_path {cfg.data_path!r} does not exist; pass the folder that "
                         "holds one sub-folder per subject (or NIfTI files), or try -demo True")
 

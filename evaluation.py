@@ -82,6 +82,9 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
         image, affine, header = nifti_io.load_volume(subject.image_path, log=log,
                                                max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
         nifti_io.check_intensity(image, subject.image_path)
+        too_small = nifti_io.size_problem(image.shape, cfg.patch_shape, f)
+        if too_small:
+            raise nifti_io.DataError(f"{subject.image_path}: {too_small}")
         mask = nifti_io.load_mask(subject, image, log=log)
     except nifti_io.PipelineError:
         raise

@@ -449,9 +449,13 @@ def _csv_row_candidate(csv_path, index, line, row):
         problem = f"mask {mask!r} not found (no file {mask_path})"
     elif "/" in name or os.sep in name or name in (".", ".."):
         problem = f"subject {name!r} cannot be used in file names (no '/' allowed)"
-    elif "split" in index and split not in SPLITS:
-        problem = ("empty split cell (with a split column every row needs train or test)" if not split
-                   else f"split {cell('split')!r} must be train or test")
+    elif "split" in index and not split:
+        problem = "empty split cell (with a split column every row needs train or test)"
+    if "split" in index and split and split not in SPLITS:
+        # A value this version does not know (e.g. validation) would silently
+        # change the split: the whole list is refused, not the row skipped.
+        raise nifti_io.DataError(f"{where}: split {cell('split')!r} must be one of {', '.join(SPLITS)}; "
+                                 "fix the list's split column (no subject was used)")
     return _Candidate(name, image_path, mask_path, problem=problem, where=where,
                       split=split if "split" in index else None)
 

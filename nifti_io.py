@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+import utils
+
 #: The original's canonical volume, 224x224x152 (``train_dataset.VOLUME_SHAPE``):
 #: :func:`max_voxels_for` never allows fewer than ``MAX_VOXELS_FACTOR`` times it.
 REFERENCE_SHAPE = (224, 224, 152)
@@ -244,12 +246,13 @@ def minimum_image_shape(patch_shape, factor):
 
     Args:
         patch_shape: (3,) ints, the HR patch.
-        factor: int, the upsampling factor.
+        factor: int, the upsampling factor, or three (one per axis).
 
     Returns:
         tuple of 3 ints.
     """
-    return tuple(max(-(-int(p) // int(factor)), 2 * int(factor)) for p in patch_shape)
+    factors = utils.per_axis(factor, "upsampling_factor")
+    return tuple(max(-(-int(p) // f), 2 * f) for p, f in zip(patch_shape, factors))
 
 
 def size_problem(shape, patch_shape, factor):
@@ -263,7 +266,7 @@ def size_problem(shape, patch_shape, factor):
     if any(int(s) < m for s, m in zip(shape, minimum)):
         return (f"image {shape_str(shape)} is smaller than one patch's worth: each axis needs at "
                 f"least {shape_str(minimum)} voxels (the LR patch of -patch_shape "
-                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {factor})")
+                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {utils.factor_text(factor)})")
     return None
 
 

@@ -12,6 +12,7 @@ import inference
 import layouts
 import metrics
 import model
+import phantoms
 import train_dataset as td
 
 
@@ -128,3 +129,19 @@ def test_the_summary_and_the_mosaic_lead_with_the_fair_comparison():
     assert lines[7] == "  (* written as _sr)" and any(line.startswith("PSNR: mean 30.5000") for line in lines)
     header = evaluation.mosaic_header(layouts.Subject("s0", "s0.nii.gz"), rows[0])
     assert header == "s0  SR PSNR 30.50 dB SSIM 30.5000 | tricubic PSNR 28.50 dB SSIM 28.5000 (one data range)"
+
+
+def test_degenerate_images_are_not_scored(run, tmp_path, capsys):
+    data = tmp_path / "data"
+    phantoms.make_demo_data(str(data), subjects=1, shape=(34, 30, 26), seed=4)
+    for name in ("tiny_a", "tiny_b"):
+        (data / name).mkdir()
+        nib.save(nib.Nifti1Image(np.full((1, 1, 1), 50.0, np.float32), np.eye(4)),
+                 str(data / name / layouts.IMAGE_NAME))
+    out = tmp_path / "out"
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(run["ckpt"]), "-data_path", str(data),
+                       "-path_volumes", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "skipping tiny_a" in text and "image 1x1x1 is smaller than one patch's worth" in text
+    _, rows = durable.read_csv_rows(out / "metrics.csv")
+    assert [r["subject"] for r in rows] == ["demo_000"]

@@ -352,7 +352,7 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
         ",,x,train\n"                            # row 4: empty image cell
         "../data/b.nii.gz,../data/nomask.nii.gz,,test\n"  # row 5: no such mask
         "../data/c.nii.gz,,,\n"                  # row 6: empty split
-        "../data/c.nii.gz,,c2,val\n"             # row 7: unknown split
+        "../data/gone.nii.gz,,c2,train\n"        # row 7: no such image either
         "../data/b.nii.gz,,dup,test\n"           # rows 8 and 9: same subject ID
         "../data/c.nii.gz,,dup,train\n"
         "../data/broken.nii.gz,,,test\n"         # row 10: header check fails
@@ -362,7 +362,7 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
     assert [s.name for s in subjects] == ["a"]
     expected = {
         3: "image '../data/missing.nii.gz' not found", 4: "empty image cell",
-        5: "mask '../data/nomask.nii.gz' not found", 6: "empty split cell", 7: "split 'val' must be train or test",
+        5: "mask '../data/nomask.nii.gz' not found", 6: "empty split cell", 7: "image '../data/gone.nii.gz' not found",
         8: "subject 'dup' is also row 9's", 9: "subject 'dup' is also row 8's",
         10: "broken.nii.gz: cannot read the NIfTI header", 11: "subject 'a/b' cannot be used in file names",
     }
@@ -372,6 +372,15 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
         assert len(line) == 1 and reason in line[0], (row, problems)
     summary = [m for m in log.lines if "bad subject" in m]
     assert len(summary) == 1 and "Skipping 9 bad subject(s) of 10" in summary[0]
+
+
+def test_csv_unknown_split_values_refuse_the_list(tmp_path):
+    # A value this version does not know would change the split silently (0 test subjects).
+    data, lists = _csv_dataset(tmp_path)
+    path = lists / "list.csv"
+    path.write_text("image,split\n../data/a.nii.gz,train\n../data/b.nii.gz,validation\n")
+    with pytest.raises(nifti_io.DataError, match=r"list.csv row 3: split 'validation' must be one of train, test"):
+        layouts.find_subjects(str(path), log=Log())
 
 
 def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):

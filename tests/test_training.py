@@ -108,3 +108,14 @@ def test_ctrl_c_saves_and_a_resume_finishes_the_epoch_with_its_whole_losses(run,
     # ... and the epoch's losses over all 16 batches, not the 11 since the resume:
     # the same numbers as the uninterrupted epoch of the shared run.
     assert result["losses"] == pytest.approx(run["losses"], rel=1e-5)
+
+
+def test_a_resume_whose_data_moved_says_the_exact_command(run, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run["ckpt"], ckpt)
+    saved = json.loads((ckpt / "config.json").read_text())
+    saved["data_path"] = str(tmp_path / "moved_away")
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"-restore {ckpt} -data_path NEW_PLACE" in err and "-demo" not in err
