@@ -219,29 +219,63 @@ def test_a_two_replica_run_resumes_on_one_replica_with_the_same_data_order(data,
     assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 8
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def _free_port_pair():
+    """Two consecutive free ports on 127.0.0.1 (SLURM reserves ranges: "12000-12001")."""
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port, port + 1
+    raise RuntimeError("no two consecutive free ports")
 
 
-def test_two_workers_train_together_and_one_process_resumes(data, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    hosts = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-    procs = []
+# Two patches of 16x16x12 per volume, two training volumes: two steps of a
+# global batch of 2 per epoch. Size does not matter here, the cluster does.
+CLUSTER_FLAGS = ["-volume_shape", "28,16,12", "-patch_shape", "16,16,12", "-patch_margin", "2",
+                 "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2",
+                 "-epochs", "1", "-train_fraction", "0.67"]
+STEPS_PER_EPOCH = 2
+
+
+def _cluster_environment(kind, index, ports, bin_dir):
+    """The environment of worker ``index`` of a two-process cluster on this machine.
+
+    ``"TF_CONFIG"``: the cluster written out. ``"SLURM"``: the variables of
+    ``srun -n 2 --resv-ports`` on one CPU node, whose name a stand-in
+    ``scontrol show hostnames`` turns into localhost; no nvidia-smi, no
+    CUDA_VISIBLE_DEVICES.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "TF_CONFIG"}
+    if kind == "TF_CONFIG":
+        hosts = [f"127.0.0.1:{p}" for p in ports]
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
+        return env
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(index),
+               SLURM_LOCALID=str(index), SLURM_STEP_NODELIST="cpunode[7]", SLURM_STEP_TASKS_PER_NODE="2",
+               SLURM_STEP_RESV_PORTS=f"{ports[0]}-{ports[1]}", PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    return env
+
+
+def _train_as_two_workers(kind, data, tmp_path, *extra):
+    """Runs model.py as the two workers of a cluster; returns ((stdout, stderr) of each, checkpoint folder)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames cpunode[7]" ] && echo localhost\n')
+    scontrol.chmod(0o755)
+    ckpt, ports, procs = tmp_path / "ckpt", _free_port_pair(), []
     try:
         for index in range(2):
-            env = dict(os.environ, TF_CONFIG=json.dumps(
-                {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}))
             cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-data_path", str(data),
-                   "-checkpoint_dir", str(ckpt), "-epochs", "1", "-train_fraction", "0.67"] + TINY
-            procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+                   "-checkpoint_dir", str(ckpt)] + CLUSTER_FLAGS + list(extra)
+            procs.append(subprocess.Popen(cmd, env=_cluster_environment(kind, index, ports, bin_dir),
+                                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
         outputs = [p.communicate(timeout=400) for p in procs]
     finally:
         for p in procs:
@@ -252,17 +286,28 @@ def test_two_workers_train_together_and_one_process_resumes(data, tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert "cuda" not in err.lower() and "absl" not in err  # TensorFlow's start-up lines stay hidden
     chief_out, worker_out = outputs[0][0], outputs[1][0]
-    assert "MultiWorkerMirroredStrategy" in chief_out and "2 replicas" in chief_out
+    assert (f"MultiWorkerMirroredStrategy over /cpu:0, 2 replicas, worker 0 of 2 (workers on CPUs, "
+            f"cluster from {kind})") in chief_out
     assert "epoch 1/1" in chief_out and worker_out.strip() == ""  # the chief alone reports
     # Exactly one checkpoint, the chief's, numbered by the step; nothing else of the workers.
-    index_files = sorted(n for n in os.listdir(ckpt) if n.endswith(".index"))
-    assert index_files == ["ckpt-8.index"]  # 2 train volumes x 8 patches / global batch 2
+    assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == [f"ckpt-{STEPS_PER_EPOCH}.index"]
     config = json.loads((ckpt / "config.json").read_text())
     assert config["strategy"] == "MultiWorkerMirroredStrategy" and config["workers"] == 2
-    # A single process continues the run.
+    return ckpt
+
+
+def test_two_workers_of_a_slurm_step_on_a_cpu_node_train_together_and_one_process_resumes(data, tmp_path):
+    # srun -n 2 on one node without GPUs (no nvidia-smi): the step is the cluster.
+    ckpt = _train_as_two_workers("SLURM", data, tmp_path)
+    # A single process continues the run (what any cluster leaves is one ordinary checkpoint).
     assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 0
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
-    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 16
+    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
+
+
+def test_gpus_cpu_under_tf_config_trains_as_two_workers(data, tmp_path):
+    # -gpus cpu means "workers on CPUs", not "each worker alone".
+    _train_as_two_workers("TF_CONFIG", data, tmp_path, "-gpus", "cpu")
 
 
 @pytest.mark.parametrize("argv, env, message", [
