@@ -177,7 +177,8 @@ def slurm_cluster(environ, gpus):
     j of a node listens on the j-th port the step reserved
     (``srun --resv-ports``, SLURM_STEP_RESV_PORTS) or on 8888 + j, the port of
     TensorFlow's ``SlurmClusterResolver``. With GPUs, the tasks of a node share
-    them evenly (each sees only its own); without, each task trains on its CPU.
+    them evenly (each sees only its own) unless SLURM bound them to the tasks
+    already (``--gpus-per-task``); without, each task trains on its CPU.
 
     Args:
         environ: the environment of the SLURM task.
@@ -206,7 +207,7 @@ def slurm_cluster(environ, gpus):
     addresses = [f"{host}:{ports[j] if ports else SLURM_PORT_BASE + j}"
                  for host, count in zip(hosts, per_node) for j in range(count)]
     mine = gpus
-    if gpus:
+    if gpus and not environ.get("SLURM_GPUS_PER_TASK"):  # --gpus-per-task: SLURM bound them already
         here = per_node[_node_of(rank, per_node)]
         share = len(gpus) // here
         if share == 0:

@@ -62,6 +62,8 @@ def test_the_tasks_of_a_node_share_its_gpus():
     assert gpus == ["g2", "g3"] and resolver.num_accelerators() == {"GPU": 2}  # local task 1 of 2
     with pytest.raises(UserError, match="runs 2 tasks on this node but it has 1 GPU"):
         placement.slurm_cluster(_step(), ["g0"])
+    # srun --gpus-per-task=2: each task sees its own two GPUs and keeps both.
+    assert placement.slurm_cluster(_step(SLURM_GPUS_PER_TASK="2"), ["g0", "g1"])[3] == ["g0", "g1"]
     with pytest.raises(UserError, match="cannot read the SLURM allocation.*SLURM_PROCID"):
         placement.slurm_cluster({"SLURM_STEP_NODELIST": "a"}, [])
 
