@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import subprocess
 
 import tensorflow as tf
 
@@ -21,12 +22,14 @@ class Placement:
         workers: number of machines (processes) training together.
         worker_index: this process's index among them; 0 is the chief, which
             alone writes checkpoints, logs and previews.
+        source: where the cluster came from ("TF_CONFIG", "SLURM") or "".
     """
 
     strategy: object = None
     devices: tuple = ()
     workers: int = 1
     worker_index: int = 0
+    source: str = ""
 
     @property
     def replicas(self):
@@ -50,7 +53,11 @@ class Placement:
         if self.strategy is None:
             return "strategy: none (one device)"
         where = f" over {', '.join(self.devices)}" if self.devices else ""
-        workers = f", worker {self.worker_index} of {self.workers}" if self.workers > 1 else ""
+        workers = ""
+        if self.workers > 1:
+            on = "CPUs" if all("cpu" in d.lower() for d in self.devices) else "GPUs"
+            workers = (f", worker {self.worker_index} of {self.workers} "
+                       f"(workers on {on}, cluster from {self.source or 'the environment'})")
         return f"strategy: {self.name}{where}, {self.replicas} replicas{workers}"
 
 
@@ -119,14 +126,119 @@ def _slurm_tasks(environ):
         return 1
 
 
+# The first port of TensorFlow's SlurmClusterResolver (port_base): task j of a
+# node listens on SLURM_PORT_BASE + j unless the step reserved ports.
+SLURM_PORT_BASE = 8888
+
+
+def expand_numbers(text):
+    """Expands SLURM's number lists: ``"3-5,7"`` -> [3, 4, 5, 7] (as strings, zero padding kept).
+
+    Raises:
+        ValueError: for anything else.
+    """
+    numbers = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        numbers += [str(i).zfill(len(first)) for i in range(int(first), int(last or first) + 1)]
+    return numbers
+
+
+def expand_tasks_per_node(text):
+    """Expands SLURM_STEP_TASKS_PER_NODE: ``"2(x3),1"`` -> [2, 2, 2, 1].
+
+    Raises:
+        ValueError: for anything else.
+    """
+    counts = []
+    for part in text.split(","):
+        count, _, times = part.partition("(x")
+        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return counts
+
+
+def slurm_hostnames(nodelist):
+    """The nodes of a SLURM node list in order: ``scontrol show hostnames`` for ranges.
+
+    Raises:
+        OSError: scontrol is missing; subprocess.CalledProcessError: it failed.
+    """
+    if "[" not in nodelist:
+        return nodelist.split(",")
+    output = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                            capture_output=True, text=True).stdout
+    return output.split()
+
+
+def slurm_cluster(environ, gpus):
+    """The cluster of a SLURM step, built from its variables alone (no nvidia-smi).
+
+    Tasks are ranked node by node (SLURM's default block distribution); task
+    j of a node listens on the j-th port the step reserved
+    (``srun --resv-ports``, SLURM_STEP_RESV_PORTS) or on 8888 + j, the port of
+    TensorFlow's ``SlurmClusterResolver``. With GPUs, the tasks of a node share
+    them evenly (each sees only its own) unless SLURM bound them to the tasks
+    already (``--gpus-per-task``); without, each task trains on its CPU.
+
+    Args:
+        environ: the environment of the SLURM task.
+        gpus: the physical GPUs this task may use (after -gpus).
+
+    Returns:
+        (cluster resolver, workers, this task's index, its GPUs).
+
+    Raises:
+        UserError: a variable is missing or malformed, or a node has more tasks than GPUs.
+    """
+    try:
+        hosts = slurm_hostnames(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"])
+        per_node = expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
+                                         or environ["SLURM_TASKS_PER_NODE"])
+        rank, local = int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0))
+        resv = environ.get("SLURM_STEP_RESV_PORTS")
+        ports = [int(p) for p in expand_numbers(resv)] if resv else None
+    except (KeyError, ValueError, OSError, subprocess.CalledProcessError) as err:
+        raise UserError(f"cannot read the SLURM allocation for multi-worker training ({err!r}); "
+                        "expected SLURM_PROCID, SLURM_STEP_NODELIST and SLURM_STEP_TASKS_PER_NODE "
+                        "of an srun step")
+    if len(per_node) != len(hosts) or (ports and len(ports) < max(per_node)):
+        raise UserError(f"the SLURM step's {len(hosts)} node(s) {hosts} do not match its tasks per "
+                        f"node {per_node} or reserved ports {resv!r}")
+    addresses = [f"{host}:{ports[j] if ports else SLURM_PORT_BASE + j}"
+                 for host, count in zip(hosts, per_node) for j in range(count)]
+    mine = gpus
+    if gpus and not environ.get("SLURM_GPUS_PER_TASK"):  # --gpus-per-task: SLURM bound them already
+        here = per_node[_node_of(rank, per_node)]
+        share = len(gpus) // here
+        if share == 0:
+            raise UserError(f"SLURM runs {here} tasks on this node but it has {len(gpus)} GPU(s): "
+                            "ask for at most one task per GPU (--ntasks-per-node)")
+        mine = gpus[local * share:(local + 1) * share]
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=rank,
+        num_accelerators={"GPU": len(mine)}, rpc_layer="grpc")
+    return resolver, len(addresses), rank, mine
+
+
+def _node_of(rank, per_node):
+    """Index of the node running task ``rank`` under block distribution."""
+    end = 0
+    for node, count in enumerate(per_node):
+        end += count
+        if rank < end:
+            return node
+    raise UserError(f"SLURM_PROCID {rank} is not one of the step's {end} tasks")
+
+
 def choose_placement(gpus=None, multi_worker=True, environ=None, log=print, verbose=False):
     """Chooses the strategy from the machine and the environment.
 
     One visible device: no strategy (the plain path). Several visible GPUs:
     ``MirroredStrategy`` over them (``gpus`` picks which). ``TF_CONFIG`` set,
     or a SLURM step of several tasks: ``MultiWorkerMirroredStrategy`` (only
-    when ``multi_worker``: evaluation uses this machine alone). Must run before
-    TensorFlow starts its runtime (device visibility is fixed then).
+    when ``multi_worker``: evaluation uses this machine alone), over each
+    worker's GPUs, or its CPU when it has none or ``-gpus cpu`` says so. Must
+    run before TensorFlow starts its runtime (device visibility is fixed then).
 
     Args:
         gpus: None (all visible GPUs) or a :func:`parse_gpus` result.
@@ -146,42 +258,69 @@ def choose_placement(gpus=None, multi_worker=True, environ=None, log=print, verb
 
 
 def _choose_placement(gpus, multi_worker, environ, log):
-    physical = tf.config.list_physical_devices("GPU")
-    try:
-        if gpus is not None and gpus[0] == "cpu":
-            if physical:
-                tf.config.set_visible_devices([], "GPU")
-            return _cpu_placement(gpus[1])
-        if gpus is not None:
-            missing = [i for i in gpus[1] if i >= len(physical)]
-            if missing:
-                raise UserError(f"-gpus {','.join(map(str, gpus[1]))}: no GPU {missing[0]} on this "
-                                f"machine (it has {len(physical)} GPU(s)"
-                                f"{': ' + ','.join(map(str, range(len(physical)))) if physical else ''}; "
-                                "-gpus cpu forces the CPU)")
-            tf.config.set_visible_devices([physical[i] for i in gpus[1]], "GPU")
-            physical = [physical[i] for i in gpus[1]]
-    except RuntimeError as err:
-        raise UserError(f"-gpus must take effect before TensorFlow starts its runtime: {err}")
-    if multi_worker and environ.get("TF_CONFIG"):
+    cpu = gpus is not None and gpus[0] == "cpu"
+    physical = _apply_gpus_flag(gpus)
+    source = _cluster_source(multi_worker, environ, log)
+    if source and cpu and gpus[1] > 1:
+        raise UserError(f"-gpus cpu:{gpus[1]} with a {source} cluster: each worker of a multi-worker "
+                        "run trains on one CPU device; use -gpus cpu")
+    if source == "TF_CONFIG":
         workers, index = read_tf_config(environ["TF_CONFIG"])
-        if workers > 1:
-            return _multi_worker_placement(
-                tf.distribute.cluster_resolver.TFConfigClusterResolver(), workers, index)
-        log("note: TF_CONFIG describes one process; training on this machine alone")
-    elif multi_worker and environ.get("SLURM_JOB_ID") and _slurm_tasks(environ) > 1:
-        try:
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-            index = int(environ.get("SLURM_PROCID", 0))
-        except (RuntimeError, ValueError, KeyError, OSError) as err:
-            raise UserError(f"cannot read the SLURM allocation for multi-worker training: {err}")
-        return _multi_worker_placement(resolver, _slurm_tasks(environ), index)
-    elif environ.get("TF_CONFIG") and not multi_worker:
-        log("note: TF_CONFIG is ignored: evaluation and -super_resolve use this machine's GPUs only")
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        return _multi_worker_placement(resolver, workers, index, source)
+    if source == "SLURM":
+        resolver, workers, index, mine = slurm_cluster(environ, physical)
+        if len(mine) != len(physical):
+            _set_visible_gpus(mine, "SLURM's share of this node's GPUs")
+        return _multi_worker_placement(resolver, workers, index, source)
+    if cpu:
+        return _cpu_placement(gpus[1])
     if len(physical) > 1:
         devices = tuple(f"/gpu:{i}" for i in range(len(physical)))
         return Placement(_mirrored_strategy(devices), devices)
     return Placement()
+
+
+def _set_visible_gpus(devices, what):
+    try:
+        tf.config.set_visible_devices(devices, "GPU")
+    except RuntimeError as err:
+        raise UserError(f"{what} must take effect before TensorFlow starts its runtime: {err}")
+
+
+def _apply_gpus_flag(gpus):
+    """Makes the GPUs -gpus names visible (none for ``cpu``); returns them (physical devices)."""
+    physical = tf.config.list_physical_devices("GPU")
+    if gpus is None:
+        return physical
+    if gpus[0] == "cpu":
+        if physical:
+            _set_visible_gpus([], "-gpus cpu")
+        return []
+    missing = [i for i in gpus[1] if i >= len(physical)]
+    if missing:
+        raise UserError(f"-gpus {','.join(map(str, gpus[1]))}: no GPU {missing[0]} on this "
+                        f"machine (it has {len(physical)} GPU(s)"
+                        f"{': ' + ','.join(map(str, range(len(physical)))) if physical else ''}; "
+                        "-gpus cpu forces the CPU)")
+    chosen = [physical[i] for i in gpus[1]]
+    _set_visible_gpus(chosen, "-gpus")
+    return chosen
+
+
+def _cluster_source(multi_worker, environ, log):
+    """"TF_CONFIG" or "SLURM" when the environment describes several training processes, else ""."""
+    if environ.get("TF_CONFIG"):
+        if not multi_worker:
+            log("note: TF_CONFIG is ignored: evaluation and -super_resolve use this machine's GPUs only")
+            return ""
+        if read_tf_config(environ["TF_CONFIG"])[0] > 1:
+            return "TF_CONFIG"
+        log("note: TF_CONFIG describes one process; training on this machine alone")
+        return ""
+    if multi_worker and environ.get("SLURM_JOB_ID") and _slurm_tasks(environ) > 1:
+        return "SLURM"
+    return ""
 
 
 # One MirroredStrategy per set of devices and process: two strategies over the
@@ -218,11 +357,11 @@ def _cpu_placement(replicas):
     return Placement(_mirrored_strategy(devices), devices)
 
 
-def _multi_worker_placement(resolver, workers, index):
+def _multi_worker_placement(resolver, workers, index, source):
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     except (RuntimeError, ValueError) as err:
         raise UserError(f"cannot start multi-worker training: {err}")
     devices = tuple(d.name for d in tf.config.list_logical_devices("GPU")) or ("/cpu:0",)
-    return Placement(strategy, devices, workers, index)
+    return Placement(strategy, devices, workers, index, source)
 
