@@ -17,7 +17,7 @@ def test_losses_match_numpy():
     # float64 references; a float32 sum of n terms is within n * eps32 of them
     # (recursive summation's bound, whatever order a CPU's kernels choose).
     h, s = hr.astype(np.float64), sr.astype(np.float64)
-    bound = lambda n: n * np.finfo(np.float32).eps  # noqa: E731
+    bound = lambda n: n * float(np.finfo(np.float32).eps)  # noqa: E731
     gdl = sum(np.sum((np.abs(np.diff(h, axis=a)) - np.abs(np.diff(s, axis=a))) ** 2) for a in (1, 2, 3))
     assert out["mse"] == pytest.approx(np.sum((s - h) ** 2), rel=bound(hr.size))
     assert out["gdl"] == pytest.approx(gdl, rel=bound(3 * hr.size))
