@@ -287,6 +287,9 @@ DEMO = {
     "residual_blocks": 2,
     "feature_size": 16,
     "epochs": 10,
+    # Chosen by measurement (README, "The demo"): at the original's 1e-4 the
+    # demo's 320 steps end below tricubic; at 1e-3 SR beats it on PSNR and SSIM.
+    "learning_rate": 1e-3,
 }
 
 
