@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from helpers import ROOT
 
 import config
 import errors
@@ -90,3 +91,17 @@ def test_config_json_holds_exactly_the_persisted_settings(run):
     assert set(saved) == set(PERSISTED) | {"tensorflow", "keras", "strategy", "replicas", "workers"}
     assert saved["replicas"] == 1 and saved["workers"] == 1
     assert saved["sigma"] == 1.0 and "subpixel_NN" not in saved and "nn" not in saved
+
+
+def test_the_demo_runs_the_recipe_the_readme_states(tmp_path, monkeypatch):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## The demo"):readme.index("## How good is it")]
+    flags = section.split("```")[1].split()  # the recipe, as flags
+    monkeypatch.chdir(tmp_path)
+    demo = model.parse_command(["-demo", "True"], log=lambda *_: None).settings
+    stated = model.parse_command(["-demo", "True", *flags], log=lambda *_: None).settings
+    assert demo == stated
+    # Every setting the demo changes is stated, and nothing else.
+    changed = {k for k, v in config.DEMO.items() if getattr(config.Settings(), k) != v and "path" not in k
+               and "dir" not in k}
+    assert {f.lstrip("-") for f in flags if f.startswith("-")} == changed
