@@ -269,9 +269,9 @@ def test_output_folders_inside_the_data_are_refused(data, tmp_path, capsys):
     assert not (copy / "runs").exists()
 
 
-def test_leftover_temporaries_are_removed_at_start(data, tmp_path, capsys):
+def test_leftover_temporaries_are_removed_at_start(run, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
+    shutil.copytree(run["ckpt"], ckpt)  # a finished one-epoch run
     (ckpt / ".tmp-config.json-abc123.json").write_text("{")
     (ckpt / "ckpt-99_temp").mkdir()
     (ckpt / "ckpt-99_temp" / "part-00000-of-00001.data-00000-of-00001.tempstate1").write_bytes(b"x" * 10)

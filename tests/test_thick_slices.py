@@ -35,9 +35,9 @@ def _thick_scan(path, factors, seed=2):
 @pytest.mark.parametrize("factor, margin, factors", [("1,1,4", "4", (1, 1, 4)), ("2,2,1", "2", (2, 2, 1))])
 def test_per_axis_factor_trains_resumes_evaluates_exports_and_super_resolves(factor, margin, factors, tmp_path):
     data = tmp_path / "data"
-    phantoms.make_demo_data(str(data), subjects=3, shape=(32, 32, 24), seed=1)
+    phantoms.make_demo_data(str(data), subjects=2, shape=(32, 32, 24), seed=1)
     ckpt = tmp_path / "ckpt"
-    argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1", "-train_fraction", "0.67",
+    argv = ["-data_path", str(data), "-checkpoint_dir", str(ckpt), "-epochs", "1", "-train_fraction", "0.5",
             "-path_prediction", str(tmp_path / "pred")] + _flags(factor, margin)
     assert model.main(argv) == 0
     assert json.loads((ckpt / "config.json").read_text())["upsampling_factor"] == list(factors)
