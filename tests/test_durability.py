@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import checkpoints
 import durable
 import errors
 import layouts
@@ -44,8 +45,13 @@ def _argv(data, ckpt, *extra):
 
 
 def _state(ckpt):
-    """Every variable of the latest checkpoint, by name."""
-    path = tf.train.latest_checkpoint(str(ckpt))
+    """Every variable of the latest checkpoint, by name.
+
+    The project's rule for "latest" (``checkpoints.latest``): a kill between a
+    checkpoint's index write and the state file's update leaves it complete
+    but unlisted, and a resume uses it.
+    """
+    path = checkpoints.latest(str(ckpt))
     reader = tf.train.load_checkpoint(path)
     # save_counter counts saves, which a resumed run makes more of: not training state.
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
