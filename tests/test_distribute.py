@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT
 
 import model
 import networks
@@ -25,8 +26,6 @@ import training
 from config import Settings
 from placement import Placement, choose_placement
 from trainer import SRGANTrainer, build_networks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mirrored():

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT, TINY
 
 import checkpoints
 import durable
@@ -26,9 +27,6 @@ import training
 from trainer import SRGANTrainer
 from training_loop import CheckpointPolicy, StopSignals
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
-        "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2"]
 STEPS_PER_EPOCH = 8  # 2 training volumes x 8 patches / batch 2
 
 

@@ -15,11 +15,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 import durable
 import utils
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _enospc(*_args, **_kwargs):

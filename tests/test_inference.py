@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import Log
+from helpers import ROOT, TINY, Log
 
 import checkpoints
 import durable
@@ -37,10 +37,6 @@ import utils
 import version
 from outputs import BidsOutputs, bids_stem
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 32x32x24 volumes, 20x20x16 patches, margin 2: 8 patches per volume.
-TINY = ["-volume_shape", "32,32,24", "-patch_shape", "20,20,16", "-patch_margin", "2",
-        "-feature_size", "4", "-residual_blocks", "1", "-upsampling_factor", "2"]
 SHAPE = (34, 30, 26)
 
 

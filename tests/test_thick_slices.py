@@ -5,11 +5,11 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import TINY, checkpoint_state
 
 import model
 import phantoms
 import train_dataset as td
-from helpers import TINY, checkpoint_state
 
 
 def _flags(factor, margin):
