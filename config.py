@@ -22,6 +22,9 @@ import json
 import math
 import os
 
+import keras
+import tensorflow as tf
+
 import checkpoints
 import layouts
 import model_file
@@ -358,9 +361,6 @@ def config_record(cfg, strategy_name="none (one device)", replicas=1, workers=1)
     Returns:
         dict, JSON-serialisable.
     """
-    import keras
-    import tensorflow as tf
-
     out = {k: to_json(getattr(cfg, k)) for k in PERSISTED}
     out["data_path"] = os.path.abspath(cfg.data_path)
     out.update(strategy=strategy_name, replicas=replicas, workers=workers,
@@ -547,8 +547,6 @@ def check_config(cfg, action):
 
 def gpus_visible():
     """bool, whether TensorFlow sees a GPU."""
-    import tensorflow as tf
-
     return bool(tf.config.list_physical_devices("GPU"))
 
 

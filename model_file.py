@@ -18,6 +18,7 @@ import keras
 
 import durable
 import networks  # noqa: F401 (registers the custom layers that loading needs)
+import utils
 from errors import UserError
 from version import PROGRAM_NAME, __version__
 
@@ -118,8 +119,7 @@ def model_card(metadata):
         str, several lines.
     """
     s = metadata["settings"]
-    f = s["upsampling_factor"]
-    f = "x".join(map(str, f)) if isinstance(f, list) else f
+    f = utils.factor_text(s["upsampling_factor"])
     trained = metadata.get("training", {})
     lines = [
         f"3D SRGAN generator, x{f} super-resolution ({s['upsampling_mode']} upsampling, "

@@ -442,10 +442,10 @@ def run_settings(args):
     factors = utils.per_axis(s["factor"], "--factor")
     for name in ("volume_shape", "patch_shape"):
         if any(n % f for n, f in zip(s[name], factors)):
-            raise ValueError(f"{name} {s[name]} must be divisible by --factor {factor_label(s['factor'])} "
+            raise ValueError(f"{name} {s[name]} must be divisible by --factor {utils.factor_text(s['factor'])} "
                              "on every axis")
     if any(s["margin"] % f for f in factors):
-        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {factor_label(s['factor'])}")
+        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {utils.factor_text(s['factor'])}")
     return s
 
 
@@ -491,7 +491,7 @@ def model_argv(s, data, checkpoint_dir, epochs):
     """The model.py command line of a run's training configuration."""
     shape = lambda v: ",".join(map(str, v))  # noqa: E731
     return ["-data_path", data, "-checkpoint_dir", checkpoint_dir,
-            "-upsampling_factor", factor_label(s["factor"]).replace("x", ","),
+            "-upsampling_factor", utils.factor_text(s["factor"]).replace("x", ","),
             "-residual_blocks", str(s["residual_blocks"]),
             "-feature_size", str(s["feature_size"]),
             "-subpixel_NN", str(s["mode"] == "subpixel_NN"), "-nn", str(s["mode"] == "nn"),
@@ -794,7 +794,7 @@ def header_lines(s, info):
     x = lambda v: "×".join(map(str, v))  # noqa: E731
     data_grid = "the template's grid" if s["data_shape"] is None else f"{x(s['data_shape'])} (central crop)"
     return [
-        f"upsampling factor ×{factor_label(s['factor'])}, mode {s['mode']}, F={s['feature_size']}, "
+        f"upsampling factor ×{utils.factor_text(s['factor'])}, mode {s['mode']}, F={s['feature_size']}, "
         f"{s['residual_blocks']} residual blocks",
         f"geometry {s['geometry']}: data {data_grid}, 1 mm; volume {x(s['volume_shape'])}, "
         f"patches {x(s['patch_shape'])}, margin {s['margin']} ({info['patches_per_volume']} per volume)",
@@ -834,7 +834,7 @@ def write_table(out, s, info, table, paired, texture=None):
               f"{_pm(*paired['psnr'], 2)} dB (GAN higher on {paired['psnr_wins']}), SSIM "
               f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']})."]
     if texture:
-        f = factor_label(s["factor"])
+        f = utils.factor_text(s["factor"])
         phases = int(np.prod(utils.per_axis(s["factor"], "--factor")))
         lines += ["", f"Period-{f} error pattern (RMS over the {phases} voxel phases of the mean error, "
                   "% of the mean brain intensity; 0 = no checkerboard): " +
@@ -1035,7 +1035,7 @@ def run_experiment(s, log=print):
     _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
     _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
     plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
-               f"x{factor_label(s['factor'])} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
+               f"x{utils.factor_text(s['factor'])} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
                f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
@@ -1056,7 +1056,7 @@ def run_experiment(s, log=print):
 
 
 def _run_label(settings):
-    label = f"x{factor_label(settings['factor'])} {settings['mode']}, lr {settings['learning_rate']:g}"
+    label = f"x{utils.factor_text(settings['factor'])} {settings['mode']}, lr {settings['learning_rate']:g}"
     if settings["pretrain_steps"]:
         label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
                   else f", {settings['pretrain_steps']} pretrain steps")
@@ -1128,11 +1128,6 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
 # --------------------------------------------------------------------------- #
 # Command line
 # --------------------------------------------------------------------------- #
-
-
-def factor_label(factor):
-    """A factor as labels show it: ``4`` or ``1x1x4`` (also from a JSON list)."""
-    return utils.factor_text(tuple(factor) if isinstance(factor, list) else factor)
 
 
 def _factor(text):
