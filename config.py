@@ -136,6 +136,7 @@ positive_int = number_parser(int, 0, strict=True)
 non_negative_int = number_parser(int, 0, strict=False)
 positive_float = number_parser(float, 0, strict=True)
 non_negative_float = number_parser(float, 0, strict=False)
+fraction = number_parser(float, 0, strict=False, maximum=1)
 # numpy's and TensorFlow's seeds are 32-bit.
 parse_seed = number_parser(int, 0, strict=False, maximum=2 ** 32 - 1)
 
@@ -223,6 +224,12 @@ class Settings:
         "e.g. desc-brain or acq-mprage,run-01", RUN, shown="none", metavar="ENTITIES")
     train_fraction: float = setting(0.8, "fraction of the sorted subjects used for training", RUN,
                                     positive_float, metavar="P")
+    validation_fraction: float = setting(
+        0.0, "hold out this share of the training subjects (at least one; chosen by -seed) to validate "
+        "on during training and keep the best checkpoint in <checkpoint_dir>/best; 0: no validation",
+        RUN, fraction, metavar="P")
+    validate_steps: int = setting(0, "validate every N steps (0: at each epoch end); with validation on",
+                                  RUN, non_negative_int, metavar="N")
     seed: int = setting(0, "random seed (weights, data order, label noise), 0 to 2**32-1", RUN, parse_seed,
                         metavar="N")
     # Training
@@ -534,6 +541,9 @@ def check_config(cfg, action):
                         "and would corrupt the run. Use -mixed_precision none (or float16) here.")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"-train_fraction {cfg.train_fraction} must be in (0, 1]")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise UserError(f"-validation_fraction {cfg.validation_fraction} must be in [0, 1): the share of "
+                        "the training subjects held out for validation")
     check_inference_options(cfg, action)
     if action == "export" and not model_file.is_model_file(cfg.export):
         raise UserError(f"-export {cfg.export!r} must name a {model_file.SUFFIX} file")

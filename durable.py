@@ -229,6 +229,19 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def copy_file(source, path):
+    """Copies a file durably: a complete copy at ``path``, or the previous file there untouched.
+
+    Args:
+        source: the file to copy.
+        path: destination file (see :func:`atomic_write`).
+
+    Raises:
+        OutputError: naming ``path`` and the reason (``source`` missing, a full disk...).
+    """
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 # --------------------------------------------------------------------------- #
 # Resumable CSV (one durable append per row)
 # --------------------------------------------------------------------------- #

@@ -1,5 +1,6 @@
 """Evaluation: super-resolve each test volume from its degraded copy, compare with interpolation, write it all."""
 
+import dataclasses
 import os
 import sys
 import time
@@ -67,6 +68,53 @@ def mosaic_header(subject, row):
             f"{row['psnr_tricubic_fair']:.2f} dB SSIM {row['ssim_tricubic_fair']:.4f} (one data range)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A subject's reference and the network's input, as evaluation and validation compare them.
+
+    Attributes:
+        image: the source volume as read; ``affine``, ``header``: its NIfTI geometry.
+        hr: float32 (x, y, z), the canonical reference (``cfg.volume_shape``), source intensities.
+        grid: ``td.to_canonical``'s grid, to put a canonical volume back on the source's.
+        mask: bool (x, y, z), the canonical brain mask.
+        lr_n: float32 (x/fx, y/fy, z/fz) in [-1, 1], the normalised reference blurred and decimated.
+        nf: float, the normalisation factor (``utils.normalize``).
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    header: object
+    hr: np.ndarray
+    grid: object
+    mask: np.ndarray
+    lr_n: np.ndarray
+    nf: float
+
+
+def load_reference(subject, cfg, log):
+    """Reads a subject and degrades it as training does (``cfg.sigma``, ``cfg.upsampling_factor``).
+
+    Returns:
+        a :class:`Reference`.
+
+    Raises:
+        nifti_io.DataError: the subject cannot be used (unreadable, too small, bad mask).
+        nifti_io.PipelineError: the data folder has disappeared.
+    """
+    image, affine, header = nifti_io.load_volume(subject.image_path, log=log,
+                                                 max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
+    nifti_io.check_intensity(image, subject.image_path)
+    too_small = nifti_io.size_problem(image.shape, cfg.patch_shape, cfg.upsampling_factor)
+    if too_small:
+        raise nifti_io.DataError(f"{subject.image_path}: {too_small}")
+    mask = nifti_io.load_mask(subject, image, log=log)
+    hr, grid = td.to_canonical(image, cfg.volume_shape)
+    mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
+    hr_n, nf = utils.normalize(hr)
+    lr_n = np.asarray(td.degrade(hr_n, cfg.upsampling_factor, cfg.sigma))
+    return Reference(image, affine, header, hr, grid, mask_c.astype(bool), lr_n, nf)
+
+
 def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
     """Evaluates one subject and writes its outputs; returns its metrics row (None: skipped).
 
@@ -79,22 +127,14 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
     """
     subject, f = scan.subject, cfg.upsampling_factor
     try:
-        image, affine, header = nifti_io.load_volume(subject.image_path, log=log,
-                                               max_voxels=nifti_io.max_voxels_for(cfg.volume_shape))
-        nifti_io.check_intensity(image, subject.image_path)
-        too_small = nifti_io.size_problem(image.shape, cfg.patch_shape, f)
-        if too_small:
-            raise nifti_io.DataError(f"{subject.image_path}: {too_small}")
-        mask = nifti_io.load_mask(subject, image, log=log)
+        ref = load_reference(subject, cfg, log)
     except nifti_io.PipelineError:
         raise
     except nifti_io.DataError as err:
         log(f"skipping {subject.name}: {err}")
         return None
-    hr, grid = td.to_canonical(image, cfg.volume_shape)
-    mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
-    hr_n, nf = utils.normalize(hr)
-    lr_n = np.asarray(td.degrade(hr_n, f, cfg.sigma))
+    affine, header, hr, grid, mask_c, lr_n, nf = (ref.affine, ref.header, ref.hr, ref.grid, ref.mask,
+                                                 ref.lr_n, ref.nf)
     # to_canonical pads/crops without reordering axes: the source's left-right axis.
     flip_axis = utils.left_right_axis(affine) if any(v.flip for v in variants) else None
     estimates = inference.super_resolve_variants(predict, lr_n, f, cfg.patch_shape, cfg.patch_margin,

@@ -30,7 +30,7 @@ LAYOUTS = ("folders", "bids", "csv")
 BIDS_T1W_PATTERN = "sub-<label>/[ses-<label>/]anat/*_T1w.nii[.gz]"
 BIDS_MASK_PATTERN = "*_desc-brain_mask.nii[.gz]"
 CSV_COLUMNS = ("image", "mask", "subject", "split")
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 # Entities that say which grid a derivative lives on: a mask fits an image only
 # when they agree (both absent counts as agreeing).
 _BIDS_GRID_ENTITIES = ("space", "res", "den")
@@ -50,8 +50,9 @@ class Subject:
         image_path: path of its T1 image.
         mask_path: path of its brain mask, or None when it has none (its mask
             is then ``image > 0``).
-        split: ``"train"`` or ``"test"`` when the dataset fixes it (a CSV list
-            with a ``split`` column), else None (:func:`split_subjects` decides).
+        split: ``"train"``, ``"validation"`` or ``"test"`` when the dataset
+            fixes it (a CSV list with a ``split`` column), else None
+            (:func:`split_subjects` decides).
         entities: for BIDS, the image file's entities as ordered ``(key, value)``
             pairs, e.g. ``(("sub", "ADNI002S0295"), ("ses", "M00"))``, plus
             ``("acq", ...)``, ``("desc", ...)``... when its name has them; empty
@@ -450,10 +451,9 @@ def _csv_row_candidate(csv_path, index, line, row):
     elif "/" in name or os.sep in name or name in (".", ".."):
         problem = f"subject {name!r} cannot be used in file names (no '/' allowed)"
     elif "split" in index and not split:
-        problem = "empty split cell (with a split column every row needs train or test)"
+        problem = "empty split cell (with a split column every row needs train, validation or test)"
     if "split" in index and split and split not in SPLITS:
-        # A value this version does not know (e.g. validation) would silently
-        # change the split: the whole list is refused, not the row skipped.
+        # A value this version does not know would silently change the split: the whole list is refused, not the row skipped.
         raise nifti_io.DataError(f"{where}: split {cell('split')!r} must be one of {', '.join(SPLITS)}; "
                                  "fix the list's split column (no subject was used)")
     return _Candidate(name, image_path, mask_path, problem=problem, where=where,
@@ -553,7 +553,7 @@ def _csv_candidates(csv_path):
     ``T1_brain_extractedBrainExtractionBrain.nii.gz``) after the shortest
     suffix of their folders that tells them apart, which the description
     (the first log line) says. Rows that name missing files, the image of an
-    earlier row, an empty image or split cell, a split other than train/test,
+    earlier row, an empty image or split cell, a split other than train/validation/test,
     or a subject ID another row has, are bad entries named by their row (the
     header is row 1).
 
@@ -569,7 +569,8 @@ def _csv_candidates(csv_path):
     candidates = _refuse_duplicate_ids(entries)
     notes = []
     if "split" in index:
-        notes.append(f"note: train/test split from the split column of {csv_path} (-train_fraction not used)")
+        notes.append(f"note: train/validation/test split from the split column of {csv_path} "
+                     "(-train_fraction and -validation_fraction not used)")
     description = "CSV file list"
     if example is not None:
         description += (f" (subject IDs from the images' folders, e.g. {example}: their file names are the "
@@ -725,7 +726,8 @@ def split_subjects(subjects, train_fraction=0.8):
     When every subject has a ``split`` (a CSV list with a split column), the
     train list is those marked ``"train"`` and the test list those marked
     ``"test"``, each in name order; ``train_fraction`` is then not used (but
-    still validated).
+    still validated). Those marked ``"validation"`` are in neither list
+    (:func:`marked_validation` returns them).
 
     Otherwise the subjects are sorted by name and the rounding rule is
     ``n_train = floor(train_fraction * n + 0.5)`` (round half up), then, when
@@ -742,7 +744,7 @@ def split_subjects(subjects, train_fraction=0.8):
 
     Raises:
         ValueError: if ``train_fraction`` is not in (0, 1], some subjects carry
-            a split and others not, or a split is neither train nor test.
+            a split and others not, or a split is not one of ``SPLITS``.
     """
     if not (utils.is_real(train_fraction) and 0 < train_fraction <= 1):
         raise ValueError(f"train_fraction {train_fraction!r} must be a number in (0, 1]")
@@ -751,7 +753,7 @@ def split_subjects(subjects, train_fraction=0.8):
     if given:
         if len(given) != len(ordered):
             missing = [s.name for s in ordered if s.split is None]
-            raise ValueError(f"{len(given)} subject(s) carry a train/test split and {len(missing)} do not "
+            raise ValueError(f"{len(given)} subject(s) carry a split and {len(missing)} do not "
                              f"(e.g. {missing[0]!r}); give every subject a split or none")
         bad = [s for s in given if s.split not in SPLITS]
         if bad:
@@ -763,3 +765,8 @@ def split_subjects(subjects, train_fraction=0.8):
         n_train = min(max(n_train, 1), n - 1)
     n_train = min(max(n_train, 1 if n else 0), n)
     return ordered[:n_train], ordered[n_train:]
+
+
+def marked_validation(subjects):
+    """The subjects a CSV split column marks ``"validation"``, in name order (none: an empty list)."""
+    return sorted((s for s in subjects if s.split == "validation"), key=lambda s: s.name)

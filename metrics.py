@@ -51,14 +51,27 @@ def subject_metrics(hr, estimates, mask):
         dict with the ``metric_columns`` keys but ``subject`` (NaN for an
         empty mask).
     """
-    reference_range = float(hr.max() - hr.min()) or 1.0
     row = {}
     for method, estimate in estimates.items():
         suffix = "" if method == "sr" else f"_{method}"
         row[f"psnr{suffix}"], row[f"ssim{suffix}"] = utils.compute_metrics(hr, estimate, mask)
-        row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = utils.compute_metrics(
-            hr, estimate, mask, data_range=reference_range)
+        row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = fair_metrics(hr, estimate, mask)
     return row
+
+
+def fair_metrics(hr, estimate, mask):
+    """PSNR and SSIM inside the mask with one data range for every method: the reference's max - min.
+
+    Args:
+        hr: float32 (x, y, z), the reference in source intensities.
+        estimate: float32 (x, y, z), an estimate of it.
+        mask: bool (x, y, z) brain mask.
+
+    Returns:
+        (psnr, ssim) floats; NaN for an empty mask.
+    """
+    reference_range = float(hr.max() - hr.min()) or 1.0
+    return utils.compute_metrics(hr, estimate, mask, data_range=reference_range)
 
 
 def read_header_lines(path):

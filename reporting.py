@@ -89,6 +89,14 @@ class TrainingReporter(NullReporter):
         self.bar.write(f"epoch {self.epoch + 1} step {step}: preview patch PSNR {psnr:.2f} dB, "
                        f"SSIM {ssim:.4f} -> {self.cfg.path_prediction}")
 
+    def write(self, message):
+        """Says ``message`` through ``log`` without breaking the epoch's progress bar."""
+        if self.bar is None:
+            self.log(message)
+            return
+        with self.bar.external_write_mode():
+            self.log(message)
+
     def checkpointed(self, step, path):
         self.bar.write(f"step {step}: saved {path}")
 

@@ -1,6 +1,10 @@
-"""Which subjects train and which test: the split of a new run, split.json of a resumed one, evaluation's."""
+"""Which subjects train, validate and test: the split of a new run, split.json of a resumed one, evaluation's."""
 
+import dataclasses
+import math
 import os
+
+import numpy as np
 
 import config
 import durable
@@ -21,52 +25,113 @@ def subjects_named(names, subjects, role, log):
     return [by_name[n] for n in names if n in by_name]
 
 
-def saved_split(folder, subjects, cfg, log):
-    """The train/test lists of a run being resumed, from its split.json.
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The subjects a run trains, validates and tests on (lists of ``layouts.Subject``, name order)."""
 
-    A resumed run must train on the subjects it started with, whatever has been
-    added to or removed from the data folder since.
+    train: list
+    validation: list
+    test: list
+
+
+def hold_out(train_subjects, fraction, seed):
+    """Splits a validation set off the training subjects: ``fraction`` of them, at least one, by ``seed``.
+
+    ``n = max(1, floor(fraction * len + 0.5))`` subjects are drawn with
+    ``numpy.random.default_rng(seed)``; the same subjects and seed give the
+    same draw.
+
+    Args:
+        train_subjects: the training ``layouts.Subject`` list.
+        fraction: float in (0, 1).
+        seed: int, the run's -seed.
+
+    Returns:
+        (train, validation): two lists of ``layouts.Subject`` in name order.
+
+    Raises:
+        UserError: fewer than two training subjects (one must be left to train on).
+    """
+    ordered = sorted(train_subjects, key=lambda s: s.name)
+    n = max(1, int(math.floor(float(fraction) * len(ordered) + 0.5)))
+    if len(ordered) - n < 1:
+        raise UserError(f"-validation_fraction {fraction} leaves no subject to train on: there are "
+                        f"{len(ordered)} training subject(s) and at least one is held out; add subjects "
+                        "or use -validation_fraction 0")
+    drawn = set(np.random.default_rng(int(seed)).permutation(len(ordered))[:n].tolist())
+    return ([s for i, s in enumerate(ordered) if i not in drawn],
+            [s for i, s in enumerate(ordered) if i in drawn])
+
+
+def new_split(subjects, cfg, log):
+    """The :class:`Split` of a new run: a CSV split column's, else by -train_fraction and -validation_fraction."""
+    train, test = layouts.split_subjects(subjects, cfg.train_fraction)
+    marked = layouts.marked_validation(subjects)
+    if marked:
+        if cfg.validation_fraction > 0:
+            log(f"note: the split column of {cfg.data_path} names the validation subjects; "
+                f"-validation_fraction {cfg.validation_fraction} is not used")
+        return Split(train, marked, test)
+    if cfg.validation_fraction > 0:
+        train, validation = hold_out(train, cfg.validation_fraction, cfg.seed)
+        return Split(train, validation, test)
+    return Split(train, [], test)
+
+
+def saved_split(folder, subjects, cfg, log):
+    """The :class:`Split` of a run being resumed, from its split.json.
+
+    A resumed run must train (and validate) on the subjects it started with,
+    whatever has been added to or removed from the data folder since.
     """
     split = config.read_json(os.path.join(folder, SPLIT_NAME))
     if split is None:
         log(f"note: {folder} has no {SPLIT_NAME}; splitting the sorted subjects again")
-        return layouts.split_subjects(subjects, cfg.train_fraction)
-    lists = [subjects_named(split[key], subjects, key, log) for key in ("train", "test")]
+        return new_split(subjects, cfg, log)
+    # split.json of versions before validation has no "validation" list.
+    lists = [subjects_named(split.get(key, []), subjects, key, log) for key in ("train", "validation", "test")]
+    if cfg.validation_fraction > 0 and not split.get("validation"):
+        log(f"note: the run keeps its {SPLIT_NAME}, which holds no validation subjects: "
+            f"-validation_fraction {cfg.validation_fraction} is not used")
     new = len(subjects) - sum(len(x) for x in lists)
     if new:
         log(f"note: {new} subject(s) in {cfg.data_path} are not in the run's {SPLIT_NAME} "
             "and are not used")
-    return lists[0], lists[1]
+    return Split(*lists)
 
 
 def training_split(cfg, log):
-    """The (train, test) subjects of a new or resumed run.
+    """The :class:`Split` of a new or resumed run.
 
     Raises:
         UserError: when no subject is left for training.
     """
     subjects, _ = layouts.find_subjects(cfg.data_path, cfg.image_name, cfg.mask_name, log=log,
                                         bids_filter=cfg.bids_filter)
-    if cfg.restore:
-        train_subjects, test_subjects = saved_split(cfg.restore, subjects, cfg, log)
-    else:
-        train_subjects, test_subjects = layouts.split_subjects(subjects, cfg.train_fraction)
-    if not train_subjects:
+    split = saved_split(cfg.restore, subjects, cfg, log) if cfg.restore else new_split(subjects, cfg, log)
+    if not split.train:
         raise UserError(f"no training subject in {cfg.data_path!r} with -train_fraction "
                         f"{cfg.train_fraction}")
-    log(f"{len(train_subjects)} train and {len(test_subjects)} test subjects")
-    return train_subjects, test_subjects
+    held = f", {len(split.validation)} validation" if split.validation else ""
+    log(f"{len(split.train)} train{held} and {len(split.test)} test subjects")
+    return split
 
 
-def write_split(folder, data_path, train_fraction, train_subjects, test_subjects):
-    """Writes a run's split.json (the subjects it trains and tests on), durably.
+def write_split(folder, data_path, train_fraction, split):
+    """Writes a run's split.json (the subjects it trains, validates and tests on), durably.
+
+    Args:
+        folder: the run's checkpoint folder.
+        data_path: the data the names refer to.
+        train_fraction: the run's -train_fraction (informs).
+        split: a :class:`Split`.
 
     Raises:
         durable.OutputError: the file could not be written.
     """
     durable.write_json(os.path.join(folder, SPLIT_NAME), {
         "data_path": os.path.abspath(data_path), "train_fraction": train_fraction,
-        "train": [s.name for s in train_subjects], "test": [s.name for s in test_subjects]})
+        **{key: [s.name for s in getattr(split, key)] for key in ("train", "validation", "test")}})
 
 
 def evaluation_subjects(cfg, checkpoint_dir, bids_filter, log):

@@ -14,6 +14,7 @@ import nifti_io
 import placement as placement_lib
 import splits
 import train_dataset as td
+import validation as validation_lib
 from checkpoints import read_int
 from errors import RunStopped, UserError
 from reporting import TrainingReporter
@@ -190,13 +191,13 @@ def resume(trainer, cfg, log):
     return cfg
 
 
-def write_run_files(cfg, train_subjects, test_subjects, keep_split, placement):
+def write_run_files(cfg, split, keep_split, placement):
     """Writes config.json, and split.json unless the run keeps the one it was trained with."""
     folder = cfg.checkpoint_dir
     durable.write_json(os.path.join(folder, config.CONFIG_NAME), config.config_record(
         cfg, placement.name, placement.replicas, placement.workers))
     if not keep_split:
-        splits.write_split(folder, cfg.data_path, cfg.train_fraction, train_subjects, test_subjects)
+        splits.write_split(folder, cfg.data_path, cfg.train_fraction, split)
 
 
 def check_placement(cfg, placement):
@@ -229,24 +230,45 @@ def check_batch_size(cfg, train_subjects):
                         f"-patch_shape {','.join(map(str, cfg.patch_shape))}); choose at most {patches}")
 
 
-def usable_training_subjects(cfg, train_subjects, say):
-    """The training subjects whose image is at least one patch's worth; the others are reported.
+def usable_subjects(cfg, subjects, say, role="training"):
+    """The subjects whose image is at least one patch's worth; the others are reported.
+
+    Args:
+        role: "training" or "validation", for the messages.
 
     Raises:
         UserError: none is left.
     """
     usable = []
-    for subject in train_subjects:
+    for subject in subjects:
         _, shape = nifti_io.header_problem(subject.image_path)
         problem = shape and nifti_io.size_problem(shape, cfg.patch_shape, cfg.upsampling_factor)
         if problem:
-            say(f"skipping {subject.name}: {subject.image_path}: {problem}")
+            say(f"skipping {role} subject {subject.name}: {subject.image_path}: {problem}")
         else:
             usable.append(subject)
     if not usable:
-        raise UserError(f"none of the {len(train_subjects)} training subjects in {cfg.data_path!r} "
-                        "is large enough to train on (see above)")
+        raise UserError(f"none of the {len(subjects)} {role} subjects in {cfg.data_path!r} "
+                        f"is large enough to {'train' if role == 'training' else 'validate'} on (see above)")
     return usable
+
+
+def start_validation(cfg, split, trainer, placement, batches_per_epoch, say):
+    """The loop's ``validation.Validation`` of a run with validation subjects (None without).
+
+    A resumed run first validates its restored checkpoint when that was due
+    and validation.csv has no row for it (a kill or a stop came in between).
+    """
+    if not split.validation:
+        return None
+    subjects = usable_subjects(cfg, split.validation, say, "validation") if placement.is_chief else []
+    validator = validation_lib.Validator(subjects, cfg, say)
+    validation = validation_lib.Validation(validator, cfg.checkpoint_dir, cfg.log_dir, cfg.validate_steps,
+                                           cfg.epochs * batches_per_epoch, batches_per_epoch,
+                                           placement.is_chief, say)
+    if cfg.restore:
+        validation.catch_up(trainer, checkpoints.latest(cfg.restore))
+    return validation
 
 
 def pretraining_note(cfg, trainer, steps_per_epoch, say):
@@ -311,8 +333,8 @@ def make_trainer(cfg, placement, log=print):
 def train_locked(cfg, placement, same_folder, say, log):
     """:func:`train` once the run folder is locked."""
     chief = placement.is_chief
-    train_subjects, test_subjects = splits.training_split(cfg, say)
-    check_batch_size(cfg, train_subjects)
+    split = splits.training_split(cfg, say)
+    check_batch_size(cfg, split.train)
     say(placement.describe())
     if same_folder and chief:
         # Before the trainer's CheckpointManager reads the state file.
@@ -320,15 +342,27 @@ def train_locked(cfg, placement, same_folder, say, log):
     trainer = make_trainer(cfg, placement, say)
     if cfg.restore:
         cfg = resume(trainer, cfg, say)
-    if read_int(trainer.epoch) >= cfg.epochs:
+    finished = read_int(trainer.epoch) >= cfg.epochs
+    if finished:
         say(f"the checkpoint already has {read_int(trainer.epoch)} epochs (-epochs {cfg.epochs}); "
             "nothing to train")
+    elif chief:
+        write_run_files(cfg, split, keep_split=same_folder, placement=placement)
+    stream = TrainingStream(usable_subjects(cfg, split.train, say), cfg, placement, say)
+    if finished:
+        # A kill may have come between the last checkpoint and its validation.
+        validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
+                                      say) if same_folder else None
+        if validation:
+            say(validation.summary())
         return {"checkpoint": checkpoints.latest(cfg.restore), "losses": {}}
-    if chief:
-        write_run_files(cfg, train_subjects, test_subjects, keep_split=same_folder, placement=placement)
-    stream = TrainingStream(usable_training_subjects(cfg, train_subjects, say), cfg, placement, say)
     pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
+    validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
+                                  reporter.write if reporter else say)
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
-    losses = TrainingLoop(trainer, reporter, policy, say).fit(stream, cfg.epochs)
-    return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "losses": losses}
+    losses = TrainingLoop(trainer, reporter, policy, say, validation).fit(stream, cfg.epochs)
+    if validation:
+        say(validation.summary())
+    return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "losses": losses,
+            "best": validation.best.record if validation and chief else None}

@@ -134,6 +134,16 @@ class NullReporter:
         pass
 
 
+class NullValidation:
+    """No validation: what a :class:`TrainingLoop` validates by default (``validation.Validation`` does)."""
+
+    def due(self, step, epoch_end):
+        return False
+
+    def run(self, trainer, path):
+        pass
+
+
 class TrainingLoop:
     """Runs a trainer's epochs: steps, checkpoints, stop signals and the divergence guard.
 
@@ -145,17 +155,21 @@ class TrainingLoop:
         policy: a :class:`CheckpointPolicy` for checkpoints inside epochs
             (None: only at epoch ends).
         log: callable for messages.
+        validation: a :class:`NullValidation` (``validation.Validation``
+            validates some checkpoints right after they are written); None
+            validates nothing.
     """
 
     # Steps between two looks at the device: the finiteness guard, and on
     # several workers the agreement on checkpoints and stop requests.
     CHECK_EVERY = 10
 
-    def __init__(self, trainer, reporter=None, policy=None, log=print):
+    def __init__(self, trainer, reporter=None, policy=None, log=print, validation=None):
         self.trainer = trainer
         self.reporter = reporter or NullReporter()
         self.policy = policy or CheckpointPolicy(minutes=0, steps=0)
         self.log = log
+        self.validation = validation or NullValidation()
         self.checked_step = read_int(trainer.step)
 
     def fit(self, epoch_data, epochs):
@@ -209,6 +223,10 @@ class TrainingLoop:
         path = self.save(read_int(trainer.step))
         self.policy.saved()
         self.reporter.end_epoch(epoch, losses, path)
+        # A stop request goes first: the resumed run validates this checkpoint.
+        stopping = signals is not None and signals.received is not None
+        if not stopping and self.validation.due(read_int(trainer.step), epoch_end=True):
+            self.validation.run(trainer, path)
         self.stop_if_requested(signals, path)
         return losses
 
@@ -236,17 +254,18 @@ class TrainingLoop:
         return done
 
     def between_steps(self, step, signals):
-        """Checkpoints when due and stops on request, every worker at the same step."""
+        """Checkpoints when due (or to validate) and stops on request, every worker at the same step."""
         several_workers = self.trainer.workers > 1
         at_check = step % self.CHECK_EVERY == 0
         requested = signals is not None and signals.received is not None
+        validate = self.validation.due(step, epoch_end=False)  # a function of the step: every worker agrees
         if several_workers:
-            if not at_check:
+            if not (at_check or validate):
                 return  # workers decide together, at steps every one of them knows
-        elif not (at_check or requested or self.policy.due(step)):
+        elif not (at_check or requested or validate or self.policy.due(step)):
             return
         self.guard_finite(step)
-        save, stop = self.policy.due(step), requested
+        save, stop = self.policy.due(step) or validate, requested
         if several_workers:
             save, stop = self.agree(save, stop)
         if not (save or stop):
@@ -256,6 +275,8 @@ class TrainingLoop:
         self.reporter.checkpointed(step, path)
         if stop:
             self.stopped(signals, path)
+        if validate:
+            self.validation.run(self.trainer, path)
 
     def stop_if_requested(self, signals, path):
         """After a checkpoint at ``path``: stops if a signal asked for it (on any worker)."""

@@ -13,8 +13,12 @@ trains the given configuration in-process with the project's own trainer for
 exactly ``--steps`` steps, saving a checkpoint and evaluating the test subjects
 every ``--eval-every`` steps (the learning curve, plus training diagnostics:
 discriminator logits and the generator's gradient norm per loss term on a
-fixed probe batch, and the size of an optimiser step), then evaluates the last
-checkpoint with the real command line (``model.py -evaluate True``) and writes
+fixed probe batch, and the size of an optimiser step). With
+``--validation-fraction`` (default 0.2; 0: off) that share of the training
+subjects is held out and validated at the same steps, as ``model.py
+-validation_fraction`` does, and the best checkpoint by validation PSNR is
+kept in ``OUT/checkpoints/best``. Then it evaluates the last checkpoint (and
+the best one) with the real command line (``model.py -evaluate True``) and writes
 ``OUT/table.md`` / ``table.csv`` (GAN vs nearest / trilinear / tricubic, fair
 masked PSNR and SSIM mean +- sd over the test subjects, the original rule's
 means), ``results.json``, ``curve.csv``, ``losses.csv`` (every step's losses)
@@ -391,7 +395,7 @@ RUN_DEFAULTS = {"geometry": "crop96", "subjects": 20, "steps": 1000, "eval_every
 METHOD_LABELS = {"sr": "GAN", "nearest": "nearest", "trilinear": "trilinear", "tricubic": "tricubic"}
 TABLE_COLUMNS = ("method", "n", "psnr_fair_mean", "psnr_fair_sd", "ssim_fair_mean", "ssim_fair_sd",
                  "psnr_mean", "ssim_mean")
-CURVE_COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "mse", "gdl", "adv", "d_loss",
+CURVE_COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "val_psnr_fair", "mse", "gdl", "adv", "d_loss",
                  "d_hr", "d_sr", "grad_mse", "grad_gdl", "grad_adv", "seconds")
 LOSS_COLUMNS = ("step",) + ("d_loss", "g_loss", "mse", "gdl", "adv", "flipped", "learning_rate")
 
@@ -423,7 +427,8 @@ def run_settings(args):
         s["geometry"] = "custom"
     s.update(geometry)
     s.update(out=args.out, data=args.data, template=args.template, factor=args.factor, mode=args.mode,
-             train_fraction=args.train_fraction, learning_rate=args.learning_rate,
+             train_fraction=args.train_fraction, validation_fraction=args.validation_fraction,
+             learning_rate=args.learning_rate,
              pretrain_steps=args.pretrain_steps, feature_size=args.feature_size,
              residual_blocks=args.residual_blocks, seed=args.seed, batch_size=args.batch_size,
              quick=bool(args.quick))
@@ -437,6 +442,8 @@ def run_settings(args):
         raise ValueError(f"--subjects {s['subjects']} must be >= 2 (train and test)")
     if not 0 < s["train_fraction"] < 1:
         raise ValueError(f"--train-fraction {s['train_fraction']} must be in (0, 1)")
+    if not 0 <= s["validation_fraction"] < 1:
+        raise ValueError(f"--validation-fraction {s['validation_fraction']} must be in [0, 1)")
     if s["pretrain_steps"] < 0:
         raise ValueError(f"--pretrain-steps {s['pretrain_steps']} must be >= 0")
     factors = utils.per_axis(s["factor"], "--factor")
@@ -499,6 +506,7 @@ def model_argv(s, data, checkpoint_dir, epochs):
             "-patch_margin", str(s["margin"]), "-learning_rate", repr(s["learning_rate"]),
             "-pretrain_steps", str(s["pretrain_steps"]), "-seed", str(s["seed"]),
             "-train_fraction", repr(s["train_fraction"]), "-batch_size", str(s["batch_size"]),
+            "-validation_fraction", repr(s["validation_fraction"]), "-validate_steps", str(s["eval_every"]),
             "-epochs", str(epochs)]
 
 
@@ -643,12 +651,14 @@ class UpdateMeter:
 # --------------------------------------------------------------------------- #
 
 
-def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
+def train_with_curve(cfg, s, train_subjects, evaluator, log=print, validation_subjects=()):
     """Trains exactly ``s["steps"]`` steps with the project's trainer, crossing epochs.
 
     At every ``eval_every``-th step and at the last one: a checkpoint, the test
-    subjects' fair PSNR/SSIM (:class:`CurveEvaluator`) and the probe
-    diagnostics (:func:`probe_diagnostics`, on the first training batch).
+    subjects' fair PSNR/SSIM (:class:`CurveEvaluator`), the probe
+    diagnostics (:func:`probe_diagnostics`, on the first training batch) and,
+    with validation subjects, the project's validation (``validation.Validation``:
+    validation.csv and the best checkpoint in ``checkpoints/best``).
 
     Returns:
         dict: ``curve`` (list of dicts, ``CURVE_COLUMNS``), ``losses`` (one
@@ -660,12 +670,18 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
 
     import trainer as trainer_lib
     import training
+    import validation as validation_lib
 
     keras.utils.set_random_seed(cfg.seed)
     generator, discriminator = trainer_lib.build_networks(cfg)
     trainer = trainer_lib.SRGANTrainer(generator, discriminator, cfg.learning_rate, seed=cfg.seed,
                                      checkpoint_dir=cfg.checkpoint_dir, pretrain_steps=cfg.pretrain_steps)
     stream = training.TrainingStream(train_subjects, cfg, log=log)
+    validation = None
+    if validation_subjects:
+        validation = validation_lib.Validation(
+            validation_lib.Validator(validation_subjects, cfg, log), cfg.checkpoint_dir, cfg.log_dir,
+            s["eval_every"], s["steps"], stream.batches_per_epoch, log=log)
     probe = next(iter(stream(0)))
     meter = UpdateMeter({"g": generator, "d": discriminator})
     steps, every = s["steps"], s["eval_every"]
@@ -691,9 +707,11 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
                 tick = time.perf_counter()
                 path = trainer.save()
                 psnr, ssim, _ = evaluator(generator)
+                validated = validation.run(trainer, path) if validation else {"psnr_fair": float("nan")}
                 window = [r for r in losses if r["step"] > step - every]
                 row = {"step": step, "epoch": step / stream.batches_per_epoch, "psnr_fair": psnr,
-                       "ssim_fair": ssim, **{k: float(np.mean([r[k] for r in window]))
+                       "ssim_fair": ssim, "val_psnr_fair": validated["psnr_fair"],
+                       **{k: float(np.mean([r[k] for r in window]))
                                              for k in ("mse", "gdl", "adv", "d_loss")},
                        **probe_diagnostics(trainer, probe[0], probe[1]),
                        "seconds": train_seconds}
@@ -715,7 +733,8 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print):
             trainer.end_epoch()
     return {"curve": curve, "losses": losses, "updates": updates, "train_seconds": train_seconds,
             "eval_seconds": eval_seconds, "checkpoint": path,
-            "batches_per_epoch": stream.batches_per_epoch}
+            "batches_per_epoch": stream.batches_per_epoch,
+            "best": validation.best.record if validation else None}
 
 
 # --------------------------------------------------------------------------- #
@@ -746,6 +765,27 @@ def evaluate_with_cli(checkpoint_dir, volumes_dir, log_path):
         raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}; see {log_path}")
     _, rows = durable.read_csv_rows(os.path.join(volumes_dir, "metrics.csv"))
     return [{k: (v if k == "subject" else float(v)) for k, v in row.items()} for row in rows]
+
+
+def best_checkpoint_results(cfg, record, checkpoint_dir, out, test_subjects):
+    """The best checkpoint (by validation PSNR) evaluated with the command line, as the last one is.
+
+    Args:
+        record: the best checkpoint's validation record (``validation.best_record``).
+
+    Returns:
+        dict: ``step``, ``validation_psnr_fair``, ``table`` (:func:`summarize`),
+        ``paired`` (:func:`paired_difference`), ``error_phase_pattern`` and
+        ``subjects`` (the per-subject rows).
+    """
+    import validation as validation_lib
+
+    volumes = os.path.join(out, "volumes_best")
+    rows = evaluate_with_cli(os.path.join(checkpoint_dir, validation_lib.BEST_FOLDER), volumes,
+                             os.path.join(out, "evaluate_best.log"))
+    return {"step": record["step"], "validation_psnr_fair": record["psnr_fair"], "table": summarize(rows),
+            "paired": paired_difference(rows), "subjects": rows,
+            "error_phase_pattern": texture_of_evaluation(cfg, test_subjects, volumes)}
 
 
 def _mean_sd(values):
@@ -801,7 +841,8 @@ def header_lines(s, info):
         f"training: {s['steps']} steps of batch {s['batch_size']} ({info['epochs']:.2f} epochs of "
         f"{info['batches_per_epoch']} batches), learning rate {s['learning_rate']:g} "
         f"(inverse-time decay), pretrain steps {s['pretrain_steps']}, seed {s['seed']}",
-        f"subjects: {info['train']} train / {info['test']} test ({info['data']})",
+        f"subjects: {info['train']} train / {info.get('validation', 0)} validation / {info['test']} test "
+        f"({info['data']})",
         f"wall time: {info['wall_seconds'] / 60:.1f} min (training {info['train_seconds'] / 60:.1f}, "
         f"learning-curve evaluations {info['eval_seconds'] / 60:.1f}, final evaluation "
         f"{info['final_eval_seconds'] / 60:.1f})",
@@ -809,17 +850,23 @@ def header_lines(s, info):
     ]
 
 
-def write_table(out, s, info, table, paired, texture=None):
+def write_table(out, s, info, table, paired, texture=None, best=None):
     """Writes ``out/table.md`` and ``out/table.csv``; returns the markdown text.
 
     Args:
         out: the experiment folder.
         s: the run settings (:func:`run_settings`).
         info: dict of the run's facts for the header (:func:`header_lines`).
-        table: rows of :func:`summarize`.
+        table: rows of :func:`summarize` (the last checkpoint).
         paired: :func:`paired_difference` of the GAN against tricubic.
         texture: optional dict method -> :func:`error_phase_pattern` amplitude.
+        best: optional :func:`best_checkpoint_results`: its GAN row follows the
+            last checkpoint's, labelled ``GAN best`` (table.csv) with its step.
     """
+    if best:
+        last = dict(table[0], method=f"GAN last (step {s['steps']})")
+        best_row = dict(best["table"][0], method=f"GAN best (step {best['step']}, by validation)")
+        table = [last, best_row] + table[1:]
     lines = ["# 3D SRGAN vs interpolation", ""] + [f"- {h}" for h in header_lines(s, info)] + [
         "- metrics: masked PSNR (dB) and 3-D SSIM on the test subjects, mean ± sample sd; "
         "fair = one data range for every method (the reference's max - min); original rule = "
@@ -830,20 +877,24 @@ def write_table(out, s, info, table, paired, texture=None):
         lines.append(f"| {r['method']} | {_pm(r['psnr_fair_mean'], r['psnr_fair_sd'], 2)} | "
                      f"{_pm(r['ssim_fair_mean'], r['ssim_fair_sd'], 4)} | {r['psnr_mean']:.2f} | "
                      f"{r['ssim_mean']:.4f} |")
-    lines += ["", f"GAN - {paired['baseline']}, paired over the {paired['n']} test subjects: PSNR "
-              f"{_pm(*paired['psnr'], 2)} dB (GAN higher on {paired['psnr_wins']}), SSIM "
-              f"{_pm(*paired['ssim'], 4)} (GAN higher on {paired['ssim_wins']})."]
+    for label, p in (("GAN", paired),) if not best else (("GAN last", paired), ("GAN best", best["paired"])):
+        lines += ["", f"{label} - {p['baseline']}, paired over the {p['n']} test subjects: PSNR "
+                  f"{_pm(*p['psnr'], 2)} dB ({label} higher on {p['psnr_wins']}), SSIM "
+                  f"{_pm(*p['ssim'], 4)} ({label} higher on {p['ssim_wins']})."]
     if texture:
         f = utils.factor_text(s["factor"])
         phases = int(np.prod(utils.per_axis(s["factor"], "--factor")))
         lines += ["", f"Period-{f} error pattern (RMS over the {phases} voxel phases of the mean error, "
                   "% of the mean brain intensity; 0 = no checkerboard): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
+        if best:
+            lines[-1] += f" GAN best: {best['error_phase_pattern']['GAN']:.3f}."
     lines.append("")
     text = "\n".join(lines)
     durable.write_text(os.path.join(out, "table.md"), text)
     csv_lines = [",".join(TABLE_COLUMNS)] + [
-        ",".join(str(r[c]) if c in ("method", "n") else f"{r[c]:.6f}" for c in TABLE_COLUMNS) for r in table]
+        ",".join(str(r[c]).split(" (")[0] if c in ("method", "n") else f"{r[c]:.6f}" for c in TABLE_COLUMNS)
+        for r in table]
     durable.write_text(os.path.join(out, "table.csv"), "\n".join(csv_lines) + "\n")
     return text
 
@@ -865,7 +916,11 @@ def plot_curve(path, curve, baselines, title):
     steps = [r["step"] for r in curve]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
-    top.plot(steps, [r["psnr_fair"] for r in curve], "o-", color="black", label="GAN", markersize=3)
+    top.plot(steps, [r["psnr_fair"] for r in curve], "o-", color="black", label="GAN, test", markersize=3)
+    validated = [r.get("val_psnr_fair", float("nan")) for r in curve]
+    if np.isfinite(validated).any():
+        # The validation subjects are other brains: their level differs; their ups and downs pick the best.
+        top.plot(steps, validated, "s--", color="tab:gray", label="GAN, validation", markersize=3)
     for (name, value), style in zip(sorted(baselines.items(), key=lambda kv: -kv[1]), ("--", "-.", ":")):
         top.axhline(value, linestyle=style, color="tab:blue", label=f"{name} {value:.2f}")
     top.set_ylabel("test PSNR, fair (dB)")
@@ -1010,28 +1065,31 @@ def run_experiment(s, log=print):
         cfg = model.parse_command(model_argv(s, data, checkpoint_dir, epochs), log=log).settings
     except errors.UserError as e:
         raise ValueError(str(e)) from e
-    train_subjects, test_subjects = splits.training_split(cfg, log)
+    split = splits.training_split(cfg, log)
+    test_subjects = split.test
     if not test_subjects:
         raise ValueError(f"no test subject in {data} with --train-fraction {s['train_fraction']}")
     os.makedirs(checkpoint_dir, exist_ok=True)
     durable.write_json(os.path.join(checkpoint_dir, config.CONFIG_NAME), config.config_record(cfg))
-    splits.write_split(checkpoint_dir, data, cfg.train_fraction, train_subjects, test_subjects)
+    splits.write_split(checkpoint_dir, data, cfg.train_fraction, split)
 
     evaluator = CurveEvaluator(cfg, test_subjects, log)
-    trained = train_with_curve(cfg, s, train_subjects, evaluator, log)
+    trained = train_with_curve(cfg, s, split.train, evaluator, log, split.validation)
     t0 = time.perf_counter()
     rows = evaluate_with_cli(checkpoint_dir, os.path.join(out, "volumes"), os.path.join(out, "evaluate.log"))
+    best = trained["best"] and best_checkpoint_results(cfg, trained["best"], checkpoint_dir, out, test_subjects)
     final_eval_seconds = time.perf_counter() - t0
 
     table = summarize(rows)
     paired = paired_difference(rows)
     texture = texture_of_evaluation(cfg, test_subjects, os.path.join(out, "volumes"))
     info = {"patches_per_volume": ppv, "batches_per_epoch": trained["batches_per_epoch"],
-            "epochs": s["steps"] / trained["batches_per_epoch"], "train": len(train_subjects),
-            "test": len(test_subjects), "data": data, "train_seconds": trained["train_seconds"],
+            "epochs": s["steps"] / trained["batches_per_epoch"], "train": len(split.train),
+            "validation": len(split.validation), "test": len(test_subjects), "data": data,
+            "train_seconds": trained["train_seconds"],
             "eval_seconds": trained["eval_seconds"], "final_eval_seconds": final_eval_seconds,
             "wall_seconds": time.perf_counter() - started, "hardware": _hardware()}
-    text = write_table(out, s, info, table, paired, texture)
+    text = write_table(out, s, info, table, paired, texture, best)
     _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
     _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
     plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
@@ -1039,7 +1097,7 @@ def run_experiment(s, log=print):
                f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
-               "error_phase_pattern": texture,
+               "error_phase_pattern": texture, "best": best,
                "curve": trained["curve"], "updates": trained["updates"],
                "curve_baselines_psnr_fair": evaluator.baselines,
                "curve_baselines_ssim_fair": evaluator.baselines_ssim,
@@ -1178,6 +1236,9 @@ def make_parser():
     r.add_argument("--subjects", type=int, default=None,
                    help=f"subjects to build (default {RUN_DEFAULTS['subjects']}; --quick {QUICK['subjects']})")
     r.add_argument("--train-fraction", type=float, default=0.8, help="the model's -train_fraction")
+    r.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="the model's -validation_fraction: training subjects held out to pick the best "
+                        "checkpoint, validated every --eval-every steps (0: no validation)")
     r.add_argument("--factor", type=_factor, default=4,
                    help="upsampling factor: 2 or 4, or one per axis such as 1,1,4 (thick slices)")
     r.add_argument("--mode", choices=MODES, default="subpixel", help="upsampling mode")

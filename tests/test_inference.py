@@ -313,8 +313,9 @@ def test_csv_list_with_relative_paths_and_a_split_column_is_honoured(bids_run, t
     listing = _csv_dataset(tmp_path)
     argv = ["-data_path", str(listing), "-checkpoint_dir", str(tmp_path / "ckpt")] + TINY
     cfg = model.parse_command(argv, log=lambda *_: None).settings
-    train, test = splits.training_split(cfg, Log())
-    assert [s.name for s in train] == ["002_S_0001", "002_S_0002"] and [s.name for s in test] == ["002_S_0000"]
+    split = splits.training_split(cfg, Log())
+    assert [s.name for s in split.train] == ["002_S_0001", "002_S_0002"]
+    assert [s.name for s in split.test] == ["002_S_0000"] and split.validation == []
     # Evaluated with another run's checkpoint: the list's own test rows, plain names by its subject column.
     log = Log()
     command = model.parse_command(

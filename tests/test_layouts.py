@@ -374,13 +374,19 @@ def test_csv_bad_rows_are_named_and_skipped(tmp_path):
     assert len(summary) == 1 and "Skipping 9 bad subject(s) of 10" in summary[0]
 
 
-def test_csv_unknown_split_values_refuse_the_list(tmp_path):
+def test_csv_unknown_split_values_refuse_the_list_and_validation_rows_are_neither_train_nor_test(tmp_path):
     # A value this version does not know would change the split silently (0 test subjects).
     data, lists = _csv_dataset(tmp_path)
     path = lists / "list.csv"
-    path.write_text("image,split\n../data/a.nii.gz,train\n../data/b.nii.gz,validation\n")
-    with pytest.raises(nifti_io.DataError, match=r"list.csv row 3: split 'validation' must be one of train, test"):
+    path.write_text("image,split\n../data/a.nii.gz,train\n../data/b.nii.gz,val\n")
+    with pytest.raises(nifti_io.DataError,
+                       match=r"list.csv row 3: split 'val' must be one of train, validation, test"):
         layouts.find_subjects(str(path), log=Log())
+    path.write_text("image,split\n../data/a.nii.gz,train\n../data/b.nii.gz,Validation\n../data/c.nii.gz,test\n")
+    subjects, _ = layouts.find_subjects(str(path), log=Log())
+    train, test = layouts.split_subjects(subjects)
+    assert [s.name for s in train] == ["a"] and [s.name for s in test] == ["c"]
+    assert [s.name for s in layouts.marked_validation(subjects)] == ["b"]
 
 
 def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
@@ -410,7 +416,7 @@ def test_split_honours_subject_split_and_refuses_a_partial_one():
     subjects = [layouts.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
     train, test = layouts.split_subjects(subjects[::-1], train_fraction=1.0)
     assert [s.name for s in train] == ["s1", "s2"] and [s.name for s in test] == ["s0", "s3"]
-    with pytest.raises(ValueError, match="2 subject.*carry a train/test split and 1 do not"):
+    with pytest.raises(ValueError, match="2 subject.*carry a split and 1 do not"):
         layouts.split_subjects(subjects[:2] + [layouts.Subject("s9", "/x/9")])
     with pytest.raises(ValueError, match="split 'val'"):
         layouts.split_subjects([layouts.Subject("a", "/a", split="val")])

@@ -291,25 +291,34 @@ def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
     template = tmp_path / "template.nii.gz"
     _write_template(template)
     out = tmp_path / "exp"
-    rc = quality.main(["run", "--out", str(out), "--template", str(template), "--subjects", "4",
-                       "--train-fraction", "0.5", "--volume-shape", "16,16,16", "--patch-shape", "8,8,8",
+    rc = quality.main(["run", "--out", str(out), "--template", str(template), "--subjects", "5",
+                       "--train-fraction", "0.6", "--validation-fraction", "0.3",
+                       "--volume-shape", "16,16,16", "--patch-shape", "8,8,8",
                        "--margin", "0", "--factor", "2", "--feature-size", "4", "--residual-blocks", "1",
                        "--steps", "10", "--eval-every", "6", "--seed", "1"])
     assert rc == 0
     text = (out / "table.md").read_text()
     for column in ("PSNR fair", "SSIM fair", "PSNR original rule", "SSIM original rule"):
         assert column in text
-    for method in ("GAN", "nearest", "trilinear", "tricubic"):
+    results = json.loads((out / "results.json").read_text())
+    best = results["best"]
+    for method in ("GAN last (step 10)", f"GAN best (step {best['step']}, by validation)", "nearest",
+                   "trilinear", "tricubic"):
         assert f"| {method} |" in text
     for fact in ("×2", "subpixel", "10 steps", "learning rate 0.0001", "pretrain steps 0",
-                 "2 train / 2 test", "wall time", "GPU", "Period-2 error pattern"):
+                 "2 train / 1 validation / 2 test", "wall time", "GPU", "Period-2 error pattern",
+                 "GAN best - tricubic, paired over the 2 test subjects"):
         assert fact in text
     header, *lines = (out / "table.csv").read_text().splitlines()
     assert tuple(header.split(",")) == quality.TABLE_COLUMNS
-    assert [line.split(",")[0] for line in lines] == ["GAN", "nearest", "trilinear", "tricubic"]
+    assert [line.split(",")[0] for line in lines] == ["GAN last", "GAN best", "nearest", "trilinear", "tricubic"]
+    # The best row is the command line's evaluation of the checkpoint validation liked most.
+    validated = {c["step"]: c["val_psnr_fair"] for c in results["curve"]}
+    assert best["step"] == max(validated, key=validated.get)
+    assert best["validation_psnr_fair"] == pytest.approx(validated[best["step"]], abs=1e-6)
+    assert len(best["subjects"]) == 2 and (out / "volumes_best" / "metrics.csv").exists()
     assert all(np.isfinite(float(v)) for line in lines for v in line.split(",")[1:])
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((out / "results.json").read_text())
     # 8 patches per volume, 2 training subjects: 8 steps per epoch, so 10 steps cross an epoch.
     assert [c["step"] for c in results["curve"]] == [6, 10]
     assert results["info"]["batches_per_epoch"] == 8

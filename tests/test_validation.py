@@ -1,0 +1,291 @@
+"""Validation during training: the held-out split, validation.csv and the best checkpoint."""
+
+import json
+import os
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import TINY, Log
+
+import checkpoints
+import config
+import durable
+import layouts
+import model
+import phantoms
+import splits
+import validation
+from errors import RunStopped, UserError
+from placement import choose_placement
+from trainer import build_networks
+
+# --------------------------------------------------------------------------- #
+# The split
+# --------------------------------------------------------------------------- #
+
+
+def _subjects(n):
+    return [layouts.Subject(f"s{i:02d}", f"/x/{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("n, fraction, held", [(2, 0.01, 1), (5, 0.2, 1), (10, 0.25, 3), (10, 0.5, 5), (9, 0.9, 8)])
+def test_hold_out_is_disjoint_seeded_and_leaves_one_to_train(n, fraction, held):
+    subjects = _subjects(n)
+    train, val = splits.hold_out(subjects[::-1], fraction, seed=7)
+    assert len(val) == held and len(train) == n - held
+    assert {s.name for s in train} | {s.name for s in val} == {s.name for s in subjects}
+    assert not {s.name for s in train} & {s.name for s in val}
+    assert [s.name for s in val] == sorted(s.name for s in val)
+    assert splits.hold_out(subjects, fraction, seed=7) == (train, val)  # same seed, same draw
+    draws = {tuple(s.name for s in splits.hold_out(subjects, fraction, seed)[1]) for seed in range(20)}
+    assert len(draws) > 1 or held == n - 1  # the seed chooses
+
+
+def test_hold_out_refuses_to_leave_nothing_to_train():
+    with pytest.raises(UserError, match=r"-validation_fraction 0.5 leaves no subject to train on: there are 1"):
+        splits.hold_out(_subjects(1), 0.5, seed=0)
+
+
+def test_a_new_split_holds_out_from_train_and_split_json_round_trips(tmp_path):
+    subjects = _subjects(10)
+    cfg = config.Settings(data_path=str(tmp_path), validation_fraction=0.25, seed=3)
+    log = Log()
+    split = splits.new_split(subjects, cfg, log)
+    train, test = layouts.split_subjects(subjects, 0.8)
+    assert split.test == test and len(split.validation) == 2 and len(split.train) == 6
+    assert set(split.train) | set(split.validation) == set(train)
+    splits.write_split(str(tmp_path), cfg.data_path, cfg.train_fraction, split)
+    saved = json.loads((tmp_path / splits.SPLIT_NAME).read_text())
+    assert saved["validation"] == [s.name for s in split.validation]
+    # A resume keeps the lists, whatever -seed and -validation_fraction say now.
+    assert splits.saved_split(str(tmp_path), subjects, cfg.replace(seed=99, validation_fraction=0.5), log) == split
+    # split.json of earlier versions has no validation list: none, and a given fraction is said unused.
+    del saved["validation"]
+    (tmp_path / splits.SPLIT_NAME).write_text(json.dumps(saved))
+    old = splits.saved_split(str(tmp_path), subjects, cfg, log)
+    assert old.validation == [] and old.train == split.train and old.test == test
+    assert "holds no validation subjects: -validation_fraction 0.25 is not used" in log.text
+    # The default holds nothing out: the split is the original's.
+    assert splits.new_split(subjects, cfg.replace(validation_fraction=0.0), log) == splits.Split(train, [], test)
+
+
+def test_csv_validation_rows_are_the_validation_set():
+    marks = ["train", "validation", "test", "train", "validation"]
+    subjects = [layouts.Subject(f"s{i}", f"/x/{i}", split=m) for i, m in enumerate(marks)]
+    log = Log()
+    split = splits.new_split(subjects, config.Settings(validation_fraction=0.5), log)
+    assert [[s.name for s in part] for part in (split.train, split.validation, split.test)] == [
+        ["s0", "s3"], ["s1", "s4"], ["s2"]]
+    assert "names the validation subjects; -validation_fraction 0.5 is not used" in log.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-validation_fraction", "1"], "-validation_fraction 1.0 must be in [0, 1)"),
+    (["-validation_fraction", "-0.1"], "expected a non-negative number up to 1"),
+    (["-validate_steps", "-3"], "expected a non-negative integer"),
+])
+def test_bad_validation_flags_are_named(argv, message, capsys):
+    with pytest.raises((UserError, SystemExit)) as err:
+        model.parse_command(argv, log=Log())
+    assert message in str(err.value) + capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# When, validation.csv and the best checkpoint (scripted scores, fake checkpoints)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("validate_steps, expected", [(0, [8, 16, 24, 30]), (5, [5, 10, 15, 20, 25, 30]),
+                                                      (16, [16, 30])])
+def test_validation_is_due_at_epoch_ends_or_every_n_steps_and_at_the_last_step(validate_steps, expected):
+    v = validation.Validation(None, "/nowhere", "/nowhere", validate_steps, last_step=30,
+                              batches_per_epoch=8, is_chief=False)
+    assert [s for s in range(1, 31) if v.due(s, epoch_end=s % 8 == 0 or s == 30)] == expected
+
+
+class ScriptedValidator:
+    """Returns the next of a list of PSNRs, as if the generator had been scored."""
+
+    def __init__(self, psnrs):
+        self.psnrs = list(psnrs)
+
+    def score(self, generator):
+        psnr = self.psnrs.pop(0)
+        return {"psnr_fair": psnr, "ssim_fair": psnr / 100, "psnr_tricubic_fair": 20.0, "subjects": 2}
+
+
+def _fake_checkpoint(run_dir, step):
+    prefix = os.path.join(run_dir, f"ckpt-{step}")
+    for suffix in (".data-00000-of-00001", ".index"):
+        with open(prefix + suffix, "w") as fh:
+            fh.write(f"{step}{suffix}")
+    return prefix
+
+
+def _fake_trainer(step, batches_per_epoch=4):
+    return types.SimpleNamespace(step=tf.Variable(step), epoch=tf.Variable(step // batches_per_epoch),
+                                 epoch_batches=tf.Variable(step % batches_per_epoch), generator=None)
+
+
+def _validation(run_dir, psnrs, log=None):
+    return validation.Validation(ScriptedValidator(psnrs), str(run_dir), str(run_dir / "logs"), 0,
+                                 last_step=100, batches_per_epoch=4, log=log or Log())
+
+
+def _run_steps(v, run_dir, steps):
+    for step in steps:
+        v.run(_fake_trainer(step), _fake_checkpoint(str(run_dir), step))
+
+
+def test_the_best_checkpoint_is_the_peak_and_a_resumed_run_keeps_it(tmp_path):
+    (tmp_path / "config.json").write_text('{"upsampling_factor": 2}')
+    (tmp_path / "split.json").write_text('{"test": []}')
+    log = Log()
+    v = _validation(tmp_path, [21.0, 24.0, 22.5], log)
+    _run_steps(v, tmp_path, [4, 8, 12])
+    best = tmp_path / "best"
+    assert checkpoints.latest(str(best)) == str(best / "ckpt-8")
+    assert sorted(os.listdir(best)) == ["checkpoint", "ckpt-8.data-00000-of-00001", "ckpt-8.index",
+                                        "ckpt-8.validation.json", "config.json", "split.json"]
+    assert (best / "ckpt-8.index").read_text() == "8.index"  # a copy of the run's checkpoint
+    assert json.loads((best / "ckpt-8.validation.json").read_text())["psnr_fair"] == 24.0
+    _, rows = durable.read_csv_rows(str(tmp_path / validation.VALIDATION_NAME))
+    assert [(int(r["step"]), float(r["psnr_fair"]), r["best"]) for r in rows] == [
+        (4, 21.0, "1"), (8, 24.0, "1"), (12, 22.5, "0")]
+    assert "the best stays step 8 (24.00 dB)" in log.lines[-1]
+    # A new process (a resume after SIGTERM or SIGKILL) reads the best from best/.
+    resumed = _validation(tmp_path, [23.0, 25.0])
+    assert resumed.best.psnr == 24.0
+    _run_steps(resumed, tmp_path, [16])
+    assert checkpoints.latest(str(best)) == str(best / "ckpt-8")
+    _run_steps(resumed, tmp_path, [20])
+    assert checkpoints.latest(str(best)) == str(best / "ckpt-20")
+    assert not (best / "ckpt-8.index").exists() and not (best / "ckpt-8.validation.json").exists()
+    assert "best checkpoint: step 20 (epoch 5.00), validation PSNR 25.00 dB" in resumed.summary()
+    # NaN (an empty mask everywhere) is never the best.
+    _run_steps(_validation(tmp_path, [float("nan")]), tmp_path, [24])
+    assert validation.best_record(str(best))["step"] == 20
+
+
+def test_a_replacement_that_fails_or_is_killed_leaves_a_complete_best(tmp_path, monkeypatch):
+    v = _validation(tmp_path, [21.0, 24.0, 26.0])
+    _run_steps(v, tmp_path, [4])
+    real_copy = durable.copy_file
+
+    def full_disk_at_the_index(source, path):
+        if path.endswith(".index"):
+            raise durable.OutputError(path, "No space left on device")
+        real_copy(source, path)
+
+    monkeypatch.setattr(durable, "copy_file", full_disk_at_the_index)
+    with pytest.raises(RunStopped, match=r"cannot record the validation of step 8: .*No space left.*"
+                                         r"previous best in .*best are intact"):
+        _run_steps(v, tmp_path, [8])
+    assert validation.best_record(str(tmp_path / "best"))["step"] == 4
+    assert [r["step"] for r in durable.read_csv_rows(str(tmp_path / validation.VALIDATION_NAME))[1]] == ["4"]
+    # A kill after the new index but before the state file: the new best is complete and read.
+    monkeypatch.setattr(durable, "copy_file", real_copy)
+    monkeypatch.setattr(checkpoints, "write_state", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _run_steps(v, tmp_path, [12])
+    assert validation.best_record(str(tmp_path / "best"))["step"] == 12
+    assert checkpoints.latest(str(tmp_path / "best")).endswith("ckpt-12")
+
+
+def test_other_workers_do_not_validate(tmp_path):
+    v = validation.Validation(ScriptedValidator([]), str(tmp_path), str(tmp_path), 0, 10, 4, is_chief=False)
+    v.run(_fake_trainer(4), _fake_checkpoint(str(tmp_path), 4))  # the empty script would fail if scored
+    v.catch_up(_fake_trainer(4), str(tmp_path / "ckpt-4"))
+    assert os.listdir(tmp_path) == ["ckpt-4.data-00000-of-00001", "ckpt-4.index"] or \
+        sorted(os.listdir(tmp_path)) == ["ckpt-4.data-00000-of-00001", "ckpt-4.index"]
+    assert v.summary() == ""
+
+
+# --------------------------------------------------------------------------- #
+# The validator and whole runs
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation_data")
+    phantoms.make_demo_data(str(root), subjects=6, shape=(34, 30, 26), seed=1)
+    return str(root)
+
+
+def test_a_mirrored_generator_scores_as_on_one_device(data):
+    cfg = config.Settings(volume_shape=(32, 32, 24), patch_shape=(20, 20, 16), patch_margin=2, feature_size=4,
+                          residual_blocks=1, upsampling_factor=2)
+    subjects, _ = layouts.find_subjects(data, log=Log())
+    keras.utils.set_random_seed(0)
+    one, _ = build_networks(cfg)
+    mirrored, _ = build_networks(cfg, choose_placement(("cpu", 2), environ={}))
+    mirrored.set_weights(one.get_weights())
+    validator = validation.Validator(subjects[:2], cfg, Log())
+    on_one, on_two = validator.score(one), validator.score(mirrored)
+    assert on_one["subjects"] == 2 and np.isfinite(on_one["psnr_fair"])
+    assert on_two["psnr_fair"] == pytest.approx(on_one["psnr_fair"], abs=1e-3)
+    assert on_two["psnr_tricubic_fair"] == on_one["psnr_tricubic_fair"]
+
+
+def _train(argv):
+    log = Log()
+    return model.run(model.parse_command(argv, log=log), log=log), log
+
+
+def test_a_run_validates_keeps_the_peak_in_best_and_evaluate_restores_it(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    argv = ["-data_path", data, "-checkpoint_dir", str(ckpt), "-epochs", "1", "-learning_rate", "1e-3",
+            "-validation_fraction", "0.25", "-validate_steps", "3", "-path_prediction", str(tmp_path / "p")] + TINY
+    result, log = _train(argv)
+    split = json.loads((ckpt / splits.SPLIT_NAME).read_text())
+    assert len(split["validation"]) == 1 and len(split["train"]) == 4 and len(split["test"]) == 1
+    assert not set(split["validation"]) & set(split["train"] + split["test"])
+    _, rows = durable.read_csv_rows(str(ckpt / validation.VALIDATION_NAME))
+    # 4 training subjects x 8 patches / batch 2 = 16 steps an epoch: every 3 steps and the last.
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16]
+    psnrs = [float(r["psnr_fair"]) for r in rows]
+    peak = int(rows[int(np.argmax(psnrs))]["step"])
+    best = ckpt / validation.BEST_FOLDER
+    assert result["best"]["step"] == peak and checkpoints.latest(str(best)).endswith(f"ckpt-{peak}")
+    assert [r["best"] for r in rows] == [str(int(p > max(psnrs[:i], default=-1e9))) for i, p in enumerate(psnrs)]
+    assert f"best checkpoint: step {peak}" in log.lines[-1]
+    assert len([line for line in log.lines if line.startswith("validation at step")]) == 6
+    # The best folder's generator is the one validated at the peak.
+    cfg = model.parse_command(["-evaluate", "True", "-checkpoint_dir_restore", str(best)], log=Log()).settings
+    generator = build_networks(cfg)[0]
+    checkpoints.restore_generator(generator, str(best))
+    subject = [s for s in layouts.find_subjects(data, log=Log())[0] if s.name in split["validation"]]
+    assert validation.Validator(subject, cfg, Log()).score(generator)["psnr_fair"] == pytest.approx(max(psnrs), abs=1e-4)
+    # -evaluate from best/ evaluates that step on the test subjects of split.json.
+    rows_eval, _ = _train(["-evaluate", "True", "-checkpoint_dir_restore", str(best),
+                           "-path_volumes", str(tmp_path / "volumes")])
+    assert sorted(r["subject"] for r in rows_eval) == sorted(split["test"])
+    settings = json.loads((tmp_path / "volumes" / "metrics.json").read_text())
+    assert settings["checkpoint"].endswith(f"ckpt-{peak} (step {peak})")
+
+    # A kill between the last checkpoint and its validation: the same command validates it.
+    csv_path = ckpt / validation.VALIDATION_NAME
+    lines = csv_path.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join(lines[:-1]))
+    _, log = _train(["-restore", str(ckpt)])
+    assert "nothing to train" in log.text and "validation at step 16" in log.text
+    _, rows = durable.read_csv_rows(str(csv_path))
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16]
+    assert float(rows[-1]["psnr_fair"]) == pytest.approx(psnrs[-1], abs=1e-6)
+    # Training on keeps the best unless a later checkpoint beats it.
+    _train(["-restore", str(ckpt), "-epochs", "2"])
+    _, rows = durable.read_csv_rows(str(csv_path))
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16, 18, 21, 24, 27, 30, 32]
+    final = [float(r["psnr_fair"]) for r in rows]
+    assert validation.best_record(str(best))["psnr_fair"] == pytest.approx(max(final), abs=1e-6)
+
+
+def test_the_default_holds_nothing_out(run):
+    split = json.loads((run["ckpt"] / splits.SPLIT_NAME).read_text())
+    assert split["validation"] == [] and len(split["train"]) == 4 and len(split["test"]) == 1
+    assert not (run["ckpt"] / validation.BEST_FOLDER).exists()
+    assert not (run["ckpt"] / validation.VALIDATION_NAME).exists()
