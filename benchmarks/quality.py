@@ -1144,8 +1144,9 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
         with open(path) as fh:
             runs.append(json.load(fh))
     lines = ["| run | steps | train time | GAN PSNR | tricubic PSNR | GAN - tricubic PSNR | GAN SSIM | "
-             "tricubic SSIM | GAN - tricubic SSIM | period-f pattern GAN / tricubic |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "tricubic SSIM | GAN - tricubic SSIM | period-f pattern GAN / tricubic | "
+             "best by validation: step, GAN PSNR, - tricubic |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s, table, paired = r["settings"], {t["method"]: t for t in r["table"]}, r["paired_vs_tricubic"]
         gan, tri = table["GAN"], table["tricubic"]
@@ -1158,7 +1159,9 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
             f"{_pm(gan['ssim_fair_mean'], gan['ssim_fair_sd'], 4)} | "
             f"{_pm(tri['ssim_fair_mean'], tri['ssim_fair_sd'], 4)} | "
             f"{_pm(*paired['ssim'], 4)} ({paired['ssim_wins']}/{paired['n']}) | "
-            + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |"))
+            + (f"{pattern['GAN']:.2f} / {pattern['tricubic']:.2f} |" if pattern else "- |")
+            + (f" {r['best']['step']}, {r['best']['table'][0]['psnr_fair_mean']:.2f}, "
+               f"{_pm(*r['best']['paired']['psnr'], 2)} |" if r.get("best") else " - |"))
     text = "\n".join(lines) + "\n"
     durable.write_text(markdown_path, text)
     if png_path:

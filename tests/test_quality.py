@@ -334,6 +334,7 @@ def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
                          "--png", str(tmp_path / "all.png")]) == 0
     rows = (tmp_path / "all.md").read_text().splitlines()
     assert len(rows) == 4 and rows[2].startswith("| x2 subpixel, lr 0.0001 | 10 |")
+    assert rows[2].split("|")[-2].strip().startswith(f"{best['step']}, ")
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
     assert quality.main(["compare", str(tmp_path), "--table", str(tmp_path / "x.md")]) == 2
 

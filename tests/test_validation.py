@@ -266,6 +266,10 @@ def test_a_run_validates_keeps_the_peak_in_best_and_evaluate_restores_it(data, t
     assert sorted(r["subject"] for r in rows_eval) == sorted(split["test"])
     settings = json.loads((tmp_path / "volumes" / "metrics.json").read_text())
     assert settings["checkpoint"].endswith(f"ckpt-{peak} (step {peak})")
+    # -export takes it too: the model file carries the best step's weights.
+    assert model.main(["-export", str(tmp_path / "best.keras"), "-checkpoint_dir_restore", str(best)]) == 0
+    exported = keras.saving.load_model(str(tmp_path / "best.keras"), compile=False)
+    assert all(np.array_equal(a, b) for a, b in zip(exported.get_weights(), generator.get_weights()))
 
     # A kill between the last checkpoint and its validation: the same command validates it.
     csv_path = ckpt / validation.VALIDATION_NAME
@@ -289,3 +293,5 @@ def test_the_default_holds_nothing_out(run):
     assert split["validation"] == [] and len(split["train"]) == 4 and len(split["test"]) == 1
     assert not (run["ckpt"] / validation.BEST_FOLDER).exists()
     assert not (run["ckpt"] / validation.VALIDATION_NAME).exists()
+    # No checkpoint beyond the original's: the epoch's own.
+    assert sorted(p.name for p in run["ckpt"].glob("ckpt-*.index")) == ["ckpt-16.index"]
