@@ -3,10 +3,14 @@
     python benchmarks/bench_model.py                                  # one device, default geometry
     python benchmarks/bench_model.py --replicas 1,2 [--xla] [--mixed_precision float16]
     python benchmarks/bench_model.py --geometry small --replicas 1,2  # minutes on a CPU
+    python benchmarks/bench_model.py --geometry demo --factor 2 --feature_size 16 --residual_blocks 2 \
+        --replicas 1 --steps 2                                        # the demo's model
 
-Part 1 (one device): one generator forward pass on an LR patch and one
+Part 1 (one device): one generator forward pass on an LR patch, one
 full-volume patch-stitched evaluation of a ``volume_shape`` volume (8 patches
-for the default geometry, metrics and three interpolation baselines).
+for the default geometry, metrics and three interpolation baselines) and one
+validation pass over three phantom volumes (``validation.Validator``, what
+``-validation_fraction`` costs at each validation).
 
 Part 2 (per replica count, each in its own process): the real training loop
 (:class:`training.TrainingStream` over synthetic phantoms written to a temporary
@@ -36,7 +40,8 @@ import numpy as np  # noqa: E402
 
 GEOMETRIES = {  # volume_shape, patch_shape, patch_margin
     "default": ((224, 224, 152), (128, 128, 92), 16),
-    "small": ((96, 96, 64), (48, 48, 32), 8),
+    "small": ((96, 96, 64), (48, 48, 32), 8),  # quality.py's crop96
+    "demo": ((64, 64, 48), (36, 36, 28), 4),
 }
 
 
@@ -111,7 +116,8 @@ def measure_components(args):
 
     volume, patch, margin = GEOMETRIES[args.geometry]
     f = args.factor
-    g = networks.build_generator(f, upsampling_mode=args.mode)
+    g = networks.build_generator(f, upsampling_mode=args.mode, feature_size=args.feature_size,
+                                 residual_blocks=args.residual_blocks)
     predict = inference.make_predictor(g)
     lr = tf.random.uniform((1,) + tuple(p // f for p in patch) + (1,), -1, 1)
     print(f"generator forward, LR {tuple(lr.shape[1:4])} -> {patch}: "
@@ -128,6 +134,26 @@ def measure_components(args):
 
     print(f"full-volume evaluation {'x'.join(map(str, volume))} (patches + metrics + 3 baselines): "
           f"{_timed(evaluate_volume, 1):.2f} s")
+    measure_validation(args, g)
+
+
+def measure_validation(args, generator, subjects=3):
+    """One validation pass (``validation.Validator.score``) over ``subjects`` phantoms; prints its time."""
+    import config
+    import layouts
+    import phantoms
+    import validation
+
+    volume, patch, margin = GEOMETRIES[args.geometry]
+    cfg = config.Settings(volume_shape=volume, patch_shape=patch, patch_margin=margin,
+                          upsampling_factor=args.factor)
+    with tempfile.TemporaryDirectory() as data:
+        phantoms.make_demo_data(data, subjects=subjects, shape=volume, seed=0)
+        found, _ = layouts.find_subjects(data, log=lambda m: None)
+        validator = validation.Validator(found, cfg, log=print)
+        seconds = _timed(lambda: validator.score(generator), 2)  # the warm-up pass computes tricubic
+    print(f"validation pass over {subjects} volumes of {'x'.join(map(str, volume))} (read, degrade, "
+          f"patches, fair PSNR/SSIM): {seconds:.2f} s ({seconds / subjects:.2f} s per volume)")
 
 
 def _timed(fn, repeat):
@@ -150,6 +176,8 @@ def main():
     parser.add_argument("--geometry", default="default", choices=sorted(GEOMETRIES))
     parser.add_argument("--mode", default="subpixel", choices=networks.UPSAMPLING_MODES)
     parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--feature_size", type=int, default=32, help="generator filters (components only)")
+    parser.add_argument("--residual_blocks", type=int, default=6, help="residual blocks (components only)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="global batch (default: 2 x the largest replica count)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per replica count")
