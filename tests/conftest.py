@@ -61,18 +61,3 @@ def run(tmp_path_factory):
     return {"root": root, "data": data, "ckpt": ckpt, "argv": argv, "losses": result["losses"]}
 
 
-
-# Fixtures that train a model, shared by several tests. pytest.ini runs the
-# suite with `--dist loadgroup`: every test that uses one of them (directly or
-# through another fixture) is put in that fixture's xdist group, so that one
-# worker builds it once instead of each worker building its own copy.
-SHARED_TRAINED_FIXTURES = ("run", "bids_run", "reference", "trained")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for name in SHARED_TRAINED_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
-                break

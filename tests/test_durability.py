@@ -75,9 +75,9 @@ def reference(data, tmp_path_factory):
     """An uninterrupted two-epoch run, the weights every interrupted run must end with.
 
     Its folder is first locked by another process: the refused attempt and the
-    run after the holder died are recorded under ``"locked"`` for
-    test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies
-    (which asserts them), so that one training run serves both.
+    run after the holder died are recorded under ``"locked"``, which
+    test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_identically
+    asserts, so that one training run serves both.
     """
     ckpt = tmp_path_factory.mktemp("reference") / "ckpt"
     locked = {}
@@ -124,13 +124,28 @@ def _assert_same_weights(state, reference):
         np.testing.assert_array_equal(state[name], value, err_msg=name)
 
 
-def test_sigterm_then_sigkill_lose_nothing_and_the_resumes_are_identical(data, reference, tmp_path):
-    """SIGTERM checkpoints at once (at that batch) and exits 143; a resumed run killed by SIGKILL keeps
-    its last checkpoint inside the epoch; resuming again ends bit-identical to the uninterrupted run.
+def test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_identically(data, reference,
+                                                                                         tmp_path):
+    """Three tests in one, so that the reference run is trained once (a module fixture used by
+    two tests is built by each xdist worker that runs one of them).
 
-    One chain instead of two separate runs from scratch: a resume that was not
-    exact at either interruption would leave weights unequal to the reference.
+    A second run into a locked folder is refused until its holder dies (the
+    reference run, recorded by its fixture). SIGTERM checkpoints at once (at
+    that batch) and exits 143; a resumed run killed by SIGKILL keeps its last
+    checkpoint inside the epoch; resuming again ends bit-identical to the
+    uninterrupted run: one chain instead of two separate runs from scratch, as
+    a resume that was not exact at either interruption would leave weights
+    unequal to the reference.
     """
+    # 0. The reference run's folder was locked by another process first.
+    locked = reference["locked"]
+    assert locked["holder_said"] == "locked"
+    assert locked["refused_rc"] == 2
+    assert f"in use by process {locked['holder_pid']}" in locked["refused_err"]
+    assert "Traceback" not in locked["refused_err"]
+    assert locked["written_while_locked"] is None  # nothing was written
+    # The kernel released the dead holder's lock: the folder is free again.
+    assert locked["rc"] == 0
     ckpt = tmp_path / "ckpt"
     # 1. SIGTERM mid-way through epoch 2: a checkpoint of the very step it stopped at.
     proc = _start(data, ckpt, tmp_path)
@@ -212,17 +227,6 @@ def test_a_full_disk_during_a_save_or_a_resume_exits_2_and_leaves_the_runs_files
         assert (ckpt / name).read_bytes() == content
     assert not glob.glob(str(ckpt / ".tmp-*"))
     assert tf.train.latest_checkpoint(str(ckpt)) == latest
-
-
-def test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies(reference):
-    locked = reference["locked"]  # recorded by the fixture, whose run is the reference run
-    assert locked["holder_said"] == "locked"
-    assert locked["refused_rc"] == 2
-    assert f"in use by process {locked['holder_pid']}" in locked["refused_err"]
-    assert "Traceback" not in locked["refused_err"]
-    assert locked["written_while_locked"] is None  # nothing was written
-    # The kernel released the dead holder's lock: the folder is free again.
-    assert locked["rc"] == 0
 
 
 @pytest.mark.parametrize("argv, fragment", [
