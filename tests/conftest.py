@@ -92,23 +92,24 @@ def _shared_fixture_users():
             tree = ast.parse(fh.read())
         functions = {node.name: [a.arg for a in node.args.args] for node in tree.body
                      if isinstance(node, ast.FunctionDef)}
-
-        def needs(function, seen=()):
-            for arg in functions.get(function, ()):
-                if arg in SHARED_TRAINED_FIXTURES:
-                    return arg
-                if arg in functions and arg not in seen:  # a fixture of this file
-                    found = needs(arg, seen + (function,))
-                    if found:
-                        return found
-            return None
-
         for function in functions:
             if function.startswith("test_"):
-                fixture = needs(function)
+                fixture = _needs(function, functions)
                 if fixture:
                     users[f"tests/{name}::{function}"] = fixture
     return users
+
+
+def _needs(function, functions, seen=()):
+    """The shared trained fixture ``function`` needs (through its file's ``functions``), or None."""
+    for arg in functions.get(function, ()):
+        if arg in SHARED_TRAINED_FIXTURES:
+            return arg
+        if arg in functions and arg not in seen:  # a fixture of this file
+            found = _needs(arg, functions, (*seen, function))
+            if found:
+                return found
+    return None
 
 
 def pytest_xdist_make_scheduler(config, log):
