@@ -3,8 +3,10 @@
 Processes started here are killed by PID in ``finally`` blocks, with timeouts.
 """
 
+import contextlib
 import errno
 import glob
+import io
 import os
 import shutil
 import signal
@@ -60,16 +62,42 @@ def _step(ckpt):
     return int(_state(ckpt)["step/.ATTRIBUTES/VARIABLE_VALUE"])
 
 
+def _hold_lock(ckpt):
+    """A process that holds the run lock of ``ckpt`` until killed (it has printed "locked")."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import durable; "
+         "lock = durable.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
+         "time.sleep(120)", ROOT, str(ckpt)], stdout=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """An uninterrupted two-epoch run, the weights every interrupted run must end with."""
+    """An uninterrupted two-epoch run, the weights every interrupted run must end with.
+
+    Its folder is first locked by another process: the refused attempt and the
+    run after the holder died are recorded under ``"locked"``, which
+    test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_identically
+    asserts, so that one training run serves both.
+    """
     ckpt = tmp_path_factory.mktemp("reference") / "ckpt"
-    assert model.main(_argv(data, ckpt)) == 0
-    return _state(ckpt)
+    locked = {}
+    holder = _hold_lock(ckpt)
+    try:
+        locked["holder_said"] = holder.stdout.readline().strip()
+        locked["holder_pid"] = holder.pid
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            locked["refused_rc"] = model.main(_argv(data, ckpt))
+        locked["refused_err"] = err.getvalue()
+        locked["written_while_locked"] = tf.train.latest_checkpoint(str(ckpt))
+    finally:
+        _stop(holder)
+    # The kernel released the dead holder's lock: the folder is free again.
+    locked["rc"] = model.main(_argv(data, ckpt))
+    return {"state": _state(ckpt), "locked": locked}
 
 
-def _start(data, ckpt, cwd):
-    cmd = [sys.executable, os.path.join(ROOT, "model.py")] + _argv(data, ckpt)
+def _start(data, ckpt, cwd, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "model.py")] + _argv(data, ckpt, *extra)
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -96,25 +124,30 @@ def _assert_same_weights(state, reference):
         np.testing.assert_array_equal(state[name], value, err_msg=name)
 
 
-def test_sigkill_loses_at_most_the_checkpoint_interval_and_resumes_identically(data, reference, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    proc = _start(data, ckpt, tmp_path)
-    try:
-        _wait_for_checkpoint(proc, ckpt, 12)  # mid-way through epoch 2
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        _stop(proc)
-    assert proc.returncode == -signal.SIGKILL
-    kept = _step(ckpt)
-    assert 12 <= kept < 2 * STEPS_PER_EPOCH  # the last checkpoint survived the kill, inside the epoch
-    assert model.main(["-restore", str(ckpt)]) == 0
-    # Resumed from step `kept`, finished, and bit-identical to the uninterrupted run.
-    _assert_same_weights(_state(ckpt), reference)
+def test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_identically(data, reference,
+                                                                                         tmp_path):
+    """Three tests in one, so that the reference run is trained once (a module fixture used by
+    two tests is built by each xdist worker that runs one of them).
 
-
-def test_sigterm_checkpoints_at_once_and_resumes_at_that_batch(data, reference, tmp_path):
+    A second run into a locked folder is refused until its holder dies (the
+    reference run, recorded by its fixture). SIGTERM checkpoints at once (at
+    that batch) and exits 143; a resumed run killed by SIGKILL keeps its last
+    checkpoint inside the epoch; resuming again ends bit-identical to the
+    uninterrupted run: one chain instead of two separate runs from scratch, as
+    a resume that was not exact at either interruption would leave weights
+    unequal to the reference.
+    """
+    # 0. The reference run's folder was locked by another process first.
+    locked = reference["locked"]
+    assert locked["holder_said"] == "locked"
+    assert locked["refused_rc"] == 2
+    assert f"in use by process {locked['holder_pid']}" in locked["refused_err"]
+    assert "Traceback" not in locked["refused_err"]
+    assert locked["written_while_locked"] is None  # nothing was written
+    # The kernel released the dead holder's lock: the folder is free again.
+    assert locked["rc"] == 0
     ckpt = tmp_path / "ckpt"
+    # 1. SIGTERM mid-way through epoch 2: a checkpoint of the very step it stopped at.
     proc = _start(data, ckpt, tmp_path)
     try:
         _wait_for_checkpoint(proc, ckpt, 10)
@@ -129,17 +162,55 @@ def test_sigterm_checkpoints_at_once_and_resumes_at_that_batch(data, reference, 
     assert _step(ckpt) == stopped_at >= 10  # the checkpoint is the step it stopped at
     state = _state(ckpt)
     assert int(state["epoch_batches/.ATTRIBUTES/VARIABLE_VALUE"]) == stopped_at % STEPS_PER_EPOCH
+    # 2. The resumed run (a process of its own), SIGKILLed after its first checkpoint past that step.
+    target = max(12, stopped_at + 2 - stopped_at % 2)  # the next step that -checkpoint_steps 2 saves
+    proc = _start(data, ckpt, tmp_path, "-restore", str(ckpt))
+    try:
+        _wait_for_checkpoint(proc, ckpt, target)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == -signal.SIGKILL
+    kept = _step(ckpt)
+    assert target <= kept < 2 * STEPS_PER_EPOCH  # the last checkpoint survived the kill, inside the epoch
+    # 3. Resumed from step `kept`, finished, and bit-identical to the uninterrupted run.
     assert model.main(["-restore", str(ckpt)]) == 0
-    _assert_same_weights(_state(ckpt), reference)
+    _assert_same_weights(_state(ckpt), reference["state"])
 
 
-def test_a_full_disk_leaves_the_runs_files_intact_and_exits_2(data, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_save_or_a_resume_exits_2_and_leaves_the_runs_files_intact(data, tmp_path, monkeypatch,
+                                                                                        capsys):
     ckpt = tmp_path / "ckpt"
-    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
+    # 1. The disk fills up while the checkpoint of step 6 is written: one plain paragraph, what
+    #    was kept, and no partial checkpoint left behind.
+    original = tf.train.CheckpointManager.save
+
+    def save(self, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 6:
+            temp = ckpt / "ckpt-6_temp"
+            temp.mkdir()
+            (temp / "part-00000-of-00001.data-00000-of-00001.tempstate123").write_bytes(b"x" * 10)
+            raise tf.errors.ResourceExhaustedError(None, None, (
+                "{{function_node __wrapped__SaveV2_dtypes_194_device_/job:localhost/replica:0/task:0/"
+                f"device:CPU:0}}}} {temp}/part-00000-of-00001.data-00000-of-00001.tempstate123; "
+                "No space left on device [Op:SaveV2] name: "))
+        return original(self, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    assert model.main(_argv(data, ckpt)) == errors.EXIT_ERROR == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "cannot write the checkpoint of step 6" in line and "No space left on device" in line
+    assert "function_node" not in line and "[Op:" not in line
+    assert f"The last complete checkpoint is {ckpt / 'ckpt-4'}" in line and "-restore" in err
+    assert "Traceback" not in err and _step(ckpt) == 4
+    assert not (ckpt / "ckpt-6_temp").exists()
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", original)
+    # 2. A resume while the disk is still full: exit 2 at the first write, config.json,
+    #    split.json and the checkpoints as they were, no temporaries.
     before = {name: (ckpt / name).read_bytes() for name in ("config.json", "split.json")}
     latest = tf.train.latest_checkpoint(str(ckpt))
-    capsys.readouterr()
-
     real_fsync = os.fsync
 
     def full(fd):
@@ -156,43 +227,6 @@ def test_a_full_disk_leaves_the_runs_files_intact_and_exits_2(data, tmp_path, mo
         assert (ckpt / name).read_bytes() == content
     assert not glob.glob(str(ckpt / ".tmp-*"))
     assert tf.train.latest_checkpoint(str(ckpt)) == latest
-
-
-def test_a_failed_checkpoint_write_says_what_was_kept(data, tmp_path, monkeypatch, capsys):
-    ckpt = tmp_path / "ckpt"
-    original = tf.train.CheckpointManager.save
-    calls = {"n": 0}
-
-    def save(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
-    assert model.main(_argv(data, ckpt)) == 2
-    err = capsys.readouterr().err
-    assert "cannot write the checkpoint of step 6" in err and "No space left on device" in err
-    assert f"The last complete checkpoint is {ckpt / 'ckpt-4'}" in err and "-restore" in err
-    assert "Traceback" not in err and _step(ckpt) == 4
-
-
-def test_a_second_run_into_a_locked_folder_is_refused_until_its_holder_dies(data, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import durable; "
-         "lock = durable.RunLock(sys.argv[2], 'training'); lock.acquire(); print('locked', flush=True); "
-         "time.sleep(120)", ROOT, str(ckpt)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert model.main(_argv(data, ckpt, "-epochs", "1")) == 2
-        err = capsys.readouterr().err
-        assert f"in use by process {holder.pid}" in err and "Traceback" not in err
-        assert tf.train.latest_checkpoint(str(ckpt)) is None  # nothing was written
-    finally:
-        _stop(holder)
-    # The kernel released the dead holder's lock: the folder is free again.
-    assert model.main(_argv(data, ckpt, "-epochs", "1")) == 0
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 import networks
 import train_dataset as td
-from config import PRECISION_POLICIES
 from trainer import SRGANTrainer
 
 
@@ -17,7 +16,8 @@ def _tiny_trainer(run_eagerly=False):
     return SRGANTrainer(g, d, learning_rate=1e-4, seed=1, run_eagerly=run_eagerly)
 
 
-def test_train_step_returns_scalars_and_decays_learning_rate():
+def test_train_step_returns_scalars_keeps_its_history_and_decays_learning_rate():
+    # One trainer for what were two tests (one step's results; the history of five).
     trainer = _tiny_trainer()
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
     lr = np.asarray(td.degrade(hr, 2))
@@ -31,6 +31,21 @@ def test_train_step_returns_scalars_and_decays_learning_rate():
     assert int(trainer.step) == 1 and int(trainer.g_optimizer.iterations) == 1
     assert int(trainer.d_optimizer.iterations) == 1
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, trainer.generator.trainable_weights))
+    # The step history holds what each step returned.
+    rng = np.random.default_rng(2)
+    returned = [out]
+    for _ in range(4):
+        hr = rng.uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+        returned.append({k: float(v) for k, v in trainer.train_step(np.asarray(td.degrade(hr, 2)), hr).items()})
+    history = trainer.recent_scalars(2, 5)
+    assert [s for s, _ in history] == [2, 3, 4, 5]
+    for (_, values), expected in zip(history, returned[1:]):
+        assert values == pytest.approx(expected, rel=1e-6)
+    losses = trainer.epoch_losses()
+    assert losses["mse"] == pytest.approx(np.mean([r["mse"] for r in returned]), rel=1e-5)
+    trainer.end_epoch()
+    assert int(trainer.epoch) == 1 and trainer.epoch_losses()["mse"] == 0.0
+    # The learning rate decays with the generator optimiser's iterations.
     trainer.g_optimizer.iterations.assign(4920)
     assert trainer.learning_rate == pytest.approx(1e-4 / 1.5)
 
@@ -46,41 +61,9 @@ def test_eager_and_compiled_steps_agree():
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-3)  # graph vs eager round-off
 
 
-@pytest.mark.parametrize("precision", ["float16"])
-def test_mixed_precision_train_step(precision, tmp_path):
-    policy = PRECISION_POLICIES[precision]
-    g = networks.build_generator(2, residual_blocks=1, feature_size=4, dtype_policy=policy)
-    d = networks.build_discriminator((8, 8, 6, 1), dtype_policy=policy)
-    trainer = SRGANTrainer(g, d, loss_scale=precision == "float16")
-    hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-    before = [w.numpy().copy() for w in g.trainable_weights]
-    # Dynamic loss scaling may skip the first float16 update or two while it
-    # finds its scale; three steps must update the generator.
-    for _ in range(3):
-        out = trainer.train_step(np.asarray(td.degrade(hr, 2)), hr)
-        assert all(np.isfinite(v) for v in out.values())
-    assert int(trainer.g_optimizer.iterations) >= 1
-    assert all(w.dtype == "float32" for w in g.trainable_weights)
-    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, g.trainable_weights))
-    names = {name for name, _ in tf.train.list_variables(trainer.checkpoint.save(str(tmp_path / "ckpt")))}
-    assert any(n.startswith("g_loss_scale/") for n in names) == (precision == "float16")
-
-
-def test_step_history_holds_what_each_step_returned():
-    trainer = _tiny_trainer()
-    rng = np.random.default_rng(2)
-    returned = []
-    for _ in range(5):
-        hr = rng.uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-        returned.append({k: float(v) for k, v in trainer.train_step(np.asarray(td.degrade(hr, 2)), hr).items()})
-    history = trainer.recent_scalars(2, 5)
-    assert [s for s, _ in history] == [2, 3, 4, 5]
-    for (_, values), expected in zip(history, returned[1:]):
-        assert values == pytest.approx(expected, rel=1e-6)
-    losses = trainer.epoch_losses()
-    assert losses["mse"] == pytest.approx(np.mean([r["mse"] for r in returned]), rel=1e-5)
-    trainer.end_epoch()
-    assert int(trainer.epoch) == 1 and trainer.epoch_losses()["mse"] == 0.0
+# A float16 train step (loss scaling, float32 weights, updates, the loss scale in the
+# checkpoint): test_distribute.py::test_mixed_precision_works_on_one_device_and_under_a_strategy,
+# whose one-device trainer is the same float16 trainer.
 
 
 def test_pretrain_steps_train_the_generator_alone_then_the_gan():
