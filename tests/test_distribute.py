@@ -18,6 +18,8 @@ import pytest
 import tensorflow as tf
 from helpers import ROOT
 
+import checkpoints
+import durable
 import model
 import networks
 import phantoms
@@ -310,8 +312,8 @@ def _cluster_environment(kind, index, ports, bin_dir):
     return env
 
 
-def _train_as_two_workers(kind, data, tmp_path, *extra):
-    """Runs model.py as the two workers of a cluster; returns ((stdout, stderr) of each, checkpoint folder)."""
+def _train_as_two_workers(kind, data, tmp_path, *extra, checkpoint_steps=(STEPS_PER_EPOCH,)):
+    """Runs model.py as the two workers of a cluster; returns (the chief's stdout, the checkpoint folder)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -339,24 +341,35 @@ def _train_as_two_workers(kind, data, tmp_path, *extra):
             f"cluster from {kind})") in chief_out
     assert "epoch 1/1" in chief_out and worker_out.strip() == ""  # the chief alone reports
     # Exactly one checkpoint, the chief's, numbered by the step; nothing else of the workers.
-    assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == [f"ckpt-{STEPS_PER_EPOCH}.index"]
+    assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == [f"ckpt-{s}.index" for s in checkpoint_steps]
     config = json.loads((ckpt / "config.json").read_text())
     assert config["strategy"] == "MultiWorkerMirroredStrategy" and config["workers"] == 2
-    return ckpt
+    return chief_out, ckpt
 
 
 def test_two_workers_of_a_slurm_step_on_a_cpu_node_train_together_and_one_process_resumes(data, tmp_path):
     # srun -n 2 on one node without GPUs (no nvidia-smi): the step is the cluster.
-    ckpt = _train_as_two_workers("SLURM", data, tmp_path)
+    _, ckpt = _train_as_two_workers("SLURM", data, tmp_path)
     # A single process continues the run (what any cluster leaves is one ordinary checkpoint).
     assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 0
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
     assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
 
 
-def test_gpus_cpu_under_tf_config_trains_as_two_workers(data, tmp_path):
-    # -gpus cpu means "workers on CPUs", not "each worker alone".
-    _train_as_two_workers("TF_CONFIG", data, tmp_path, "-gpus", "cpu")
+def test_gpus_cpu_under_tf_config_trains_as_two_workers_and_the_chief_validates(data, tmp_path):
+    # -gpus cpu means "workers on CPUs", not "each worker alone". The list holds one subject out
+    # for validation, validated after every step: the workers checkpoint together at step 1
+    # (inside the epoch) and 2, the chief alone validates and writes best/.
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,split\n" + "".join(
+        f"{data / name / 'T1_brain_extractedBrainExtractionBrain.nii.gz'},{split}\n"
+        for name, split in (("demo_000", "train"), ("demo_001", "train"), ("demo_002", "validation"))))
+    chief_out, ckpt = _train_as_two_workers("TF_CONFIG", listing, tmp_path, "-gpus", "cpu", "-validate_steps", "1",
+                                            checkpoint_steps=(1, STEPS_PER_EPOCH))
+    _, rows = durable.read_csv_rows(str(ckpt / "validation.csv"))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(r["subjects"] == "1" for r in rows)
+    assert chief_out.count("validation at step") == 2 and "best checkpoint: step" in chief_out
+    assert checkpoints.latest(str(ckpt / "best")) is not None
 
 
 @pytest.mark.parametrize("argv, env, message", [

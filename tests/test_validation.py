@@ -280,12 +280,7 @@ def test_a_run_validates_keeps_the_peak_in_best_and_evaluate_restores_it(data, t
     _, rows = durable.read_csv_rows(str(csv_path))
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16]
     assert float(rows[-1]["psnr_fair"]) == pytest.approx(psnrs[-1], abs=1e-6)
-    # Training on keeps the best unless a later checkpoint beats it.
-    _train(["-restore", str(ckpt), "-epochs", "2"])
-    _, rows = durable.read_csv_rows(str(csv_path))
-    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16, 18, 21, 24, 27, 30, 32]
-    final = [float(r["psnr_fair"]) for r in rows]
-    assert validation.best_record(str(best))["psnr_fair"] == pytest.approx(max(final), abs=1e-6)
+    assert validation.best_record(str(best))["step"] == peak
 
 
 def test_the_default_holds_nothing_out(run):
