@@ -23,6 +23,7 @@ import durable
 import model
 import networks
 import phantoms
+import splits
 import train_dataset as td
 import training
 from config import Settings
@@ -251,10 +252,11 @@ def test_a_two_replica_run_resumes_on_one_replica_with_the_same_data_order(data,
 
     monkeypatch.setattr(SRGANTrainer, "train_step", spy)
     quiet = lambda *_: None  # noqa: E731
-    stop_at = [None]
-    training.train(_run_cfg(data, tmp_path / "one", tmp_path / "p1"), log=quiet)
-    reference, seen[:] = list(seen), []
-    stop_at[0] = 2  # interrupted at the 2nd step of 4 (2 train volumes x 4 patches / 2)
+    # The reference order: the epoch's batches on one device, as training.train streams them.
+    one = _run_cfg(data, tmp_path / "one", tmp_path / "p1")
+    stream = training.TrainingStream(splits.training_split(one, quiet).train, one, log=quiet)
+    reference = [np.round(np.asarray(hr).sum(axis=(1, 2, 3, 4)), 3) for _, hr, _ in stream(0)]
+    stop_at = [2]  # interrupted at the 2nd step of 4 (2 train volumes x 4 patches / 2)
     with pytest.raises(KeyboardInterrupt):
         training.train(_run_cfg(data, tmp_path / "two", tmp_path / "p2"), log=quiet, placement=_mirrored())
     assert json.loads((tmp_path / "two" / "config.json").read_text())["replicas"] == 2
