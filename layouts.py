@@ -1,10 +1,10 @@
-"""Data layouts: the subjects of a dataset (ADNI folders, BIDS, CSV lists) and their train/test split.
+"""Data layouts: the subjects of a dataset (ADNI folders, BIDS, CSV lists).
 
 Three input layouts are read (:func:`detect_layout`): the original ADNI
 layout or a flat folder of NIfTI files, a BIDS dataset, and a CSV file list;
 each has its own small reader, and all share one header check
-(:func:`nifti_io.header_problem`) and one report. Subjects are sorted by name
-and split deterministically (``SPEC.md`` section 6, rows 1 and 2).
+(:func:`nifti_io.header_problem`) and one report. Subjects are sorted by name;
+``splits.py`` splits them deterministically (``SPEC.md`` section 6, rows 1 and 2).
 
 Bad data never crashes a run: :func:`find_subjects` checks every subject from
 its header and reports the bad ones in one summary. Failures the user must fix
@@ -15,12 +15,10 @@ wrong arguments are :class:`ValueError`.
 import csv
 import dataclasses
 import fnmatch
-import math
 import os
 import re
 
 import nifti_io
-import utils
 
 IMAGE_NAME = "T1_brain_extractedBrainExtractionBrain.nii.gz"
 MASK_NAME = "T1_brain_extractedBrainExtractionMask.nii.gz"
@@ -52,7 +50,7 @@ class Subject:
             is then ``image > 0``).
         split: ``"train"``, ``"validation"`` or ``"test"`` when the dataset
             fixes it (a CSV list with a ``split`` column), else None
-            (:func:`split_subjects` decides).
+            (``splits.split_subjects`` decides).
         entities: for BIDS, the image file's entities as ordered ``(key, value)``
             pairs, e.g. ``(("sub", "ADNI002S0295"), ("ses", "M00"))``, plus
             ``("acq", ...)``, ``("desc", ...)``... when its name has them; empty
@@ -718,55 +716,3 @@ def find_subjects(data_path, image_name=IMAGE_NAME, mask_name=MASK_NAME, min_sha
     subjects, problems = _check_candidates(listing.candidates, min_shape, max_voxels)
     _report(listing, data_path, subjects, problems, log)
     return subjects, problems
-
-
-def split_subjects(subjects, train_fraction=0.8):
-    """Train/test split: the subjects' own ``split`` when they carry one, else deterministic by name.
-
-    When every subject has a ``split`` (a CSV list with a split column), the
-    train list is those marked ``"train"`` and the test list those marked
-    ``"test"``, each in name order; ``train_fraction`` is then not used (but
-    still validated). Those marked ``"validation"`` are in neither list
-    (:func:`marked_validation` returns them).
-
-    Otherwise the subjects are sorted by name and the rounding rule is
-    ``n_train = floor(train_fraction * n + 0.5)`` (round half up), then, when
-    ``n >= 2`` and ``train_fraction < 1``, clamped to ``[1, n - 1]`` so that
-    neither list is empty. With one subject, it trains and the test list is
-    empty. 589 subjects at 0.8 give 471 / 118.
-
-    Args:
-        subjects: sequence of :class:`Subject`.
-        train_fraction: float in (0, 1].
-
-    Returns:
-        (train, test): two lists of :class:`Subject`, each in name order.
-
-    Raises:
-        ValueError: if ``train_fraction`` is not in (0, 1], some subjects carry
-            a split and others not, or a split is not one of ``SPLITS``.
-    """
-    if not (utils.is_real(train_fraction) and 0 < train_fraction <= 1):
-        raise ValueError(f"train_fraction {train_fraction!r} must be a number in (0, 1]")
-    ordered = sorted(subjects, key=lambda s: s.name)
-    given = [s for s in ordered if s.split is not None]
-    if given:
-        if len(given) != len(ordered):
-            missing = [s.name for s in ordered if s.split is None]
-            raise ValueError(f"{len(given)} subject(s) carry a split and {len(missing)} do not "
-                             f"(e.g. {missing[0]!r}); give every subject a split or none")
-        bad = [s for s in given if s.split not in SPLITS]
-        if bad:
-            raise ValueError(f"subject {bad[0].name!r} has split {bad[0].split!r}; expected one of {SPLITS}")
-        return [s for s in ordered if s.split == "train"], [s for s in ordered if s.split == "test"]
-    n = len(ordered)
-    n_train = int(math.floor(float(train_fraction) * n + 0.5))
-    if n >= 2 and train_fraction < 1:
-        n_train = min(max(n_train, 1), n - 1)
-    n_train = min(max(n_train, 1 if n else 0), n)
-    return ordered[:n_train], ordered[n_train:]
-
-
-def marked_validation(subjects):
-    """The subjects a CSV split column marks ``"validation"``, in name order (none: an empty list)."""
-    return sorted((s for s in subjects if s.split == "validation"), key=lambda s: s.name)

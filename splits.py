@@ -10,6 +10,7 @@ import config
 import durable
 import layouts
 import nifti_io
+import utils
 from errors import UserError
 
 SPLIT_NAME = "split.json"
@@ -23,6 +24,58 @@ def subjects_named(names, subjects, role, log):
         log(f"note: {len(missing)} {role} subject(s) of {SPLIT_NAME} are not usable now and are "
             "left out: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
     return [by_name[n] for n in names if n in by_name]
+
+
+def split_subjects(subjects, train_fraction=0.8):
+    """Train/test split: the subjects' own ``split`` when they carry one, else deterministic by name.
+
+    When every subject has a ``split`` (a CSV list with a split column), the
+    train list is those marked ``"train"`` and the test list those marked
+    ``"test"``, each in name order; ``train_fraction`` is then not used (but
+    still validated). Those marked ``"validation"`` are in neither list
+    (:func:`marked_validation` returns them).
+
+    Otherwise the subjects are sorted by name and the rounding rule is
+    ``n_train = floor(train_fraction * n + 0.5)`` (round half up), then, when
+    ``n >= 2`` and ``train_fraction < 1``, clamped to ``[1, n - 1]`` so that
+    neither list is empty. With one subject, it trains and the test list is
+    empty. 589 subjects at 0.8 give 471 / 118.
+
+    Args:
+        subjects: sequence of ``layouts.Subject``.
+        train_fraction: float in (0, 1].
+
+    Returns:
+        (train, test): two lists of ``layouts.Subject``, each in name order.
+
+    Raises:
+        ValueError: if ``train_fraction`` is not in (0, 1], some subjects carry
+            a split and others not, or a split is not one of ``layouts.SPLITS``.
+    """
+    if not (utils.is_real(train_fraction) and 0 < train_fraction <= 1):
+        raise ValueError(f"train_fraction {train_fraction!r} must be a number in (0, 1]")
+    ordered = sorted(subjects, key=lambda s: s.name)
+    given = [s for s in ordered if s.split is not None]
+    if given:
+        if len(given) != len(ordered):
+            missing = [s.name for s in ordered if s.split is None]
+            raise ValueError(f"{len(given)} subject(s) carry a split and {len(missing)} do not "
+                             f"(e.g. {missing[0]!r}); give every subject a split or none")
+        bad = [s for s in given if s.split not in layouts.SPLITS]
+        if bad:
+            raise ValueError(f"subject {bad[0].name!r} has split {bad[0].split!r}; expected one of {layouts.SPLITS}")
+        return [s for s in ordered if s.split == "train"], [s for s in ordered if s.split == "test"]
+    n = len(ordered)
+    n_train = int(math.floor(float(train_fraction) * n + 0.5))
+    if n >= 2 and train_fraction < 1:
+        n_train = min(max(n_train, 1), n - 1)
+    n_train = min(max(n_train, 1 if n else 0), n)
+    return ordered[:n_train], ordered[n_train:]
+
+
+def marked_validation(subjects):
+    """The subjects a CSV split column marks ``"validation"``, in name order (none: an empty list)."""
+    return sorted((s for s in subjects if s.split == "validation"), key=lambda s: s.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +118,8 @@ def hold_out(train_subjects, fraction, seed):
 
 def new_split(subjects, cfg, log):
     """The :class:`Split` of a new run: a CSV split column's, else by -train_fraction and -validation_fraction."""
-    train, test = layouts.split_subjects(subjects, cfg.train_fraction)
-    marked = layouts.marked_validation(subjects)
+    train, test = split_subjects(subjects, cfg.train_fraction)
+    marked = marked_validation(subjects)
     if marked:
         if cfg.validation_fraction > 0:
             log(f"note: the split column of {cfg.data_path} names the validation subjects; "
@@ -155,11 +208,11 @@ def evaluation_subjects(cfg, checkpoint_dir, bids_filter, log):
         return subjects_named(split["test"], subjects, "test", log)
     if all(s.split is not None for s in subjects):
         log(f"note: using the test rows of the split column of {cfg.data_path}")
-        return layouts.split_subjects(subjects)[1]
+        return split_subjects(subjects)[1]
     if split is not None:
         log(f"note: {cfg.data_path} is not the training data; evaluating all its subjects")
         return subjects
-    _, test = layouts.split_subjects(subjects, cfg.train_fraction)
+    _, test = split_subjects(subjects, cfg.train_fraction)
     log(f"note: no {SPLIT_NAME} next to the checkpoint; using the last "
         f"{1 - cfg.train_fraction:.0%} of the sorted subjects")
     return test

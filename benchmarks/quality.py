@@ -1058,7 +1058,10 @@ def run_experiment(s, log=print):
 
     ppv = td.patches_per_volume(s["volume_shape"], s["patch_shape"], s["margin"])
     subjects, _ = layouts.find_subjects(data, log=log)
-    n_train = len(layouts.split_subjects(subjects, s["train_fraction"])[0])
+    train = splits.split_subjects(subjects, s["train_fraction"])[0]
+    if s["validation_fraction"]:
+        train = splits.hold_out(train, s["validation_fraction"], s["seed"])[0]
+    n_train = len(train)
     epochs = -(-s["steps"] // td.batches_per_epoch(n_train, s["batch_size"], s["volume_shape"],
                                                    s["patch_shape"], s["margin"]))
     try:

@@ -11,6 +11,7 @@ from helpers import Log, write_nifti
 
 import layouts
 import nifti_io
+import splits
 
 
 def _nifti(path, shape=(8, 8, 8), dtype=np.float32):
@@ -328,7 +329,7 @@ def test_csv_list_with_relative_paths_and_split_column_is_honoured(tmp_path):
     assert os.path.samefile(subjects[2].mask_path, data / "a_mask.nii.gz")
     assert subjects[0].mask_path is None and subjects[0].entities == ()
     assert log.lines[0] == f"data: CSV file list {path} (3 subjects, 1 with a brain mask)"
-    train, test = layouts.split_subjects(subjects, train_fraction=0.5)
+    train, test = splits.split_subjects(subjects, train_fraction=0.5)
     assert [s.name for s in train] == ["c", "s_a"] and [s.name for s in test] == ["b"]
 
     # Without a split column the 80/20 rule applies; a .tsv is tab-separated.
@@ -338,7 +339,7 @@ def test_csv_list_with_relative_paths_and_split_column_is_honoured(tmp_path):
     subjects, _ = layouts.find_subjects(str(tsv), image_name="img.nii.gz", mask_name="m.nii.gz", log=log)
     assert [(s.name, s.split) for s in subjects] == [("a", None), ("b", None), ("c", None)]
     assert "note: -image_name 'img.nii.gz' and -mask_name 'm.nii.gz' not used for a CSV file list" in log.lines
-    assert [len(x) for x in layouts.split_subjects(subjects)] == [2, 1]
+    assert [len(x) for x in splits.split_subjects(subjects)] == [2, 1]
 
 
 def test_csv_bad_rows_are_named_and_skipped(tmp_path):
@@ -384,9 +385,9 @@ def test_csv_unknown_split_values_refuse_the_list_and_validation_rows_are_neithe
         layouts.find_subjects(str(path), log=Log())
     path.write_text("image,split\n../data/a.nii.gz,train\n../data/b.nii.gz,Validation\n../data/c.nii.gz,test\n")
     subjects, _ = layouts.find_subjects(str(path), log=Log())
-    train, test = layouts.split_subjects(subjects)
+    train, test = splits.split_subjects(subjects)
     assert [s.name for s in train] == ["a"] and [s.name for s in test] == ["c"]
-    assert [s.name for s in layouts.marked_validation(subjects)] == ["b"]
+    assert [s.name for s in splits.marked_validation(subjects)] == ["b"]
 
 
 def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
@@ -405,39 +406,6 @@ def test_csv_missing_image_column_or_no_usable_row_is_data_error(tmp_path):
     with pytest.raises(nifti_io.DataError, match=r"no usable subject in .*list.csv.*row 2: image '../data/gone.nii.gz' "
                                                  r"not found"):
         layouts.find_subjects(str(path), log=Log())
-
-
-# --------------------------------------------------------------------------- #
-# Split
-# --------------------------------------------------------------------------- #
-
-
-def test_split_honours_subject_split_and_refuses_a_partial_one():
-    subjects = [layouts.Subject(f"s{i}", f"/x/{i}", split=s) for i, s in enumerate(["test", "train", "train", "test"])]
-    train, test = layouts.split_subjects(subjects[::-1], train_fraction=1.0)
-    assert [s.name for s in train] == ["s1", "s2"] and [s.name for s in test] == ["s0", "s3"]
-    with pytest.raises(ValueError, match="2 subject.*carry a split and 1 do not"):
-        layouts.split_subjects(subjects[:2] + [layouts.Subject("s9", "/x/9")])
-    with pytest.raises(ValueError, match="split 'val'"):
-        layouts.split_subjects([layouts.Subject("a", "/a", split="val")])
-    with pytest.raises(ValueError, match="train_fraction"):
-        layouts.split_subjects(subjects, 0)
-
-
-def test_split_is_deterministic_and_never_leaves_a_list_empty():
-    subjects = [layouts.Subject(f"s{i:03d}", f"/x/{i}", None) for i in range(589)]
-    train, test = layouts.split_subjects(subjects[::-1])
-    assert (len(train), len(test)) == (471, 118)
-    assert [s.name for s in train + test] == sorted(s.name for s in subjects)
-    assert layouts.split_subjects(subjects) == (train, test)
-    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.99)] == [1, 1]
-    assert [len(x) for x in layouts.split_subjects(subjects[:2], 0.01)] == [1, 1]
-    assert [len(x) for x in layouts.split_subjects(subjects[:5], 1.0)] == [5, 0]
-    assert [len(x) for x in layouts.split_subjects(subjects[:1], 0.8)] == [1, 0]
-    assert [len(x) for x in layouts.split_subjects(subjects[:10])] == [8, 2]
-    for bad in (0, -0.5, 1.5, float("nan"), True, "0.8"):
-        with pytest.raises(ValueError, match="train_fraction"):
-            layouts.split_subjects(subjects, bad)
 
 
 def test_csv_list_of_an_adni_tree_names_subjects_by_their_folders(tmp_path):
