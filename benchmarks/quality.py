@@ -923,7 +923,7 @@ def plot_curve(path, curve, baselines, title):
         top.plot(steps, validated, "s--", color="tab:gray", label="GAN, validation", markersize=3)
     for (name, value), style in zip(sorted(baselines.items(), key=lambda kv: -kv[1]), ("--", "-.", ":")):
         top.axhline(value, linestyle=style, color="tab:blue", label=f"{name} {value:.2f}")
-    top.set_ylabel("test PSNR, fair (dB)")
+    top.set_ylabel("PSNR, fair (dB)")
     top.set_title(title, fontsize=9)
     top.legend(fontsize=8, loc="lower right")
     top.grid(alpha=0.3)
