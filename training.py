@@ -260,6 +260,9 @@ def start_validation(cfg, split, trainer, placement, batches_per_epoch, say):
     and validation.csv has no row for it (a kill or a stop came in between).
     """
     if not split.validation:
+        if cfg.validate_steps:
+            say(f"note: -validate_steps {cfg.validate_steps} has no effect: this run has no validation "
+                "subjects (-validation_fraction 0)")
         return None
     subjects = usable_subjects(cfg, split.validation, say, "validation") if placement.is_chief else []
     validator = validation_lib.Validator(subjects, cfg, say)

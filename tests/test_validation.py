@@ -136,12 +136,25 @@ def test_a_replacement_that_fails_or_is_killed_leaves_a_complete_best(tmp_path, 
     assert checkpoints.latest(str(tmp_path / "best")).endswith("ckpt-12")
 
 
+def test_validate_steps_without_validation_subjects_is_said():
+    import placement
+    import training
+
+    log = Log()
+    cfg = config.Settings(validate_steps=50)
+    empty = splits.Split(train=["a"], validation=[], test=[])
+    assert training.start_validation(cfg, empty, None, placement.Placement(), 8, log) is None
+    assert log.lines == ["note: -validate_steps 50 has no effect: this run has no validation subjects "
+                         "(-validation_fraction 0)"]
+    assert training.start_validation(cfg.replace(validate_steps=0), empty, None, placement.Placement(), 8,
+                                     Log()) is None
+
+
 def test_other_workers_do_not_validate(tmp_path):
     v = validation.Validation(ScriptedValidator([]), str(tmp_path), str(tmp_path), 0, 10, 4, is_chief=False)
     v.run(_fake_trainer(4), _fake_checkpoint(str(tmp_path), 4))  # the empty script would fail if scored
     v.catch_up(_fake_trainer(4), str(tmp_path / "ckpt-4"))
-    assert os.listdir(tmp_path) == ["ckpt-4.data-00000-of-00001", "ckpt-4.index"] or \
-        sorted(os.listdir(tmp_path)) == ["ckpt-4.data-00000-of-00001", "ckpt-4.index"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-4.data-00000-of-00001", "ckpt-4.index"]
     assert v.summary() == ""
 
 
