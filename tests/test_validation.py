@@ -208,6 +208,11 @@ def test_a_run_validates_keeps_the_peak_in_best_and_evaluate_restores_it(data, t
     assert [r["best"] for r in rows] == [str(int(p > max(psnrs[:i], default=-1e9))) for i, p in enumerate(psnrs)]
     assert f"best checkpoint: step {peak}" in log.lines[-1]
     assert len([line for line in log.lines if line.startswith("validation at step")]) == 6
+    # TensorBoard: the scores at each validated step, beside the training's logs.
+    events = [e for path in (ckpt / "logs" / "validation").glob("events.out.tfevents*")
+              for e in tf.compat.v1.train.summary_iterator(str(path))]
+    tagged = {(e.step, v.tag) for e in events for v in e.summary.value}
+    assert {(s, "validation/psnr_fair") for s in (3, 6, 9, 12, 15, 16)} <= tagged
     # The best folder's generator is the one validated at the peak.
     cfg = model.parse_command(["-evaluate", "True", "-checkpoint_dir_restore", str(best)], log=Log()).settings
     generator = build_networks(cfg)[0]
