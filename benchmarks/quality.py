@@ -530,25 +530,20 @@ class CurveEvaluator:
     """
 
     def __init__(self, cfg, subjects, log=print):
+        import evaluation
         import metrics as metrics_lib
         import model  # noqa: F401 (TensorFlow imported quietly)
-        import train_dataset as td
 
         self.cfg = cfg
         self.items = []
         f = cfg.upsampling_factor
         for subject in subjects:
-            image, _, _ = nifti_io.load_volume(subject.image_path, log=log)
-            mask = nifti_io.load_mask(subject, image, log=log)
-            hr, _ = td.to_canonical(image, cfg.volume_shape)
-            mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
-            hr_n, nf = utils.normalize(hr)
-            lr_n = np.asarray(td.degrade(hr_n, f, cfg.sigma))
-            lr = utils.denormalize(lr_n, nf)
-            baselines = {m: utils.upsample_baseline(lr, f, order, hr.shape)
+            ref = evaluation.load_reference(subject, cfg, log)
+            lr = utils.denormalize(ref.lr_n, ref.nf)
+            baselines = {m: utils.upsample_baseline(lr, f, order, ref.hr.shape)
                          for m, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
-            metrics = metrics_lib.subject_metrics(hr, baselines, mask_c)
-            self.items.append((subject.name, hr, mask_c, lr_n, nf, metrics))
+            metrics = metrics_lib.subject_metrics(ref.hr, baselines, ref.mask)
+            self.items.append((subject.name, ref.hr, ref.mask, ref.lr_n, ref.nf, metrics))
         self.baselines = {m: float(np.mean([it[5][f"psnr_{m}_fair"] for it in self.items]))
                           for m in ("nearest", "trilinear", "tricubic")}
         self.baselines_ssim = {m: float(np.mean([it[5][f"ssim_{m}_fair"] for it in self.items]))
@@ -557,6 +552,7 @@ class CurveEvaluator:
     def __call__(self, generator):
         """Returns (mean fair PSNR, mean fair SSIM, list of per-subject (psnr, ssim))."""
         import inference
+        import metrics as metrics_lib
 
         cfg = self.cfg
         predict = inference.make_predictor(generator)
@@ -565,7 +561,7 @@ class CurveEvaluator:
             sr = utils.denormalize(inference.super_resolve_volume(
                 predict, lr_n, cfg.upsampling_factor, cfg.patch_shape, cfg.patch_margin,
                 cfg.batch_size), nf)
-            per_subject.append(utils.compute_metrics(hr, sr, mask_c, data_range=float(hr.max() - hr.min()) or 1.0))
+            per_subject.append(metrics_lib.fair_metrics(hr, sr, mask_c))
         psnr, ssim = np.mean(per_subject, axis=0)
         return float(psnr), float(ssim), per_subject
 
