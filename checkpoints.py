@@ -239,7 +239,7 @@ class FiniteCheck:
         self.pairs = list(pairs)
         variables = [v for _, v in self.pairs]
         self._fn = tf.function(lambda: tf.stack(
-            [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]))
+            [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in variables]), autograph=False)
 
     def __call__(self):
         """list of (label, variable name) of the variables holding a NaN or an infinity."""

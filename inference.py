@@ -14,7 +14,7 @@ import train_dataset as td
 
 def make_predictor(generator):
     """A compiled inference function, traced once for any patch size."""
-    return tf.function(lambda x: generator(x, training=False),
+    return tf.function(lambda x: generator(x, training=False), autograph=False,
                        input_signature=[tf.TensorSpec((None, None, None, None, 1), tf.float32)])
 
 
