@@ -135,12 +135,16 @@ def test_lost_state_file_is_rebuilt_and_a_plain_start_is_refused(data, trained, 
     assert (ckpt / "config.json").read_bytes() == config_before
     assert (ckpt / "ckpt-36.index").read_bytes() == index_before
     assert not (ckpt / "checkpoint").exists()
-    # -restore resumes from the newest complete checkpoint and rebuilds the state file.
-    assert model.main(_argv(data, ckpt, "-epochs", "2", "-restore", str(ckpt))) == 0
+    # -restore resumes from the newest complete checkpoint and rebuilds the state file
+    # with every kept checkpoint (the manager deletes the oldest of them later). The
+    # run has its one epoch: resumed, nothing left to train (a longer run trains on as
+    # any resume does).
+    assert model.main(_argv(data, ckpt, "-epochs", "1", "-restore", str(ckpt))) == 0
     out = capsys.readouterr().out
-    assert "rebuilt it from the" in out and "resumed " + str(ckpt / "ckpt-36") in out
-    assert checkpoints.latest(str(ckpt)).endswith("ckpt-72")
-    assert tf.train.latest_checkpoint(str(ckpt)).endswith("ckpt-72")
+    assert "rebuilt it from the 3 complete" in out and "resumed " + str(ckpt / "ckpt-36") in out
+    state = tf.train.get_checkpoint_state(str(ckpt))
+    assert state.model_checkpoint_path.endswith("ckpt-36")
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-12", "ckpt-24", "ckpt-36"]
 
 
 def test_kill_between_index_and_state_file_resumes_from_the_newest(data, trained, tmp_path, capsys):
@@ -152,10 +156,11 @@ def test_kill_between_index_and_state_file_resumes_from_the_newest(data, trained
     (ckpt / "ckpt-99.index").write_bytes((ckpt / "ckpt-36.index").read_bytes())
     assert checkpoints.latest(str(ckpt)) == str(ckpt / "ckpt-36")
     os.remove(ckpt / "ckpt-99.index")
-    assert model.main(_argv(data, ckpt, "-epochs", "2", "-restore", str(ckpt))) == 0
+    assert model.main(_argv(data, ckpt, "-epochs", "1", "-restore", str(ckpt))) == 0
     out = capsys.readouterr().out
     assert "resumed " + str(ckpt / "ckpt-36") in out
     assert "did not list" in out
+    assert tf.train.latest_checkpoint(str(ckpt)).endswith("ckpt-36")
 
 
 # ----------------------------------------------------------------------------
@@ -346,6 +351,8 @@ def test_degenerate_images_are_refused_for_training(data, tmp_path, capsys):
 
     import layouts
     import nifti_io
+    import splits
+    import training
 
     assert nifti_io.minimum_image_shape((8, 8, 6), 2) == (4, 4, 4)
     assert nifti_io.size_problem((1, 1, 1), (8, 8, 6), 2).startswith("image 1x1x1 is smaller")
@@ -358,13 +365,20 @@ def test_degenerate_images_are_refused_for_training(data, tmp_path, capsys):
     assert rc == errors.EXIT_ERROR
     assert "image 1x1x1 is smaller than one patch's worth" in captured.out
     assert "is large enough to train on" in captured.err
-    # One good subject among them trains, the tiny ones are reported.
+    # Among good subjects the tiny ones are reported and left out; the good ones train
+    # (training.usable_subjects is what train() streams from).
     mixed = tmp_path / "mixed"
     shutil.copytree(tiny, mixed)
     for name in ("demo_000", "demo_001"):
         shutil.copytree(data / name, mixed / name)
-    assert model.main(_argv(mixed, tmp_path / "ckpt2", "-epochs", "1", "-train_fraction", "0.8")) == 0
-    assert "skipping" in capsys.readouterr().out
+    said = []
+    cfg = model.parse_command(_argv(mixed, tmp_path / "ckpt2", "-epochs", "1", "-train_fraction", "0.8"),
+                              log=said.append).settings
+    train = splits.training_split(cfg, said.append).train
+    assert [s.name for s in train] == ["a", "b", "c", "demo_000"]
+    assert [s.name for s in training.usable_subjects(cfg, train, said.append)] == ["demo_000"]
+    skipped = [line for line in said if line.startswith("skipping training subject")]
+    assert len(skipped) == 3 and all("image 1x1x1 is smaller than one patch's worth" in line for line in skipped)
 
 
 # 9. Messages: a failed save says it plainly and leaves no partial checkpoint: see
