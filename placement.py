@@ -257,22 +257,63 @@ def choose_placement(gpus=None, multi_worker=True, environ=None, log=print, verb
         return _choose_placement(gpus, multi_worker, os.environ if environ is None else environ, log)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The training processes an environment describes (before any strategy exists).
+
+    Attributes:
+        resolver: a ``tf.distribute.cluster_resolver.ClusterResolver``.
+        workers: number of processes.
+        index: this process's index among them (0: the chief).
+        source: "TF_CONFIG" or "SLURM".
+        gpus: the physical GPUs this process trains on.
+    """
+
+    resolver: object
+    workers: int
+    index: int
+    source: str
+    gpus: list
+
+
+def find_cluster(environ, physical, multi_worker=True, log=print):
+    """The multi-worker cluster of ``TF_CONFIG`` or of a SLURM step of several tasks, else None.
+
+    Args:
+        environ: the environment (a mapping; TensorFlow's TF_CONFIG resolver
+            reads ``os.environ``, which is the environment of a real run).
+        physical: the physical GPUs the -gpus flag left visible.
+        multi_worker: bool, False for evaluation (TF_CONFIG is then noted and ignored).
+        log: callable for notes.
+
+    Returns:
+        A :class:`Cluster` or None.
+
+    Raises:
+        UserError: a malformed TF_CONFIG or SLURM allocation.
+    """
+    source = _cluster_source(multi_worker, environ, log)
+    if source == "TF_CONFIG":
+        workers, index = read_tf_config(environ["TF_CONFIG"])
+        return Cluster(tf.distribute.cluster_resolver.TFConfigClusterResolver(), workers, index, source,
+                       physical)
+    if source == "SLURM":
+        resolver, workers, index, mine = slurm_cluster(environ, physical)
+        return Cluster(resolver, workers, index, source, mine)
+    return None
+
+
 def _choose_placement(gpus, multi_worker, environ, log):
     cpu = gpus is not None and gpus[0] == "cpu"
     physical = _apply_gpus_flag(gpus)
-    source = _cluster_source(multi_worker, environ, log)
-    if source and cpu and gpus[1] > 1:
-        raise UserError(f"-gpus cpu:{gpus[1]} with a {source} cluster: each worker of a multi-worker "
+    cluster = find_cluster(environ, physical, multi_worker, log)
+    if cluster and cpu and gpus[1] > 1:
+        raise UserError(f"-gpus cpu:{gpus[1]} with a {cluster.source} cluster: each worker of a multi-worker "
                         "run trains on one CPU device; use -gpus cpu")
-    if source == "TF_CONFIG":
-        workers, index = read_tf_config(environ["TF_CONFIG"])
-        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        return _multi_worker_placement(resolver, workers, index, source)
-    if source == "SLURM":
-        resolver, workers, index, mine = slurm_cluster(environ, physical)
-        if len(mine) != len(physical):
-            _set_visible_gpus(mine, "SLURM's share of this node's GPUs")
-        return _multi_worker_placement(resolver, workers, index, source)
+    if cluster:
+        if len(cluster.gpus) != len(physical):
+            _set_visible_gpus(cluster.gpus, "SLURM's share of this node's GPUs")
+        return _multi_worker_placement(cluster.resolver, cluster.workers, cluster.index, cluster.source)
     if cpu:
         return _cpu_placement(gpus[1])
     if len(physical) > 1:

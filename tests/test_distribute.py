@@ -307,19 +307,13 @@ CLUSTER_FLAGS = ["-volume_shape", "28,16,12", "-patch_shape", "16,16,12", "-patc
 STEPS_PER_EPOCH = 2
 
 
-def _cluster_environment(kind, index, ports, bin_dir):
-    """The environment of worker ``index`` of a two-process cluster on this machine.
+def _slurm_environment(index, ports, bin_dir):
+    """The environment of task ``index`` of ``srun -n 2 --resv-ports`` on one CPU node.
 
-    ``"TF_CONFIG"``: the cluster written out. ``"SLURM"``: the variables of
-    ``srun -n 2 --resv-ports`` on one CPU node, whose name a stand-in
-    ``scontrol show hostnames`` turns into localhost; no nvidia-smi, no
-    CUDA_VISIBLE_DEVICES.
+    A stand-in ``scontrol show hostnames`` turns the node's name into
+    localhost; no nvidia-smi, no CUDA_VISIBLE_DEVICES.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "TF_CONFIG"}
-    if kind == "TF_CONFIG":
-        hosts = [f"127.0.0.1:{p}" for p in ports]
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
-        return env
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.update(SLURM_JOB_ID="77", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(index),
                SLURM_LOCALID=str(index), SLURM_STEP_NODELIST="cpunode[7]", SLURM_STEP_TASKS_PER_NODE="2",
@@ -327,8 +321,8 @@ def _cluster_environment(kind, index, ports, bin_dir):
     return env
 
 
-def _train_as_two_workers(kind, data, tmp_path, *extra, checkpoint_steps=(STEPS_PER_EPOCH,)):
-    """Runs model.py as the two workers of a cluster; returns (the chief's stdout, the checkpoint folder)."""
+def _train_as_two_workers(data, tmp_path, *extra, checkpoint_steps=(STEPS_PER_EPOCH,)):
+    """Runs model.py as the two tasks of a SLURM step; returns (the chief's stdout, the checkpoint folder)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -339,7 +333,7 @@ def _train_as_two_workers(kind, data, tmp_path, *extra, checkpoint_steps=(STEPS_
         for index in range(2):
             cmd = [sys.executable, os.path.join(ROOT, "model.py"), "-data_path", str(data),
                    "-checkpoint_dir", str(ckpt)] + CLUSTER_FLAGS + list(extra)
-            procs.append(subprocess.Popen(cmd, env=_cluster_environment(kind, index, ports, bin_dir),
+            procs.append(subprocess.Popen(cmd, env=_slurm_environment(index, ports, bin_dir),
                                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
         outputs = [p.communicate(timeout=400) for p in procs]
@@ -352,8 +346,8 @@ def _train_as_two_workers(kind, data, tmp_path, *extra, checkpoint_steps=(STEPS_
         assert p.returncode == 0, err[-3000:]
         assert "cuda" not in err.lower() and "absl" not in err  # TensorFlow's start-up lines stay hidden
     chief_out, worker_out = outputs[0][0], outputs[1][0]
-    assert (f"MultiWorkerMirroredStrategy over /cpu:0, 2 replicas, worker 0 of 2 (workers on CPUs, "
-            f"cluster from {kind})") in chief_out
+    assert ("MultiWorkerMirroredStrategy over /cpu:0, 2 replicas, worker 0 of 2 (workers on CPUs, "
+            "cluster from SLURM)") in chief_out
     assert "epoch 1/1" in chief_out and worker_out.strip() == ""  # the chief alone reports
     # Exactly one checkpoint, the chief's, numbered by the step; nothing else of the workers.
     assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == [f"ckpt-{s}.index" for s in checkpoint_steps]
@@ -362,29 +356,32 @@ def _train_as_two_workers(kind, data, tmp_path, *extra, checkpoint_steps=(STEPS_
     return chief_out, ckpt
 
 
-def test_two_workers_of_a_slurm_step_on_a_cpu_node_train_together_and_one_process_resumes(data, tmp_path):
-    # srun -n 2 on one node without GPUs (no nvidia-smi): the step is the cluster.
-    _, ckpt = _train_as_two_workers("SLURM", data, tmp_path)
-    # A single process continues the run (what any cluster leaves is one ordinary checkpoint).
-    assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 0
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
-    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
+def test_two_workers_of_a_slurm_step_train_together_the_chief_validates_and_one_process_resumes(data, tmp_path):
+    """srun -n 2 on one node without GPUs (no nvidia-smi): the step is the cluster.
 
-
-def test_gpus_cpu_under_tf_config_trains_as_two_workers_and_the_chief_validates(data, tmp_path):
-    # -gpus cpu means "workers on CPUs", not "each worker alone". The list holds one subject out
-    # for validation, validated after every step: the workers checkpoint together at step 1
-    # (inside the epoch) and 2, the chief alone validates and writes best/.
+    -gpus cpu means "workers on CPUs", not "each worker alone". The list holds
+    one subject out for validation, validated after every step: the workers
+    checkpoint together at step 1 (inside the epoch) and 2, the chief alone
+    validates and writes best/. A TF_CONFIG cluster differs only in where
+    placement.find_cluster reads it (test_placement.py); the strategy, the
+    steps and the files are these.
+    """
     listing = tmp_path / "list.csv"
     listing.write_text("image,split\n" + "".join(
         f"{data / name / 'T1_brain_extractedBrainExtractionBrain.nii.gz'},{split}\n"
         for name, split in (("demo_000", "train"), ("demo_001", "train"), ("demo_002", "validation"))))
-    chief_out, ckpt = _train_as_two_workers("TF_CONFIG", listing, tmp_path, "-gpus", "cpu", "-validate_steps", "1",
+    chief_out, ckpt = _train_as_two_workers(listing, tmp_path, "-gpus", "cpu", "-validate_steps", "1",
                                             checkpoint_steps=(1, STEPS_PER_EPOCH))
     _, rows = durable.read_csv_rows(str(ckpt / "validation.csv"))
     assert [int(r["step"]) for r in rows] == [1, 2] and all(r["subjects"] == "1" for r in rows)
     assert chief_out.count("validation at step") == 2 and "best checkpoint: step" in chief_out
     assert checkpoints.latest(str(ckpt / "best")) is not None
+    # A single process continues the run (what any cluster leaves is one ordinary checkpoint).
+    assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 0
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt)))
+    assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
+    _, rows = durable.read_csv_rows(str(ckpt / "validation.csv"))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("argv, env, message", [

@@ -1,6 +1,7 @@
 """placement: which strategy a run gets from the -gpus flag and the environment (no training here)."""
 
 import json
+import os
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_cpu_replicas_cannot_be_workers():
         choose_placement(("cpu", 2), environ={"TF_CONFIG": cluster})
     # One SLURM task is no cluster.
     assert choose_placement(None, environ=_step(SLURM_STEP_NUM_TASKS="1")).strategy is None
+
+
+def test_tf_config_and_slurm_steps_are_clusters_of_their_processes(monkeypatch):
+    # What placement.find_cluster gives becomes the MultiWorkerMirroredStrategy (the two-worker
+    # run of test_distribute.py takes its cluster from SLURM; TF_CONFIG's is read here).
+    workers = ["127.0.0.1:5000", "127.0.0.1:5001"]
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers},
+                                                "task": {"type": "worker", "index": 1}}))
+    found = placement.find_cluster(os.environ, [])
+    assert (found.source, found.workers, found.index, found.gpus) == ("TF_CONFIG", 2, 1, [])
+    assert found.resolver.cluster_spec().as_dict() == {"worker": workers}
+    assert (found.resolver.task_type, found.resolver.task_id) == ("worker", 1)
+    # TF_CONFIG, written on purpose, wins over the SLURM step it may run in.
+    assert placement.find_cluster(dict(os.environ, **_step()), []).source == "TF_CONFIG"
+    monkeypatch.delenv("TF_CONFIG")
+    found = placement.find_cluster(_step(), ["g0", "g1", "g2", "g3"])
+    assert (found.source, found.workers, found.index, found.gpus) == ("SLURM", 4, 3, ["g2", "g3"])
+    # Evaluation trains nowhere else; one process is no cluster.
+    assert placement.find_cluster(_step(), [], multi_worker=False) is None
+    assert placement.find_cluster({}, []) is None
