@@ -8,15 +8,26 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 # Two logical CPU devices, so that tests can run MirroredStrategy on a machine
-# without GPUs. Must happen before anything starts TensorFlow's runtime; ops
-# without a strategy still run on the first device.
+# without GPUs.
 CPU_REPLICAS = 2
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration() for _ in range(CPU_REPLICAS)])
+
+
+def pytest_configure(config):
+    """Splits the CPU into CPU_REPLICAS logical devices in a process that runs tests.
+
+    Before any test module starts TensorFlow's runtime; ops without a strategy
+    still run on the first device. xdist's controller process runs no test and
+    does not load TensorFlow (its 4 s of CPU would slow the workers' start).
+    """
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration() for _ in range(CPU_REPLICAS)])
 
 
 @pytest.fixture(autouse=True)
