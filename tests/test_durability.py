@@ -125,7 +125,8 @@ def _assert_same_weights(state, reference):
 
 
 def test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_identically(data, reference,
-                                                                                         tmp_path):
+                                                                                         tmp_path, monkeypatch,
+                                                                                         capsys):
     """Three tests in one, so that the reference run is trained once (a module fixture used by
     two tests is built by each xdist worker that runs one of them).
 
@@ -147,19 +148,27 @@ def test_a_locked_folder_waits_for_its_holder_and_sigterm_then_sigkill_resume_id
     # The kernel released the dead holder's lock: the folder is free again.
     assert locked["rc"] == 0
     ckpt = tmp_path / "ckpt"
-    # 1. SIGTERM mid-way through epoch 2: a checkpoint of the very step it stopped at.
-    proc = _start(data, ckpt, tmp_path)
-    try:
-        _wait_for_checkpoint(proc, ckpt, 10)
-        os.kill(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        _stop(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "received SIGTERM at step" in err and "resume with -restore" in err.lower()
+    # 1. SIGTERM mid-way through epoch 2, at step 11 (between the checkpoints of -checkpoint_steps 2):
+    #    a checkpoint of the very step it stopped at, exit 143. In this process: the signal reaches
+    #    the handler of model.main as it reaches a job's process (the SIGKILL below needs one).
+    original = SRGANTrainer.train_step
+    calls = []
+
+    def terminated(self, lr, hr):
+        out = original(self, lr, hr)
+        calls.append(1)
+        if len(calls) == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(SRGANTrainer, "train_step", terminated)
+    assert model.main(_argv(data, ckpt)) == 128 + signal.SIGTERM
+    monkeypatch.setattr(SRGANTrainer, "train_step", original)
+    err = capsys.readouterr().err
+    assert "received SIGTERM at step 11" in err and "resume with -restore" in err.lower()
     assert "Traceback" not in err
-    stopped_at = int(err.split("received SIGTERM at step ")[1].split()[0])
-    assert _step(ckpt) == stopped_at >= 10  # the checkpoint is the step it stopped at
+    stopped_at = 11
+    assert _step(ckpt) == stopped_at == len(calls)  # the checkpoint is the step it stopped at
     state = _state(ckpt)
     assert int(state["epoch_batches/.ATTRIBUTES/VARIABLE_VALUE"]) == stopped_at % STEPS_PER_EPOCH
     # 2. The resumed run (a process of its own), SIGKILLed after its first checkpoint past that step.
