@@ -33,7 +33,7 @@ def test_generator_parameter_counts_match_original(mode, factor, expected):
 def test_discriminator_parameter_count_matches_original():
     d = networks.build_discriminator((128, 128, 92, 1))
     assert _trainable_params(d) == 104_180_321
-    assert d.get_layer("flatten").output.shape[-1] == 98_304
+    assert d.get_layer("flatten").output.shape[-1] == 98_304 == 8 * 8 * 6 * 256
 
 
 @pytest.mark.parametrize("mode", ["", "subpixel-NN", "NN", None, True])
@@ -105,15 +105,15 @@ def test_generator_in_tf_function_with_unknown_shapes(mode):
         np.testing.assert_allclose(y.numpy(), g(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("input_shape, features", [((128, 128, 92, 1), 8 * 8 * 6 * 256),
-                                                   ((16, 16, 12, 1), 1 * 1 * 1 * 256),
+# The original's 128x128x92 (8 * 8 * 6 * 256 features, 104 M weights to build):
+# test_discriminator_parameter_count_matches_original.
+@pytest.mark.parametrize("input_shape, features", [((16, 16, 12, 1), 1 * 1 * 1 * 256),
                                                    ((32, 24, 20, 1), 2 * 2 * 2 * 256)])
 def test_discriminator_shapes(input_shape, features):
     d = networks.build_discriminator(input_shape)
     assert d.get_layer("flatten").output.shape[-1] == features
-    if np.prod(input_shape) < 1e5:
-        logit = d(np.random.rand(3, *input_shape).astype(np.float32), training=False)
-        assert tuple(logit.shape) == (3, 1)
+    logit = d(np.random.rand(3, *input_shape).astype(np.float32), training=False)
+    assert tuple(logit.shape) == (3, 1)
 
 
 # ----------------------------------------------------------------------------
