@@ -102,7 +102,7 @@ class SRGANTrainer:
         else:
             # The step has no Python control flow on tensors (its branches are
             # tf.cond in Keras and the losses), so AutoGraph would only rewrite
-            # it: without it the graph is the same and traces ~20 % faster.
+            # it: without it the graph is the same and traces ~10 % faster.
             compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla), autograph=False)  # noqa: E731
         self._compiled = compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr))
         self._compiled_pretrain = compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr))
