@@ -312,7 +312,7 @@ def _choose_placement(gpus, multi_worker, environ, log):
                         "run trains on one CPU device; use -gpus cpu")
     if cluster:
         if len(cluster.gpus) != len(physical):
-            _set_visible_gpus(cluster.gpus, "SLURM's share of this node's GPUs")
+            _set_visible_gpus(cluster.gpus, f"{cluster.source}'s share of this node's GPUs")
         return _multi_worker_placement(cluster.resolver, cluster.workers, cluster.index, cluster.source)
     if cpu:
         return _cpu_placement(gpus[1])
