@@ -333,7 +333,7 @@ def _slurm_environment(index, ports, bin_dir):
     return env
 
 
-def _train_as_two_workers(data, tmp_path, *extra, checkpoint_steps=(STEPS_PER_EPOCH,)):
+def _train_as_two_workers(data, tmp_path, *extra, checkpoint_steps):
     """Runs model.py as the two tasks of a SLURM step; returns (the chief's stdout, the checkpoint folder)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
