@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 import checkpoints
+import factors
 import layouts
 import model_file
 import networks
@@ -114,22 +115,15 @@ def number_parser(kind, minimum, strict, maximum=None):
 
 
 def parse_factor(value):
-    """Parses -upsampling_factor: ``"4"`` (every axis) or ``"1,1,4"`` (one per axis, thick slices).
+    """Parses -upsampling_factor: ``"3"`` (every axis) or ``"1,1,3"`` (one per axis, thick slices).
 
-    Three equal factors are the isotropic int (the same networks and checkpoints).
+    Returns:
+        factors.UpsamplingFactor (three equal factors are the isotropic one: the same networks).
 
     Raises:
-        ValueError: for anything but one or three integers.
+        ValueError: naming the value and what was expected.
     """
-    parts = str(value).lower().replace("x", ",").replace(" ", "").split(",")
-    try:
-        numbers = tuple(int(p) for p in parts)
-    except ValueError:
-        numbers = ()
-    if len(numbers) not in (1, 3):
-        raise ValueError(f"expected a power of two such as 4, or three such as 1,1,4, got {value!r}")
-    # Powers of two are checked with the geometry (check_geometry), after resolution.
-    return numbers[0] if len(set(numbers)) == 1 else numbers
+    return factors.UpsamplingFactor.of(str(value), "")
 
 
 positive_int = number_parser(int, 0, strict=True)
@@ -185,9 +179,9 @@ class Settings:
     # Architecture
     residual_blocks: int = setting(6, "number of residual blocks", ARCHITECTURE, non_negative_int,
                                    metavar="N")
-    upsampling_factor: "int | tuple" = setting(
-        4, "upsampling factor, a power of two (2, 4, 8), or one per axis for thick slices such as 1,1,4 "
-        "(powers of two >= 1)", ARCHITECTURE, parse_factor, metavar="F")
+    upsampling_factor: factors.UpsamplingFactor = setting(
+        factors.UpsamplingFactor.of(4), "upsampling factor: an integer >= 2 (every axis), or one per axis "
+        "for thick slices such as 1,1,3 or 1,1,5", ARCHITECTURE, parse_factor, shown="4", metavar="F")
     feature_size: int = setting(32, "filters of the residual trunk", ARCHITECTURE, positive_int, metavar="N")
     # Chosen on the command line by the original's -subpixel_NN/-nn pair (model.py).
     upsampling_mode: str = setting("subpixel", persisted=ARCHITECTURE)
@@ -200,6 +194,10 @@ class Settings:
     sigma: float = setting(1.0, "Gaussian blur (voxels) of the degradation before decimation; "
                            "evaluation uses the training's value", ARCHITECTURE, non_negative_float,
                            metavar="S")
+    slice_profile: str = setting("gaussian", "degradation along the upsampled axes: gaussian (blur of "
+                                 "-sigma, then every f-th voxel: the original's) or box (each LR voxel "
+                                 "the mean of its slab of f HR voxels: a 2-D acquisition's contiguous "
+                                 "thick slices)", ARCHITECTURE, choices=factors.SLICE_PROFILES)
     mixed_precision: str = setting("none", "compute in float16 (with loss scaling) or bfloat16 on GPUs "
                                    "that support it; weights, losses and outputs stay float32", RESUMED,
                                    choices=tuple(PRECISION_POLICIES))
@@ -269,6 +267,10 @@ class Settings:
     tta: str = setting("none", "-evaluate/-super_resolve test-time augmentation: flip also "
                        "super-resolves the left-right mirrored volume and averages", choices=TTA_MODES)
 
+    def __post_init__(self):
+        # Typed whichever way it came (a flag, config.json, a Python caller's int).
+        object.__setattr__(self, "upsampling_factor", factors.UpsamplingFactor.of(self.upsampling_factor))
+
     def architecture(self):
         """The generator's architecture settings, as ``networks.build_generator`` keywords."""
         return {"upsampling_factor": self.upsampling_factor, "residual_blocks": self.residual_blocks,
@@ -293,7 +295,7 @@ DEMO = {
     "volume_shape": (64, 64, 48),
     "patch_shape": (36, 36, 28),  # 8 patches per volume, as the original geometry
     "patch_margin": 4,
-    "upsampling_factor": 2,
+    "upsampling_factor": factors.UpsamplingFactor.of(2),
     "residual_blocks": 2,
     "feature_size": 16,
     # The demo's recipe, chosen by measurement (README, "The demo"): with the
@@ -351,10 +353,23 @@ def read_json(path):
 
 
 def to_json(value):
+    """A setting as config.json holds it (a factor as an int or three ints, shapes as lists)."""
+    if isinstance(value, factors.UpsamplingFactor):
+        value = value.value
     return list(value) if isinstance(value, tuple) else value
 
 
-def from_json(value):
+def from_json(key, value):
+    """A config.json value as the setting ``key`` holds it.
+
+    Raises:
+        UserError: a factor that is not one (a hand-edited config.json).
+    """
+    if key == "upsampling_factor":
+        try:
+            return factors.UpsamplingFactor.of(value)
+        except ValueError as err:
+            raise UserError(f"{CONFIG_NAME}: {err}")
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -399,6 +414,8 @@ def flag_text(name, value):
     """How a message shows a setting: ``-name value``."""
     if name == "upsampling_mode":
         return f"upsampling mode {value!r} ({mode_flags_text(value)})"
+    if isinstance(value, factors.UpsamplingFactor):
+        value = value.flag_text
     if isinstance(value, (list, tuple)):
         value = ",".join(map(str, value))
     return f"-{name} {value}"
@@ -421,7 +438,7 @@ def adopt_saved_settings(values, saved, given, action, source):
     for key, kind in PERSISTED.items():
         if key not in saved:
             continue
-        value = from_json(saved[key])
+        value = from_json(key, saved[key])
         binding = kind == ARCHITECTURE or (kind == RESUMED and action == "train")
         if not binding and kind != RUN:
             continue
@@ -518,8 +535,14 @@ def resolve(given, log=print):
     derived_folders(values, source)
     if values["super_resolve"] is not None:
         values["super_resolve"] = tuple(values["super_resolve"])
-    cfg = Settings(**values)
+    try:
+        cfg = Settings(**values)
+    except ValueError as err:
+        raise UserError(f"-upsampling_factor: {err}")
     check_config(cfg, action)
+    if cfg.slice_profile == "box" and "sigma" in given:
+        log(f"note: -sigma {cfg.sigma} is not used with -slice_profile box (each LR voxel is the mean of "
+            "its slab of f HR voxels)")
     return Command(action, cfg, frozenset(given), saved, source)
 
 
@@ -564,24 +587,13 @@ def check_geometry(upsampling_factor, volume_shape, patch_shape, margin):
     """Checks that the canonical volume, the patches and the margin fit the factor and each other.
 
     Raises:
-        UserError: naming the flag, the value and what was expected.
+        UserError: naming the flag, the axis, the value and the nearest valid sizes.
     """
-    f = upsampling_factor
-    try:
-        factors = networks.upsampling_factors(f)
-    except ValueError as err:
-        raise UserError(f"-upsampling_factor: {err}")
-    isotropic = not isinstance(f, tuple)
-    for name, shape in (("volume_shape", volume_shape), ("patch_shape", patch_shape)):
-        if any(n % a for n, a in zip(shape, factors)):
-            axis = "" if isotropic else " (axis {}: {} is not divisible by {})".format(
-                *next((i, n, a) for i, (n, a) in enumerate(zip(shape, factors)) if n % a))
-            raise UserError(f"-{name} {','.join(map(str, shape))} must be divisible by "
-                            f"-upsampling_factor {utils.factor_text(f)} on every axis{axis}")
-    if any(margin % a for a in factors):
-        raise UserError(f"-patch_margin {margin} must be divisible by -upsampling_factor "
-                        f"{utils.factor_text(f)}" + ("" if isotropic else " on every axis (the LR patches' "
-                                                     "margin is patch_margin / factor along each axis)"))
+    f = factors.UpsamplingFactor.of(upsampling_factor)
+    problem = (f.shape_problem("-volume_shape", volume_shape) or f.shape_problem("-patch_shape", patch_shape)
+               or f.margin_problem("-patch_margin", margin))
+    if problem:
+        raise UserError(problem)
     if any(p > v for p, v in zip(patch_shape, volume_shape)):
         raise UserError(f"-patch_shape {patch_shape} is larger than -volume_shape {volume_shape}")
     if any(p - 2 * margin < 1 for p in patch_shape):

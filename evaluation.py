@@ -8,6 +8,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import degradation
 import durable
 import folders
 import inference
@@ -37,8 +38,9 @@ def evaluation_settings(cfg, checkpoint, variants):
         "checkpoint_sha256": checkpoint["sha256"],
         "data_path": os.path.abspath(cfg.data_path),
         "bids_filter": cfg.bids_filter or "none",
-        "upsampling_factor": utils.factor_text(cfg.upsampling_factor),
+        "upsampling_factor": cfg.upsampling_factor.text,
         "sigma": str(float(cfg.sigma)),
+        "slice_profile": cfg.slice_profile,
         "volume_shape": ",".join(map(str, cfg.volume_shape)),
         "blend": cfg.blend,
         "tta": cfg.tta,
@@ -91,8 +93,34 @@ class Reference:
     nf: float
 
 
+def interpolation_baselines(lr, cfg, hr_shape):
+    """Nearest, trilinear and tricubic interpolation of ``lr`` read where its voxels lie (the profile's).
+
+    Returns:
+        dict method -> float32 ``hr_shape``.
+    """
+    return {method: utils.upsample_baseline(lr, cfg.upsampling_factor, order, hr_shape, cfg.slice_profile)
+            for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+
+
+def degradation_text(cfg):
+    """How a description says the degradation: ``blurred (sigma 1.0 voxels) and decimated by 4``."""
+    if cfg.slice_profile == "box":
+        return (f"averaged over slabs of {cfg.upsampling_factor.text} voxels (box slice profile; each LR "
+                "voxel lies at its slab's centre)")
+    return f"blurred (sigma {cfg.sigma} voxels) and decimated by {cfg.upsampling_factor.text}"
+
+
+def degradation_sidecar(cfg):
+    """The degradation's sidecar fields: ``UpsamplingFactor``, ``SliceProfile`` and (gaussian) ``Sigma``."""
+    out = {"UpsamplingFactor": cfg.upsampling_factor.value, "SliceProfile": cfg.slice_profile}
+    if cfg.slice_profile == "gaussian":
+        out["Sigma"] = float(cfg.sigma)
+    return out
+
+
 def load_reference(subject, cfg, log):
-    """Reads a subject and degrades it as training does (``cfg.sigma``, ``cfg.upsampling_factor``).
+    """Reads a subject and degrades it as training does (``cfg.upsampling_factor``, ``cfg.slice_profile``, ``cfg.sigma``).
 
     Returns:
         a :class:`Reference`.
@@ -111,7 +139,7 @@ def load_reference(subject, cfg, log):
     hr, grid = td.to_canonical(image, cfg.volume_shape)
     mask_c, _ = td.to_canonical(mask.astype(np.float32), cfg.volume_shape)
     hr_n, nf = utils.normalize(hr)
-    lr_n = np.asarray(td.degrade(hr_n, cfg.upsampling_factor, cfg.sigma))
+    lr_n = np.asarray(degradation.degrade(hr_n, cfg.upsampling_factor, cfg.sigma, cfg.slice_profile))
     return Reference(image, affine, header, hr, grid, mask_c.astype(bool), lr_n, nf)
 
 
@@ -138,12 +166,11 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
     # to_canonical pads/crops without reordering axes: the source's left-right axis.
     flip_axis = utils.left_right_axis(affine) if any(v.flip for v in variants) else None
     estimates = inference.super_resolve_variants(predict, lr_n, f, cfg.patch_shape, cfg.patch_margin,
-                                       cfg.batch_size, variants, flip_axis)
+                                                 cfg.batch_size, variants, flip_axis, cfg.slice_profile)
     srs = {v: utils.denormalize(estimates[v], nf) for v in variants}
     sr = srs[variants[-1]]
     lr = utils.denormalize(lr_n, nf)
-    baselines = {method: utils.upsample_baseline(lr, f, order, hr.shape)
-                 for method, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+    baselines = interpolation_baselines(lr, cfg, hr.shape)
     others = {v.key: srs[v] for v in variants[:-1]}
     row = {"subject": subject.name, **metrics_lib.subject_metrics(hr, {"sr": sr, **baselines, **others}, mask_c)}
     if not mask_c.any():
@@ -151,21 +178,19 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
             "left out of the summary")
 
     source = outputs.source(scan)
-    sr_sidecar = {"Description": f"super-resolved x{utils.factor_text(f)} from the _lr volume "
+    sr_sidecar = {"Description": f"super-resolved x{f.text} from the _lr volume "
                                   f"({variants[-1].label})",
-                  "Sources": [source], **provenance, "Sigma": float(cfg.sigma),
+                  "Sources": [source], **provenance, **degradation_sidecar(cfg),
                   "Metrics": {k: v for k, v in row.items() if k != "subject"}}
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
     outputs.write_volume(subject, "sr", td.from_canonical(sr, grid), affine, header, sidecar=sr_sidecar)
     outputs.write_volume(subject, "hr", td.from_canonical(hr, grid), affine, header, sidecar={
         "Description": "the reference: the source image on its own grid, zero outside the canonical "
                        f"{'x'.join(map(str, cfg.volume_shape))} region", "Sources": [source]})
-    factors = np.asarray(utils.per_axis(f, "upsampling_factor"), dtype=np.float64)
-    lr_affine = td.canonical_affine(affine, grid) @ np.diag([*factors, 1.0])
-    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * factors, sidecar={
-        "Description": f"the network's input: the canonical reference blurred (sigma {cfg.sigma} "
-                       f"voxels) and decimated by {utils.factor_text(f)}", "Sources": [source],
-        "UpsamplingFactor": f, "Sigma": float(cfg.sigma)})
+    lr_affine = td.canonical_affine(affine, grid) @ utils.lr_grid_affine(f, cfg.slice_profile)
+    outputs.write_volume(subject, "lr", lr, lr_affine, header, zooms=zooms * np.asarray(f.axes), sidecar={
+        "Description": f"the network's input: the canonical reference {degradation_text(cfg)}",
+        "Sources": [source], **degradation_sidecar(cfg)})
     outputs.write_slices(subject, mosaic(subject, row, baselines["nearest"], baselines["tricubic"], srs, hr))
     return row
 

@@ -10,6 +10,7 @@ import config
 import model_file
 import networks
 import train_dataset as td
+from factors import UpsamplingFactor
 
 
 def make_predictor(generator):
@@ -77,7 +78,7 @@ def predict_patches(predict, lr, upsampling_factor, patch_shape, margin, batch_s
         (sr_patches float32 (n, fx·px', fy·py', fz·pz', 1), hr_margin (3,)
         ints, hr_shape (3,) ints) for :func:`td.stitch_patches`.
     """
-    factors = networks.upsampling_factors(upsampling_factor)
+    factors = UpsamplingFactor.of(upsampling_factor).axes
     lr_patch = tuple(min(p // f, n) for p, n, f in zip(patch_shape, lr.shape, factors))
     cap = (min(lr_patch) - 1) // 2
     lr_margin = tuple(min(margin // f, cap) for f in factors)
@@ -89,7 +90,7 @@ def predict_patches(predict, lr, upsampling_factor, patch_shape, margin, batch_s
 
 
 def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,
-                           variants=(Variant(),), flip_axis=None):
+                           variants=(Variant(),), flip_axis=None, slice_profile="gaussian"):
     """Super-resolves a volume patch by patch, once per variant, sharing the network passes.
 
     The low-resolution patches use the training geometry divided by the factor
@@ -98,12 +99,12 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
     mirror along ``flip_axis`` when a variant flips); each blending stitches
     those outputs. A flip variant is the mean of the plain result and the
     mirrored volume's result mirrored back and put back on the grid
-    (:func:`_align_mirrored_pass`).
+    (:func:`align_mirrored_pass`).
 
     Args:
         predict: callable float32 (n, x, y, z, 1) -> (n, fx·x, fy·y, fz·z, 1).
         lr: float32 (x, y, z) in [-1, 1].
-        upsampling_factor: int f, or (fx, fy, fz).
+        upsampling_factor: int f, (fx, fy, fz) or a ``factors.UpsamplingFactor``.
         patch_shape: HR patch (px, py, pz), divisible by the factors.
         margin: HR margin, divisible by every factor.
         batch_size: patches per generator call.
@@ -111,6 +112,8 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
         flip_axis: int in {0, 1, 2}, the voxel axis that is left-right
             (``utils.left_right_axis`` of the volume's affine); needed when a
             variant flips.
+        slice_profile: the degradation the generator learnt (``"gaussian"`` or
+            ``"box"``): where an LR voxel lies, which the mirrored pass needs.
 
     Returns:
         dict :class:`Variant` -> float32 (fx·x, fy·y, fz·z).
@@ -144,33 +147,37 @@ def super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, 
         plain = stitch(variant.blend, False)
         if variant.flip:
             mirrored = align_mirrored_pass(stitch(variant.blend, True), plain, flip_axis,
-                                            upsampling_factor)
+                                            upsampling_factor, slice_profile)
             out[variant] = (0.5 * (plain + mirrored)).astype(np.float32)
         else:
             out[variant] = plain
     return out
 
 
-def align_mirrored_pass(mirrored, plain, axis, upsampling_factor):
+def align_mirrored_pass(mirrored, plain, axis, upsampling_factor, slice_profile="gaussian"):
     """Puts the mirrored pass back on the plain pass's grid.
 
-    The degradation keeps the first voxel of every block of f (``x[::f]``),
-    and the network learnt that an LR voxel sits on the first of its f HR
-    voxels. Mirrored, an LR voxel stands for the last voxel of its block, so
-    the mirrored pass, mirrored back, estimates the volume f - 1 voxels
-    further along ``axis``: shifted back here. Its last f - 1 slices have no
-    mirrored estimate and keep the plain pass's.
+    The network learnt that LR voxel ``k`` lies at HR voxel ``f·k + o``
+    (``factors.UpsamplingFactor.lr_origin``). Mirrored, it stands for HR voxel
+    ``f·k + f − 1 − o`` of the mirrored block, so the mirrored pass, mirrored
+    back, estimates the volume ``f − 1 − 2·o`` voxels further along ``axis``:
+    ``f − 1`` for the ``gaussian`` profile's ``x[::f]`` (the first voxel of
+    each block of f), shifted back here; 0 for ``box`` (a slab's centre
+    mirrors onto a slab's centre). The last shifted slices have no mirrored
+    estimate and keep the plain pass's.
 
     Args:
         mirrored: float32 (X, Y, Z), the mirrored volume's result mirrored back.
         plain: float32 (X, Y, Z), the plain result.
         axis: int, the mirrored axis.
-        upsampling_factor: int f, or (fx, fy, fz): the mirrored axis's factor counts.
+        upsampling_factor: int f, (fx, fy, fz) or a ``factors.UpsamplingFactor``.
+        slice_profile: ``"gaussian"`` or ``"box"``, the degradation the network learnt.
 
     Returns:
         float32 (X, Y, Z).
     """
-    shift = networks.upsampling_factors(upsampling_factor)[axis] - 1
+    factor = UpsamplingFactor.of(upsampling_factor)
+    shift = int(round(factor.axes[axis] - 1 - 2 * factor.lr_origin(slice_profile)[axis]))
     if shift == 0:
         return mirrored
     aligned = plain.copy()
@@ -182,7 +189,7 @@ def align_mirrored_pass(mirrored, plain, axis, upsampling_factor):
 
 
 def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, batch_size=2,
-                         blend="crop", flip_axis=None):
+                         blend="crop", flip_axis=None, slice_profile="gaussian"):
     """Super-resolves a whole volume patch by patch and stitches the result.
 
     With the defaults, the original's way: each patch keeps the half of every
@@ -194,13 +201,14 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
         blend: "crop" or "gaussian" (``td.stitch_patches``).
         flip_axis: None, or the left-right voxel axis: then also the mirrored
             volume is super-resolved, mirrored back and averaged in (TTA).
+        slice_profile: as :func:`super_resolve_variants`.
 
     Returns:
         float32 (f·x, f·y, f·z).
     """
     variant = Variant(blend, flip_axis is not None)
     return super_resolve_variants(predict, lr, upsampling_factor, patch_shape, margin, batch_size,
-                                  (variant,), flip_axis)[variant]
+                                  (variant,), flip_axis, slice_profile)[variant]
 
 
 def restored_predictor(cfg, source, log):

@@ -1,6 +1,7 @@
 """Evaluation metrics: per-subject PSNR/SSIM (the original's and fair), metrics.csv, the closing summary."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -15,12 +16,21 @@ METHODS = ("sr", "nearest", "trilinear", "tricubic")
 # both volumes), then the same with one data range for every method, the
 # reference's max - min ("fair": an estimate that overshoots no longer
 # enlarges its own range and so its PSNR).
+# Then each method's bias: the mean signed error (estimate - reference) inside
+# the mask, in the image's intensities (``bias``), and the same in percent of
+# the reference's max - min (``bias_fair``, the range the fair PSNR uses). A
+# constant offset hides behind a low PSNR and a high SSIM; these columns show it.
 METRIC_COLUMNS = (("subject", "psnr", "ssim", "psnr_nearest", "ssim_nearest", "psnr_trilinear",
                    "ssim_trilinear", "psnr_tricubic", "ssim_tricubic")
                   + tuple(f"{m}{'' if s == 'sr' else '_' + s}_fair"
-                          for s in METHODS for m in ("psnr", "ssim")))
+                          for s in METHODS for m in ("psnr", "ssim"))
+                  + tuple(f"bias{'' if s == 'sr' else '_' + s}{t}" for s in METHODS for t in ("", "_fair")))
+
 # metrics.json settings that only inform; the others must match to resume.
 INFORMATIONAL_SETTINGS = ("program", "checkpoint")
+# Settings added after metrics.json was first written, and the value a file
+# without them was computed with (so an earlier version's evaluation resumes).
+LATER_SETTINGS = {"slice_profile": "gaussian"}
 
 
 def metric_columns(variants=(Variant(),)):
@@ -35,7 +45,12 @@ def metric_columns(variants=(Variant(),)):
         tuple of str.
     """
     return METRIC_COLUMNS + tuple(f"{m}_{v.key}{t}" for v in variants[:-1]
-                                  for t in ("", "_fair") for m in ("psnr", "ssim"))
+                                  for t in ("", "_fair") for m in ("psnr", "ssim", "bias"))
+
+
+def without_bias(columns):
+    """The columns an earlier version (before the bias columns) wrote for the same evaluation."""
+    return tuple(c for c in columns if not c.startswith("bias"))
 
 
 def subject_metrics(hr, estimates, mask):
@@ -56,7 +71,28 @@ def subject_metrics(hr, estimates, mask):
         suffix = "" if method == "sr" else f"_{method}"
         row[f"psnr{suffix}"], row[f"ssim{suffix}"] = utils.compute_metrics(hr, estimate, mask)
         row[f"psnr{suffix}_fair"], row[f"ssim{suffix}_fair"] = fair_metrics(hr, estimate, mask)
+        row[f"bias{suffix}"], row[f"bias{suffix}_fair"] = bias_metrics(hr, estimate, mask)
     return row
+
+
+def bias_metrics(hr, estimate, mask):
+    """The mean signed error inside the mask: in intensities, and in % of the reference's max - min.
+
+    Args:
+        hr: float32 (x, y, z), the reference in source intensities.
+        estimate: float32 (x, y, z), an estimate of it.
+        mask: bool (x, y, z) brain mask.
+
+    Returns:
+        (bias, bias_fair) floats, ``mean(estimate - hr)`` over the mask and
+        ``100 * bias / (max(hr) - min(hr))``; NaN for an empty mask.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return float("nan"), float("nan")
+    bias = float(np.mean(np.asarray(estimate, np.float64)[mask] - np.asarray(hr, np.float64)[mask]))
+    reference_range = float(hr.max() - hr.min()) or 1.0
+    return bias, 100.0 * bias / reference_range
 
 
 def fair_metrics(hr, estimate, mask):
@@ -183,13 +219,17 @@ class MetricsFile:
             raise UserError(f"{self.path} has no {os.path.basename(settings_path(self.path))} beside it: which "
                             "evaluation wrote its rows cannot be told, so they cannot be resumed. Choose another "
                             "-path_volumes, or move that metrics.csv away to start afresh")
-        different = [f"{key}: {old.get(key, '(none)')} here, {value} now"
+        known = {**LATER_SETTINGS, **old}
+        different = [f"{key}: {known.get(key, '(none)')} here, {value} now"
                      for key, value in self.settings.items()
-                     if key not in INFORMATIONAL_SETTINGS and old.get(key) != value]
+                     if key not in INFORMATIONAL_SETTINGS and known.get(key) != value]
         try:
             fieldnames, rows = durable.read_csv_rows(self.path)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read {self.path}: {err}")
+        if fieldnames is not None and tuple(fieldnames) == without_bias(self.columns):
+            # An earlier version's file: resumed in its own columns (no bias stored for it).
+            self.columns = tuple(fieldnames)
         if not different and fieldnames is not None and tuple(fieldnames) != self.columns:
             different.append(f"columns {','.join(fieldnames)} here")
         if different:
@@ -208,7 +248,7 @@ class MetricsFile:
         """
         if not os.path.exists(self.path):
             durable.write_json(settings_path(self.path), self.settings)
-        durable.append_csv_row(self.path, self.columns, row)
+        durable.append_csv_row(self.path, self.columns, {k: v for k, v in row.items() if k in self.columns})
 
     def rows(self):
         """Every row in the file, numbers as floats (NaN kept)."""
@@ -259,7 +299,8 @@ def comparison_table(rows, variants=(Variant(),)):
     Rows: each SR variant (the one written as ``_sr`` marked ``*``), then
     tricubic, trilinear and nearest; columns: mean PSNR and SSIM with one data
     range for every method (the reference's), then the same by the original's
-    rule (each pair's own range), which flatters an estimate that overshoots.
+    rule (each pair's own range), which flatters an estimate that overshoots,
+    then the mean bias (signed error inside the mask) in % of the reference's range.
 
     Args:
         rows: per-subject dicts with finite metrics.
@@ -271,15 +312,20 @@ def comparison_table(rows, variants=(Variant(),)):
     def mean(key):
         return float(np.mean([r[key] for r in rows]))
 
+    def bias(suffix):
+        # Rows of an earlier version's metrics.csv have no bias.
+        values = [r.get(f"bias{suffix}_fair", math.nan) for r in rows]
+        return f"{np.mean(values):+9.2f}" if all(np.isfinite(values)) else f"{'-':>9}"
+
     entries = [(f"SR {v.label}" + (" *" if v == variants[-1] and len(variants) > 1 else "") if len(variants) > 1
                 else "SR", "" if v == variants[-1] else f"_{v.key}") for v in variants]
     entries += [(method, f"_{method}") for method in ("tricubic", "trilinear", "nearest")]
     lines = [f"{len(rows)} subject(s), mean PSNR (dB) and SSIM; fair: one data range for every method "
              "(the reference's max - min); original: each pair's own range",
-             f"  {'method':<20} {'PSNR':>8} {'SSIM':>7}  | original {'PSNR':>8} {'SSIM':>7}"]
+             f"  {'method':<20} {'PSNR':>8} {'SSIM':>7}  | original {'PSNR':>8} {'SSIM':>7}  | bias (% of range)"]
     for label, suffix in entries:
         lines.append(f"  {label:<20} {mean(f'psnr{suffix}_fair'):8.4f} {mean(f'ssim{suffix}_fair'):7.4f}"
-                     f"  |          {mean(f'psnr{suffix}'):8.4f} {mean(f'ssim{suffix}'):7.4f}")
+                     f"  |          {mean(f'psnr{suffix}'):8.4f} {mean(f'ssim{suffix}'):7.4f}  | {bias(suffix)}")
     if len(variants) > 1:
         lines.append("  (* written as _sr)")
     return lines

@@ -17,8 +17,8 @@ import zipfile
 import keras
 
 import durable
+import factors
 import networks  # noqa: F401 (registers the custom layers that loading needs)
-import utils
 from errors import UserError
 from version import PROGRAM_NAME, __version__
 
@@ -109,6 +109,14 @@ def identity(path, metadata):
     return {"path": os.path.realpath(path), "step": checkpoint.get("step"), "sha256": checkpoint.get("sha256")}
 
 
+def degradation_text(settings, f):
+    """How the model card says the degradation a model learnt to undo (earlier files: gaussian)."""
+    if settings.get("slice_profile", "gaussian") == "box":
+        return (f"averaged over slabs of {f} HR voxels (box slice profile: thick slices whose thickness "
+                "is their spacing; each LR voxel at its slab's centre)")
+    return f"blurred with a Gaussian of sigma {settings['sigma']} HR voxels and decimated by {f} (x[::{f}])"
+
+
 def model_card(metadata):
     """A short human-readable summary of a model file: what it does, what it learnt from, how it scored.
 
@@ -119,13 +127,12 @@ def model_card(metadata):
         str, several lines.
     """
     s = metadata["settings"]
-    f = utils.factor_text(s["upsampling_factor"])
+    f = factors.UpsamplingFactor.of(s["upsampling_factor"]).text
     trained = metadata.get("training", {})
     lines = [
         f"3D SRGAN generator, x{f} super-resolution ({s['upsampling_mode']} upsampling, "
         f"{s['residual_blocks']} residual blocks, {s['feature_size']} filters)",
-        f"input: a low-resolution T1 volume; trained on HR volumes blurred with a Gaussian of sigma "
-        f"{s['sigma']} HR voxels and decimated by {f} (x[::{f}]); patches "
+        f"input: a low-resolution T1 volume; trained on HR volumes {degradation_text(s, f)}; patches "
         f"{'x'.join(map(str, s['patch_shape']))} (HR), margin {s['patch_margin']}",
         f"intensities: {NORMALISATION}",
         f"trained: {trained.get('steps')} steps, {trained.get('epochs')} epochs, "

@@ -12,6 +12,7 @@ variables and the models' outputs stay float32.
 import keras
 import tensorflow as tf
 
+import factors
 import utils
 
 # Initialisers of the original (TensorFlow 1 / TensorLayer).
@@ -242,57 +243,6 @@ def check_upsampling_mode(upsampling_mode):
     return upsampling_mode
 
 
-def upsampling_factors(upsampling_factor):
-    """The factor of each spatial axis: ``(f, f, f)`` for an int, or the three given.
-
-    Args:
-        upsampling_factor: int, a power of two >= 2 (isotropic), or three
-            powers of two >= 1 with at least one > 1 (e.g. ``(1, 1, 4)`` for
-            thick slices along z).
-
-    Returns:
-        tuple (fx, fy, fz) of ints.
-
-    Raises:
-        ValueError: naming the value and what was expected.
-    """
-    f = upsampling_factor
-    if utils.is_int(f, 0) or isinstance(f, bool):
-        if not utils.is_int(f, 2) or f & (f - 1):
-            raise ValueError(f"upsampling_factor {f!r} must be a power of two >= 2 (2, 4, 8, ...)")
-        return (int(f),) * 3
-    factors = tuple(f) if isinstance(f, (tuple, list)) else ()
-    if (len(factors) != 3 or not all(utils.is_int(n, 1) and not n & (n - 1) for n in factors)
-            or max(factors) < 2):
-        raise ValueError(f"upsampling_factor {f!r} must be a power of two >= 2, or three powers of "
-                         "two >= 1 (one per axis, at least one > 1) such as 1,1,4")
-    return tuple(int(n) for n in factors)
-
-
-def upsampling_stages(upsampling_factor):
-    """Number of ×2 stages for an upsampling factor: ``log2`` of the largest axis factor.
-
-    Raises:
-        ValueError: as :func:`upsampling_factors`.
-    """
-    return max(upsampling_factors(upsampling_factor)).bit_length() - 1
-
-
-def stage_strides(upsampling_factor):
-    """The strides of each ×2 stage: stage k upsamples the axes whose factor is >= 2**k.
-
-    Returns:
-        list of (sx, sy, sz), each 1 or 2; e.g. ``[(1, 1, 2), (1, 1, 2)]`` for
-        ``(1, 1, 4)``, ``[(2, 2, 2)] * 2`` for 4.
-
-    Raises:
-        ValueError: as :func:`upsampling_factors`.
-    """
-    factors = upsampling_factors(upsampling_factor)
-    return [tuple(2 if f >= 2 ** k else 1 for f in factors)
-            for k in range(1, upsampling_stages(factors) + 1)]
-
-
 def _conv(filters, name, dtype, kernel_size=3, strides=1):
     return keras.layers.Conv3D(
         filters, kernel_size, strides=strides, padding="same", use_bias=True,
@@ -315,34 +265,47 @@ def _lrelu(slope, name, dtype):
     return keras.layers.LeakyReLU(negative_slope=slope, name=name, dtype=dtype)
 
 
-def _upsampling_stage(x, stage, strides, mode, dt):
-    """One ×2 stage along the axes whose stride is 2 (every axis for isotropic factors).
+def subpixel_filters(strides):
+    """Channels of a sub-pixel stage's convolution: the smallest multiple of its block >= 64.
 
-    An isotropic stage keeps the original's layers (``SPEC.md`` §2): the same
-    kernels, names and parameter counts. Returns (b, sx·x, sy·y, sz·z, c), c
-    64 (nn, subpixel_NN) or 64 / (sx·sy·sz) (subpixel: 8 when isotropic).
+    The shuffle needs a multiple of the block (sx·sy·sz voxels); for the
+    original's ×2 stages (block 8, or 2 and 4 for thick slices) that is 64,
+    as before. ×3: 81 (3 channels out), 1×1×3: 66 (22), 1×1×5: 65 (13).
+    """
+    block = strides[0] * strides[1] * strides[2]
+    return -(-_UPSAMPLING_FILTERS // block) * block
+
+
+def _upsampling_stage(x, stage, strides, mode, dt):
+    """One stage: ×s along each axis whose stride s is > 1 (every axis for isotropic factors).
+
+    An isotropic ×2 stage keeps the original's layers (``SPEC.md`` §2): the
+    same kernels, names and parameter counts. A stage of another prime ``p``
+    is the same construction by ``p``: a shuffle by ``p``, a resize by ``p``,
+    or a stride-``p`` transposed convolution with ``3p`` taps (the original's
+    kernel/stride ratio, 6/2) zoomed by ``p`` at initialisation. Returns
+    (b, sx·x, sy·y, sz·z, c), c 64 (nn, subpixel_NN) or
+    ``subpixel_filters(strides) / (sx·sy·sz)`` (subpixel: 8 for ×2).
     """
     up = _UPSAMPLING_FILTERS
-    isotropic = len(set(strides)) == 1
+    # Isotropic stages keep int arguments, as layers saved before per-axis factors.
+    r = strides[0] if len(set(strides)) == 1 else tuple(strides)
     if mode == "subpixel_NN":
-        # 6 taps (3 zoomed by 2) along an upsampled axis, 3 along the others.
-        kernel = 6 if isotropic else tuple(3 * s for s in strides)
+        kernel = 3 * r if isinstance(r, int) else tuple(3 * s for s in strides)
         x = keras.layers.Conv3DTranspose(
-            up, kernel, strides=2 if isotropic else strides, padding="same", use_bias=True,
-            kernel_initializer=NearestNeighbourZoom(_CONV_STDDEV, zoom=2 if isotropic else strides),
+            up, kernel, strides=r, padding="same", use_bias=True,
+            kernel_initializer=NearestNeighbourZoom(_CONV_STDDEV, zoom=r),
             bias_initializer="zeros", name=f"up{stage}_deconv", dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64)
         return _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
     if mode == "nn":
         x = _conv(up, f"up{stage}_conv1", dt)(x)  # (b, x, y, z, 64)
         x = _lrelu(_G_SLOPE, f"up{stage}_lrelu1", dt)(x)
-        x = keras.layers.UpSampling3D(2 if isotropic else strides, name=f"up{stage}_resize",
-                                      dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64)
+        x = keras.layers.UpSampling3D(r, name=f"up{stage}_resize", dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64)
         x = _conv(up, f"up{stage}_conv2", dt)(x)
         return _lrelu(_G_SLOPE, f"up{stage}_lrelu2", dt)(x)
-    x = _conv(up, f"up{stage}_conv", dt)(x)  # (b, x, y, z, 64)
+    x = _conv(subpixel_filters(strides), f"up{stage}_conv", dt)(x)  # (b, x, y, z, c*sx*sy*sz)
     x = _lrelu(_G_SLOPE, f"up{stage}_lrelu", dt)(x)
-    return VoxelShuffle(2 if isotropic else strides, name=f"up{stage}_shuffle",
-                        dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, 64/(sx*sy*sz))
+    return VoxelShuffle(r, name=f"up{stage}_shuffle", dtype=dt)(x)  # (b, sx*x, sy*y, sz*z, c)
 
 
 def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
@@ -352,8 +315,9 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
 
     SRResNet-style (Ledig et al. 2017, arXiv 1609.04802) in 3-D, as in Sánchez &
     Vilaplana, MIDL 2018: conv+BN+lrelu(0.25), ``residual_blocks`` residual
-    blocks, conv+BN plus a long skip, one ×2 upsampling stage per factor of two,
-    and a final convolution to one channel. Upsampling modes (``SPEC.md`` §2):
+    blocks, conv+BN plus a long skip, one upsampling stage per prime factor of
+    the factor (×2 stages for the original's 2 and 4), and a final convolution
+    to one channel. Upsampling modes (``SPEC.md`` §2), for a ×2 stage:
 
     - ``subpixel`` (default): conv → 64, lrelu, 3-D periodic shuffle → 8 channels
       (Shi et al. 2016, arXiv 1609.05158); final conv 8 → 1, linear.
@@ -365,14 +329,20 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
       64 → 1, linear. (The original's ``-subpixel_NN`` flag; it wins over ``-nn``
       when both are set, a rule applied by the command line.)
 
-    Fully convolutional: any spatial size ``(x, y, z)`` works. With one factor
-    per axis (thick-slice scans, e.g. ``(1, 1, 4)``) there is one ×2 stage per
-    factor of two of the largest factor, each upsampling only the axes that
-    still need it; isotropic factors build exactly the original's layers.
+    A stage of another prime ``p`` (×3, ×5) is the same by ``p``: a shuffle by
+    ``p`` after a conv to the smallest multiple of its block >= 64
+    (:func:`subpixel_filters`), a resize by ``p``, or a stride-``p`` transposed
+    conv with ``3p`` taps zoomed by ``p``. With one factor per axis
+    (thick-slice scans, e.g. ``(1, 1, 3)``) each stage upsamples only the axes
+    that still need it (``factors.UpsamplingFactor.stages``): ``6`` is ×2 then
+    ×3, ``(2, 2, 6)`` is ×2 on every axis then ×3 along z. Powers of two build
+    exactly the layers of earlier versions (and the original's when isotropic).
+
+    Fully convolutional: any spatial size ``(x, y, z)`` works.
 
     Args:
-        upsampling_factor: int, power of two >= 2 (2, 4, 8, ...), or three
-            powers of two >= 1 (one per axis, at least one > 1).
+        upsampling_factor: an int >= 2, three ints >= 1 (one per axis, at
+            least one > 1), or a ``factors.UpsamplingFactor``.
         residual_blocks: int >= 0.
         feature_size: int >= 1, filters of the residual trunk.
         upsampling_mode: ``"subpixel"``, ``"nn"`` or ``"subpixel_NN"``.
@@ -391,7 +361,7 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
         ValueError: for a factor that is not as above, ``feature_size``
             < 1, ``residual_blocks`` < 0 or an unknown ``upsampling_mode``.
     """
-    upsampling_factors(upsampling_factor)
+    factor = factors.UpsamplingFactor.of(upsampling_factor)
     utils.check_int("residual_blocks", residual_blocks, 0)
     utils.check_int("feature_size", feature_size, 1)
     mode = check_upsampling_mode(upsampling_mode)
@@ -413,7 +383,7 @@ def build_generator(upsampling_factor=4, residual_blocks=6, feature_size=32,
     x = _batch_norm("bn2", dt, synchronized_bn)(x)
     x = keras.layers.Add(name="long_skip", dtype=dt)([x, s])  # (b, x, y, z, F)
 
-    for stage, strides in enumerate(stage_strides(upsampling_factor), start=1):
+    for stage, strides in enumerate(factor.stages(), start=1):
         x = _upsampling_stage(x, stage, strides, mode, dt)  # (b, sx*x, sy*y, sz*z, c)
 
     x = _conv(1, "conv_last", dt)(x)  # (b, fx*x, fy*y, fz*z, 1)

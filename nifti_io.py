@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+import factors
 import utils
 
 #: The original's canonical volume, 224x224x152 (``train_dataset.VOLUME_SHAPE``):
@@ -251,8 +252,8 @@ def minimum_image_shape(patch_shape, factor):
     Returns:
         tuple of 3 ints.
     """
-    factors = utils.per_axis(factor, "upsampling_factor")
-    return tuple(max(-(-int(p) // f), 2 * f) for p, f in zip(patch_shape, factors))
+    axes = factors.UpsamplingFactor.of(factor).axes
+    return tuple(max(-(-int(p) // f), 2 * f) for p, f in zip(patch_shape, axes))
 
 
 def size_problem(shape, patch_shape, factor):
@@ -266,7 +267,7 @@ def size_problem(shape, patch_shape, factor):
     if any(int(s) < m for s, m in zip(shape, minimum)):
         return (f"image {shape_str(shape)} is smaller than one patch's worth: each axis needs at "
                 f"least {shape_str(minimum)} voxels (the LR patch of -patch_shape "
-                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {utils.factor_text(factor)})")
+                f"{','.join(map(str, patch_shape))}, and 2 x -upsampling_factor {factors.UpsamplingFactor.of(factor).text})")
     return None
 
 

@@ -8,6 +8,7 @@ import urllib.request
 
 import config
 import durable
+import factors
 import scans as scans_lib
 import utils
 from errors import UserError
@@ -58,7 +59,7 @@ class PlainOutputs:
 
     Args:
         folder: the -path_volumes.
-        upsampling_factor: int f, or (fx, fy, fz).
+        upsampling_factor: an int, three ints or a ``factors.UpsamplingFactor``.
     """
 
     scheme = "plain"
@@ -68,7 +69,7 @@ class PlainOutputs:
     def __init__(self, folder, upsampling_factor):
         self.folder = folder
         # As names show it: 4, or 1x1x4 for one factor per axis.
-        self.factor = utils.factor_text(upsampling_factor)
+        self.factor = factors.UpsamplingFactor.of(upsampling_factor).text
 
     def path(self, subject, kind):
         """str, the NIfTI path of a subject's ``kind`` ("sr", "lr" or "hr") volume."""
@@ -353,8 +354,9 @@ def provenance(cfg, checkpoint):
         checkpoint: ``checkpoints.checkpoint_identity`` of the generator's checkpoint.
     """
     return {
-        "UpsamplingFactor": cfg.upsampling_factor,
+        "UpsamplingFactor": cfg.upsampling_factor.value,
         "UpsamplingMode": cfg.upsampling_mode,
+        "SliceProfile": cfg.slice_profile,
         "Checkpoint": checkpoint["path"],
         "CheckpointStep": checkpoint["step"],
         "CheckpointSHA256": checkpoint["sha256"],
@@ -370,7 +372,7 @@ def generated_by(cfg, checkpoint):
     return [{
         "Name": PROGRAM_NAME,
         "Version": __version__,
-        "Description": (f"3D SRGAN generator x{utils.factor_text(cfg.upsampling_factor)} "
+        "Description": (f"3D SRGAN generator x{cfg.upsampling_factor.text} "
                         f"({cfg.upsampling_mode}), "
                         f"checkpoint {checkpoint['path']} (step {checkpoint['step']}, "
                         f"sha256 {checkpoint['sha256']})"),

@@ -9,6 +9,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 import durable
+import factors
 import train_dataset as td
 import utils
 from trainer import SRGANTrainer
@@ -77,7 +78,7 @@ class TrainingReporter(NullReporter):
         tag = f"e{self.epoch + 1}_s{step}"
         try:
             psnr, ssim = write_preview(trainer, np.asarray(lr), np.asarray(hr), np.asarray(batch[2]),
-                                        self.cfg.path_prediction, tag, f)
+                                        self.cfg.path_prediction, tag, f, self.cfg.slice_profile)
         except durable.OutputError as err:
             # Previews are for looking at; a full disk stops the run at the
             # next checkpoint, with the message that matters.
@@ -129,8 +130,12 @@ class TrainingReporter(NullReporter):
         self.writer.close()
 
 
-def write_preview(trainer, lr, hr, nf, folder, tag, f):
-    """HR, LR and SR of the first patch of a batch, de-normalised, plus its PSNR/SSIM."""
+def write_preview(trainer, lr, hr, nf, folder, tag, f, slice_profile="gaussian"):
+    """HR, LR and SR of the first patch of a batch, de-normalised, plus its PSNR/SSIM.
+
+    The LR patch's affine places its voxels where the profile says they lie
+    (``utils.lr_grid_affine``), so the three overlay in a viewer.
+    """
     sr = trainer.generator(lr[:1], training=False).numpy()[0, ..., 0]
     nf = float(nf[0])
     hr_p = utils.denormalize(hr[0, ..., 0], nf)
@@ -138,15 +143,14 @@ def write_preview(trainer, lr, hr, nf, folder, tag, f):
     sr_p = utils.denormalize(sr, nf)
     eye = np.eye(4)
     utils.save_nifti(os.path.join(folder, f"{tag}_hr.nii.gz"), hr_p, eye)
-    fx, fy, fz = utils.per_axis(f, "upsampling_factor")
-    utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, np.diag([fx, fy, fz, 1.0]))
+    utils.save_nifti(os.path.join(folder, f"{tag}_lr.nii.gz"), lr_p, utils.lr_grid_affine(f, slice_profile))
     utils.save_nifti(os.path.join(folder, f"{tag}_sr.nii.gz"), sr_p, eye)
     return utils.compute_metrics(hr_p, sr_p)
 
 
 def display_slices(lr, sr, hr, f):
     """One TensorBoard image: axial mid-slices of LR (nearest-upsampled), SR, HR."""
-    fx, fy, fz = utils.per_axis(f, "upsampling_factor")
+    fx, fy, fz = factors.UpsamplingFactor.of(f).axes
     z = hr.shape[3] // 2
     lr_up = np.repeat(np.repeat(lr[0, :, :, z // fz, 0], fx, axis=0), fy, axis=1)
     row = np.concatenate([lr_up, sr[0, :, :, z, 0], hr[0, :, :, z, 0]], axis=1)

@@ -7,6 +7,7 @@ import numpy as np
 from tqdm import tqdm
 
 import durable
+import factors
 import folders
 import inference
 import layouts
@@ -38,22 +39,43 @@ def check_scan_fits_factors(path, zooms, upsampling_factor, log):
     Raises:
         nifti_io.DataError: the scan's slice axis is one the model does not upsample.
     """
-    factors = utils.per_axis(upsampling_factor, "upsampling_factor")
-    if len(set(factors)) == 1:
+    factor = factors.UpsamplingFactor.of(upsampling_factor)
+    if factor.isotropic:
         return
     zooms = np.asarray(zooms, dtype=np.float64)
-    sizes, model = "x".join(f"{z:g}" for z in zooms), utils.factor_text(factors)
+    sizes, model = "x".join(f"{z:g}" for z in zooms), factor.text
     thick = int(np.argmax(zooms))
-    if zooms[thick] > 1.01 * zooms.min() and factors[thick] == 1:
+    if zooms[thick] > 1.01 * zooms.min() and factor.axes[thick] == 1:
         raise nifti_io.DataError(
             f"{path}: its thickest voxel axis is axis {thick} ({sizes} mm), but the model upsamples "
             f"{model} (axis {thick} not at all); reorient the scan so its slice axis is one the model "
             "upsamples, or use a model trained for it")
-    out = zooms / np.asarray(factors)
+    out = zooms / np.asarray(factor.axes)
     if out.max() > ANISOTROPY_WARNING * out.min():
         log(f"warning: {path} has voxels of {sizes} mm; the model's factors {model} make them "
             f"{'x'.join(f'{z:g}' for z in out)} mm, not isotropic: its voxel-size ratio does not fit "
             "the model's")
+
+
+def output_affine(affine, upsampling_factor, slice_profile):
+    """The affine of a scan's super-resolved volume: its thin voxels inside the scan's own voxels.
+
+    Output voxel ``j`` of an upsampled axis lies at input voxel ``(j − o) / f``,
+    ``o`` the profile's origin (``utils.lr_grid_affine``): ``j / f`` for
+    ``gaussian`` (the point-sample convention), ``(j − (f − 1)/2) / f`` for
+    ``box`` (the f thin slices fill the thick slice's slab), so the output
+    overlays the input in a viewer and, for ``box``, covers the same extent.
+
+    Args:
+        affine: float (4, 4), the input scan's voxel-to-world affine.
+        upsampling_factor: the model's factor.
+        slice_profile: the model's ``"gaussian"`` or ``"box"``.
+
+    Returns:
+        float64 (4, 4).
+    """
+    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(utils.lr_grid_affine(upsampling_factor,
+                                                                                      slice_profile))
 
 
 def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
@@ -73,13 +95,11 @@ def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     flip_axis = utils.left_right_axis(affine) if variant.flip else None
     sr = utils.denormalize(inference.super_resolve_variants(
         predict, lr_n, f, cfg.patch_shape, cfg.patch_margin, cfg.batch_size, (variant,),
-        flip_axis)[variant], nf)
-    factors = np.asarray(utils.per_axis(f, "upsampling_factor"), dtype=np.float64)
-    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / factors
-    sidecar = {"Description": f"super-resolved x{utils.factor_text(f)} from the source as it is "
-                              f"({variant.label})",
+        flip_axis, cfg.slice_profile)[variant], nf)
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64) / np.asarray(f.axes)
+    sidecar = {"Description": f"super-resolved x{f.text} from the source as it is ({variant.label})",
                "Sources": [outputs.source(scan)], **provenance}
-    out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([*(1.0 / factors), 1.0]),
+    out = outputs.write_volume(scan.subject, "sr", sr, output_affine(affine, f, cfg.slice_profile),
                                header, zooms=zooms, sidecar=sidecar)
     tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
     return out
@@ -90,8 +110,8 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
 
     ``cfg.super_resolve`` lists NIfTI files, folders (any layout
     ``find_subjects`` reads, BIDS included) and .csv lists. Each scan gives an
-    SR volume of f × its shape with affine ``input_affine @ diag(1/f, 1/f,
-    1/f, 1)`` so it overlays the input, and a JSON sidecar (factor, mode,
+    SR volume of f × its shape with the affine of :func:`output_affine` (its
+    thin voxels inside the input's), so it overlays the input, and a JSON sidecar (factor, mode,
     checkpoint, options); plain names (``<name>_sr.nii.gz``) or BIDS
     derivatives (``..._rec-SRx<f>_T1w.nii.gz``) as ``outputs.output_scheme``
     says. A progress bar runs over the inputs. With several inputs an

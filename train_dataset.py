@@ -1,4 +1,5 @@
-"""Patch pipeline: canonical grid, patches and stitching, degradation, the tf.data training stream.
+"""Patch pipeline: canonical grid, patches and stitching, the tf.data training stream (degraded by
+:mod:`degradation`).
 
 The geometry and intensity rules are those of the original research code
 (``SPEC.md`` section 1); the places where the port deliberately differs
@@ -26,6 +27,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
+import degradation
+import factors
 import nifti_io
 import utils
 
@@ -34,9 +37,6 @@ PATCH_SHAPE = (128, 128, 92)
 MARGIN = 16
 # How stitch_patches merges overlapping patches: the original's crop, or MONAI's Gaussian weights.
 BLEND_MODES = ("crop", "gaussian")
-
-# scipy.ndimage.gaussian_filter's default: the kernel reaches 4 sigma.
-_TRUNCATE = 4.0
 
 
 # --------------------------------------------------------------------------- #
@@ -370,102 +370,6 @@ def stitch_patches(patches, volume_shape, margin=MARGIN, blend="crop", sigma_sca
 
 
 # --------------------------------------------------------------------------- #
-# Degradation (SPEC section 6, rows 4 and 5)
-# --------------------------------------------------------------------------- #
-
-
-def _gaussian_kernel(sigma):
-    """Returns (float32 (2r+1,) weights summing to 1, radius r) of scipy.ndimage's truncated Gaussian."""
-    radius = int(_TRUNCATE * sigma + 0.5)  # scipy.ndimage's rule
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (x / sigma) ** 2)
-    return (w / w.sum()).astype(np.float32), radius
-
-
-def _reflect(index, n):
-    """Maps int tensor indices (any, also out of [0, n)) into [0, n) by reflection."""
-    # scipy.ndimage 'reflect' (= tf.pad 'SYMMETRIC', edge voxel repeated),
-    # folded as often as needed so tiny axes work too.
-    period = tf.math.floormod(index, 2 * n)
-    return tf.where(period >= n, 2 * n - 1 - period, period)
-
-
-def _blur_decimate_axis(x, axis, weights, radius, factor):
-    """Blurs float32 (b, x, y, z, 1) along spatial ``axis`` (1..3) and keeps every ``factor``-th voxel."""
-    # Reflect-pad one spatial axis, then a 1-D convolution strided by the
-    # factor: blur and x[::f] in one op, computing only the kept voxels.
-    n = tf.shape(x)[axis]
-    x = tf.gather(x, _reflect(tf.range(-radius, n + radius), n), axis=axis)
-    kernel_shape = [1, 1, 1, 1, 1]
-    kernel_shape[axis - 1] = len(weights)
-    strides = [1, 1, 1, 1, 1]
-    strides[axis] = factor
-    return tf.nn.conv3d(x, tf.constant(weights.reshape(kernel_shape)), strides, "VALID")
-
-
-def degrade(x, upsampling_factor, sigma=1.0):
-    """The one degradation of training and evaluation: 3-D Gaussian blur, then ``x[::f]``.
-
-    Each volume or patch is blurred on its own, in 3-D only (never across the
-    batch or channel axes), with a separable Gaussian of ``sigma`` voxels
-    truncated at 4 sigma and reflected borders, i.e.
-    ``scipy.ndimage.gaussian_filter(x, sigma)[::f, ::f, ::f]``. Away from the
-    borders, degrading a patch whose start is a multiple of ``f`` equals
-    cutting the degraded volume. Pure TensorFlow: runs in ``tf.data`` and on a GPU.
-
-    With one factor per axis (``(1, 1, 4)``: thick slices along z) only the
-    axes whose factor is > 1 are blurred (``sigma`` in HR voxels along them)
-    and decimated; the others are left as they are, i.e.
-    ``gaussian_filter(x, sigma * (f > 1))[::fx, ::fy, ::fz]``.
-
-    Args:
-        x: array or tensor, (x, y, z) or channels-last (b, x, y, z, c), real values.
-        upsampling_factor: int >= 1, the decimation step f of every axis; or
-            three ints >= 1, one per axis.
-        sigma: float >= 0, blur in voxels; 0 only decimates.
-
-    Returns:
-        float32 tensor (ceil(x/fx), ceil(y/fy), ceil(z/fz)) or
-        (b, ceil(x/fx), ceil(y/fy), ceil(z/fz), c).
-
-    Raises:
-        ValueError: if ``upsampling_factor`` or ``sigma`` is invalid, or ``x`` is
-            neither 3-D nor 5-D.
-    """
-    factors = utils.per_axis(upsampling_factor, "upsampling_factor", 1)
-    # An int blurs every axis, as the original; per-axis factors only those they decimate.
-    blurred = (True,) * 3 if utils.is_int(upsampling_factor, 1) else tuple(f > 1 for f in factors)
-    if not np.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
-    x = tf.convert_to_tensor(x)
-    if x.dtype != tf.float32:
-        x = tf.cast(x, tf.float32)
-    rank = x.shape.rank
-    if rank not in (3, 5):
-        raise ValueError(f"degrade expects (x, y, z) or (b, x, y, z, c), got shape {x.shape}")
-    y = x[None, ..., None] if rank == 3 else x
-    channels = y.shape[-1]
-    if channels != 1:
-        # Channels are separate images: fold them into the batch.
-        dyn = tf.shape(y)
-        y = tf.reshape(tf.transpose(y, [0, 4, 1, 2, 3]), tf.stack([-1, dyn[1], dyn[2], dyn[3], 1]))
-    if sigma > 0:
-        weights, radius = _gaussian_kernel(float(sigma))
-    else:
-        weights, radius = np.ones(1, np.float32), 0
-    for axis, f, blur in zip((1, 2, 3), factors, blurred):
-        if blur:
-            y = _blur_decimate_axis(y, axis, weights, radius, f)
-        elif f > 1:
-            y = _blur_decimate_axis(y, axis, np.ones(1, np.float32), 0, f)
-    if channels != 1:
-        dyn = tf.shape(y)
-        y = tf.reshape(y, tf.stack([tf.shape(x)[0], -1, dyn[1], dyn[2], dyn[3]]))
-        y = tf.transpose(y, [0, 2, 3, 4, 1])
-    return y[0, ..., 0] if rank == 3 else y
-
-
-# --------------------------------------------------------------------------- #
 # Training stream
 # --------------------------------------------------------------------------- #
 
@@ -532,23 +436,22 @@ def load_training_patches(path, volume_shape=VOLUME_SHAPE, patch_shape=PATCH_SHA
     canonical, _ = to_canonical(volume, volume_shape)
     del volume
     patches = extract_patches(canonical, patch_shape, margin)
-    factors = np.zeros(len(patches), np.float32)
+    norms = np.zeros(len(patches), np.float32)
     for i in range(len(patches)):
-        patches[i], factors[i] = utils.normalize(patches[i])
-    return (patches, factors) if with_norm_factor else patches
+        patches[i], norms[i] = utils.normalize(patches[i])
+    return (patches, norms) if with_norm_factor else patches
 
 
-def _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma):
-    """Validates :func:`make_train_dataset`'s factor, batch size and blur; returns the factor (int or 3 ints)."""
-    f = upsampling_factor
-    factors = utils.per_axis(f, "upsampling_factor", 1)
-    if any(p % n for p, n in zip(patch_shape, factors)):
-        raise ValueError(f"upsampling_factor {f} must divide every entry of patch_shape {patch_shape} "
-                         f"so that the network's output matches the HR patch")
-    f = int(f) if utils.is_int(f, 1) else factors
+def _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma, slice_profile):
+    """Validates :func:`make_train_dataset`'s factor, batch size, blur and profile; returns the factor."""
+    f = factors.UpsamplingFactor.of(upsampling_factor)
+    problem = f.shape_problem("patch_shape", patch_shape)
+    if problem:
+        raise ValueError(f"{problem}: the network's output must match the HR patch")
     utils.check_int("batch_size", batch_size, 1)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma {sigma!r} must be a finite number >= 0")
+    factors.check_slice_profile(slice_profile)
     return f
 
 
@@ -588,7 +491,8 @@ def _subject_loader(volume_shape, patch_shape, margin, log, on_skip, failures):
 
 def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shape=VOLUME_SHAPE,
                        patch_shape=PATCH_SHAPE, margin=MARGIN, seed=0, epoch=0, sigma=1.0,
-                       with_norm_factor=False, log=print, on_skip=None, failures=None, shard=(0, 1)):
+                       slice_profile="gaussian", with_norm_factor=False, log=print, on_skip=None,
+                       failures=None, shard=(0, 1)):
     """One epoch of ``(lr, hr)`` training batches, streamed from the NIfTI files.
 
     Subjects come in the order :func:`epoch_order` draws from ``(seed, epoch)``;
@@ -612,14 +516,16 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
 
     Args:
         subjects: sequence of :class:`layouts.Subject` (usually the train list).
-        upsampling_factor: int >= 1 (or three, one per axis) dividing ``patch_shape`` on every axis.
+        upsampling_factor: int >= 2, three ints or a ``factors.UpsamplingFactor``, dividing
+            ``patch_shape`` on every axis.
         batch_size: int >= 1 (2: one default volume is 4 batches).
         volume_shape: (3,) ints, the canonical shape.
         patch_shape: (3,) ints, the HR patch shape.
         margin: int >= 0, patch overlap margin.
         seed: int >= 0, the run's seed.
         epoch: int >= 0, the epoch this dataset is for.
-        sigma: float >= 0, blur of the degradation in voxels.
+        sigma: float >= 0, blur of the degradation in voxels (``gaussian`` profile).
+        slice_profile: ``"gaussian"`` or ``"box"``, the degradation's (:func:`degrade`).
         with_norm_factor: bool, also yield each patch's normalisation factor
             ``nf`` (float32 (b,)) so that outputs can be de-normalised.
         log: callable taking one message string; called from tf.data threads.
@@ -649,7 +555,7 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     volume_shape = nifti_io.check_shape("volume_shape", volume_shape)
     patch_shape = nifti_io.check_shape("patch_shape", patch_shape)
     patch_starts(volume_shape, patch_shape, margin)  # validates the geometry early
-    f = _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma)
+    f = _check_stream_args(patch_shape, upsampling_factor, batch_size, sigma, slice_profile)
 
     shard_index, shard_count = (int(n) for n in shard)
     if not 0 <= shard_index < shard_count:
@@ -663,13 +569,13 @@ def make_train_dataset(subjects, upsampling_factor, *, batch_size=2, volume_shap
     load = _subject_loader(volume_shape, patch_shape, margin, log, on_skip, failures)
 
     def load_tf(path):
-        patches, factors = tf.numpy_function(load, [path], (tf.float32, tf.float32), stateful=False)
+        patches, norms = tf.numpy_function(load, [path], (tf.float32, tf.float32), stateful=False)
         patches.set_shape((None, *patch_shape, 1))
-        factors.set_shape((None,))
-        return patches, factors
+        norms.set_shape((None,))
+        return patches, norms
 
     def add_lr(hr, nf):
-        lr = degrade(hr, f, sigma)
+        lr = degradation.degrade(hr, f, sigma, slice_profile)
         return (lr, hr, nf) if with_norm_factor else (lr, hr)
 
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, dtype=tf.string) if paths

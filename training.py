@@ -85,7 +85,7 @@ class TrainingStream:
             self.subjects, cfg.upsampling_factor, batch_size=batch_size,
             volume_shape=cfg.volume_shape, patch_shape=cfg.patch_shape,
             margin=cfg.patch_margin, seed=cfg.seed, epoch=epoch, sigma=cfg.sigma,
-            with_norm_factor=True, log=self.log, shard=shard,
+            slice_profile=cfg.slice_profile, with_norm_factor=True, log=self.log, shard=shard,
             on_skip=lambda path, reason: self.skipped.append((path, reason)),
             failures=self._failures)
 

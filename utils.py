@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 import durable
+import factors
 
 # --------------------------------------------------------------------------- #
 # Intensity normalisation (SPEC section 1)
@@ -53,13 +54,6 @@ def per_axis(value, name, minimum=1):
     if len(values) != 3 or not all(is_int(v, minimum) for v in values):
         raise ValueError(f"{name} {value!r} must be an integer >= {minimum} or three of them (one per axis)")
     return tuple(int(v) for v in values)
-
-
-def factor_text(upsampling_factor):
-    """How names and messages show a factor: ``"4"``, or ``"1x1x4"`` for one per axis."""
-    if isinstance(upsampling_factor, (tuple, list)):
-        return "x".join(str(int(f)) for f in upsampling_factor)
-    return str(int(upsampling_factor))
 
 
 def is_real(value):
@@ -167,30 +161,52 @@ def compute_metrics(hr, sr, mask=None, data_range=None):
     return float(psnr), float(ssim)
 
 
-def upsample_baseline(lr, upsampling_factor, order, out_shape=None):
-    """Interpolates a low-resolution volume back to the high-resolution grid.
+def upsample_baseline(lr, upsampling_factor, order, out_shape=None, slice_profile="gaussian"):
+    """Interpolates a low-resolution volume back to the high-resolution grid, where its voxels lie.
 
-    Uses the geometry of the degradation ``x[::f]``: low-resolution voxel ``i``
-    sits on high-resolution voxel ``f * i``, so high-resolution voxel ``j`` is
-    read at low-resolution coordinate ``j / f`` (edges clamp to the border).
+    LR voxel ``k`` lies at HR voxel ``f·k + o`` (``factors.UpsamplingFactor.lr_origin``:
+    ``o = 0`` for the ``gaussian`` profile's ``x[::f]``, ``(f − 1)/2`` for the
+    ``box`` profile's slab means), so HR voxel ``j`` is read at LR coordinate
+    ``(j − o) / f`` (edges clamp to the border). Reading a box-degraded volume
+    at ``j / f`` would shift it by a third of a slice (f = 3) and flatter a
+    method that learnt the right place.
 
     Args:
         lr: float array (x, y, z).
-        upsampling_factor: int f, or (fx, fy, fz): each axis is interpolated
-            by its own factor (a factor 1 copies that axis).
+        upsampling_factor: int, three ints or a ``factors.UpsamplingFactor``:
+            each axis is interpolated by its own factor (a factor 1 copies that axis).
         order: 0 nearest, 1 trilinear, 3 tricubic (B-spline).
         out_shape: (X, Y, Z) of the result, default the factors times ``lr.shape``.
+        slice_profile: ``"gaussian"`` or ``"box"``, how ``lr`` was degraded.
 
     Returns:
         float32 array ``out_shape``.
     """
     from scipy import ndimage
 
+    factor = factors.UpsamplingFactor.of(upsampling_factor)
     lr = np.asarray(lr, dtype=np.float32)
-    factors = np.asarray(per_axis(upsampling_factor, "upsampling_factor", 1), dtype=np.float64)
-    out_shape = tuple(out_shape) if out_shape is not None else tuple(int(n * f) for n, f in zip(lr.shape, factors))
-    return ndimage.affine_transform(lr, 1.0 / factors, output_shape=out_shape,
+    scale = np.asarray(factor.axes, dtype=np.float64)
+    origin = np.asarray(factor.lr_origin(slice_profile), dtype=np.float64)
+    out_shape = tuple(out_shape) if out_shape is not None else tuple(int(n * f) for n, f in zip(lr.shape, scale))
+    return ndimage.affine_transform(lr, 1.0 / scale, offset=-origin / scale, output_shape=out_shape,
                                     order=order, mode="nearest", prefilter=order > 1)
+
+
+def lr_grid_affine(upsampling_factor, slice_profile):
+    """Where the LR grid lies on the HR grid: LR voxel ``k`` at HR voxel ``f·k + origin`` per axis.
+
+    ``origin`` is 0 for the ``gaussian`` profile (``x[::f]``) and ``(f − 1)/2``
+    for ``box`` (the slab's centre): ``HR affine @ lr_grid_affine`` places the
+    LR volume so that it overlays the HR in a viewer.
+
+    Returns:
+        float64 (4, 4).
+    """
+    f = factors.UpsamplingFactor.of(upsampling_factor)
+    out = np.diag([*map(float, f.axes), 1.0])
+    out[:3, 3] = f.lr_origin(slice_profile)
+    return out
 
 
 def left_right_axis(affine):

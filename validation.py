@@ -105,10 +105,12 @@ class Validator:
                 self.skipped.add(subject.name)
             return None
         estimate = inference.super_resolve_variants(predict, ref.lr_n, f, cfg.patch_shape, cfg.patch_margin,
-                                                    cfg.batch_size, (self.variant,))[self.variant]
+                                                    cfg.batch_size, (self.variant,), None,
+                                                    cfg.slice_profile)[self.variant]
         psnr, ssim = metrics_lib.fair_metrics(ref.hr, utils.denormalize(estimate, ref.nf), ref.mask)
         if subject.name not in self.tricubic:
-            tricubic = utils.upsample_baseline(utils.denormalize(ref.lr_n, ref.nf), f, 3, ref.hr.shape)
+            tricubic = utils.upsample_baseline(utils.denormalize(ref.lr_n, ref.nf), f, 3, ref.hr.shape,
+                                               cfg.slice_profile)
             self.tricubic[subject.name] = metrics_lib.fair_metrics(ref.hr, tricubic, ref.mask)[0]
         return psnr, ssim, self.tricubic[subject.name]
 

@@ -108,10 +108,10 @@ def measure_components(args):
     """Generator forward and a full-volume evaluation on one device; prints them."""
     import tensorflow as tf
 
+    import degradation
     import inference
     import model  # noqa: F401 (TensorFlow imported quietly)
     import networks
-    import train_dataset as td
     import utils
 
     volume, patch, margin = GEOMETRIES[args.geometry]
@@ -126,7 +126,7 @@ def measure_components(args):
 
     def evaluate_volume():
         hr_n, nf = utils.normalize(hr)
-        lr_n = np.asarray(td.degrade(hr_n, f))
+        lr_n = np.asarray(degradation.degrade(hr_n, f))
         sr = utils.denormalize(inference.super_resolve_volume(predict, lr_n, f, patch, margin, 2), nf)
         utils.compute_metrics(hr, sr, hr > 0)
         for order in (0, 1, 3):

@@ -53,6 +53,7 @@ import layouts  # noqa: E402
 import nifti_io  # noqa: E402
 import phantoms  # noqa: E402
 import utils  # noqa: E402
+from factors import SLICE_PROFILES, UpsamplingFactor  # noqa: E402
 from layouts import IMAGE_NAME, MASK_NAME  # noqa: E402
 from nifti_io import DataError  # noqa: E402
 
@@ -384,6 +385,13 @@ GEOMETRIES = {
     # matter, some cortex) at 1 mm; 48x48x32 patches, 27 per volume.
     "crop96": {"data_shape": (96, 96, 64), "volume_shape": (96, 96, 64),
                "patch_shape": (48, 48, 32), "margin": 8},
+    # The central 96x96x72 mm for thick slices of 3 mm (and 2, 4, 6, 8, 9, 12): 48x48x36
+    # patches, margin 6, 27 per volume.
+    "crop96x72": {"data_shape": (96, 96, 72), "volume_shape": (96, 96, 72),
+                  "patch_shape": (48, 48, 36), "margin": 6},
+    # The same for thick slices of 5 mm (and 7, 10, 14): 96x96x70, 48x48x35 patches, margin 5.
+    "crop96x70": {"data_shape": (96, 96, 70), "volume_shape": (96, 96, 70),
+                  "patch_shape": (48, 48, 35), "margin": 5},
     # The original's geometry (SPEC section 1) on the whole template grid.
     "default": {"data_shape": None, "volume_shape": (224, 224, 152),
                 "patch_shape": (128, 128, 92), "margin": 16},
@@ -394,9 +402,9 @@ QUICK = {"geometry": "quick", "subjects": 10, "steps": 150, "eval_every": 50}
 RUN_DEFAULTS = {"geometry": "crop96", "subjects": 20, "steps": 1000, "eval_every": None}
 METHOD_LABELS = {"sr": "GAN", "nearest": "nearest", "trilinear": "trilinear", "tricubic": "tricubic"}
 TABLE_COLUMNS = ("method", "n", "psnr_fair_mean", "psnr_fair_sd", "ssim_fair_mean", "ssim_fair_sd",
-                 "psnr_mean", "ssim_mean")
-CURVE_COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "val_psnr_fair", "mse", "gdl", "adv", "d_loss",
-                 "d_hr", "d_sr", "grad_mse", "grad_gdl", "grad_adv", "seconds")
+                 "bias_fair_mean", "bias_fair_sd", "psnr_mean", "ssim_mean")
+CURVE_COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "bias_fair", "val_psnr_fair", "mse", "gdl", "adv", "d_loss",
+                 "d_hr", "d_sr", "grad_mse", "grad_gdl", "grad_adv", "adv_share", "seconds")
 LOSS_COLUMNS = ("step",) + ("d_loss", "g_loss", "mse", "gdl", "adv", "flipped", "learning_rate")
 
 
@@ -427,8 +435,11 @@ def run_settings(args):
         s["geometry"] = "custom"
     s.update(geometry)
     s.update(out=args.out, data=args.data, template=args.template, factor=args.factor, mode=args.mode,
+             slice_profile=args.slice_profile,
              train_fraction=args.train_fraction, validation_fraction=args.validation_fraction,
              learning_rate=args.learning_rate,
+             data_seed=(args.data_seed if args.data_seed is not None
+                        else 0 if getattr(args, "seeds", None) else args.seed),
              pretrain_steps=args.pretrain_steps, feature_size=args.feature_size,
              residual_blocks=args.residual_blocks, seed=args.seed, batch_size=args.batch_size,
              quick=bool(args.quick))
@@ -446,13 +457,12 @@ def run_settings(args):
         raise ValueError(f"--validation-fraction {s['validation_fraction']} must be in [0, 1)")
     if s["pretrain_steps"] < 0:
         raise ValueError(f"--pretrain-steps {s['pretrain_steps']} must be >= 0")
-    factors = utils.per_axis(s["factor"], "--factor")
-    for name in ("volume_shape", "patch_shape"):
-        if any(n % f for n, f in zip(s[name], factors)):
-            raise ValueError(f"{name} {s[name]} must be divisible by --factor {utils.factor_text(s['factor'])} "
-                             "on every axis")
-    if any(s["margin"] % f for f in factors):
-        raise ValueError(f"--margin {s['margin']} must be divisible by --factor {utils.factor_text(s['factor'])}")
+    factor = UpsamplingFactor.of(s["factor"], "--factor")
+    problem = (factor.shape_problem("--volume-shape", s["volume_shape"], "--factor")
+               or factor.shape_problem("--patch-shape", s["patch_shape"], "--factor")
+               or factor.margin_problem("--margin", s["margin"], "--factor"))
+    if problem:
+        raise ValueError(problem)
     return s
 
 
@@ -475,7 +485,8 @@ def prepare_data(s, log=print):
         return s["data"]
     data = os.path.join(s["out"], "data")
     template = None if s["template"] is None else os.path.abspath(s["template"])
-    wanted = {"seed": s["seed"], "subjects": s["subjects"], "template": template,
+    data_seed = s.get("data_seed", s["seed"])
+    wanted = {"seed": data_seed, "subjects": s["subjects"], "template": template,
               "shape": None if s["data_shape"] is None else list(s["data_shape"])}
     record_path = os.path.join(data, BUILD_RECORD)
     if os.path.exists(record_path):
@@ -489,7 +500,7 @@ def prepare_data(s, log=print):
                              "Choose another --out, or pass --data")
         log(f"Reusing the dataset in {data}")
         return data
-    build_dataset(data, subjects=s["subjects"], seed=s["seed"], shape=s["data_shape"],
+    build_dataset(data, subjects=s["subjects"], seed=data_seed, shape=s["data_shape"],
                   template=s["template"], log=log)
     return data
 
@@ -498,7 +509,8 @@ def model_argv(s, data, checkpoint_dir, epochs):
     """The model.py command line of a run's training configuration."""
     shape = lambda v: ",".join(map(str, v))  # noqa: E731
     return ["-data_path", data, "-checkpoint_dir", checkpoint_dir,
-            "-upsampling_factor", utils.factor_text(s["factor"]).replace("x", ","),
+            "-upsampling_factor", UpsamplingFactor.of(s["factor"]).flag_text,
+            "-slice_profile", s["slice_profile"],
             "-residual_blocks", str(s["residual_blocks"]),
             "-feature_size", str(s["feature_size"]),
             "-subpixel_NN", str(s["mode"] == "subpixel_NN"), "-nn", str(s["mode"] == "nn"),
@@ -536,12 +548,10 @@ class CurveEvaluator:
 
         self.cfg = cfg
         self.items = []
-        f = cfg.upsampling_factor
         for subject in subjects:
             ref = evaluation.load_reference(subject, cfg, log)
             lr = utils.denormalize(ref.lr_n, ref.nf)
-            baselines = {m: utils.upsample_baseline(lr, f, order, ref.hr.shape)
-                         for m, order in (("nearest", 0), ("trilinear", 1), ("tricubic", 3))}
+            baselines = evaluation.interpolation_baselines(lr, cfg, ref.hr.shape)
             metrics = metrics_lib.subject_metrics(ref.hr, baselines, ref.mask)
             self.items.append((subject.name, ref.hr, ref.mask, ref.lr_n, ref.nf, metrics))
         self.baselines = {m: float(np.mean([it[5][f"psnr_{m}_fair"] for it in self.items]))
@@ -556,13 +566,15 @@ class CurveEvaluator:
 
         cfg = self.cfg
         predict = inference.make_predictor(generator)
-        per_subject = []
+        per_subject, biases = [], []
         for _, hr, mask_c, lr_n, nf, _ in self.items:
             sr = utils.denormalize(inference.super_resolve_volume(
                 predict, lr_n, cfg.upsampling_factor, cfg.patch_shape, cfg.patch_margin,
-                cfg.batch_size), nf)
+                cfg.batch_size, slice_profile=cfg.slice_profile), nf)
             per_subject.append(metrics_lib.fair_metrics(hr, sr, mask_c))
+            biases.append(metrics_lib.bias_metrics(hr, sr, mask_c)[1])
         psnr, ssim = np.mean(per_subject, axis=0)
+        self.last_bias = float(np.mean(biases))
         return float(psnr), float(ssim), per_subject
 
 
@@ -582,7 +594,8 @@ def probe_diagnostics(trainer, lr, hr):
         HR and SR patches; the targets are ~0.95 for real and ~0.15 for fake)
         and ``grad_mse``, ``grad_gdl``, ``grad_adv`` (global norm of the
         generator's gradient of each term of its loss, the adversarial term
-        with its 0.1 weight and the target 0.95, the middle of U(0.7, 1.2)).
+        with its 0.1 weight and the target 0.95, the middle of U(0.7, 1.2)), and
+        ``adv_share``, ``grad_adv`` over the norm of the whole loss's gradient.
     """
     import tensorflow as tf
 
@@ -593,14 +606,18 @@ def probe_diagnostics(trainer, lr, hr):
     saved = [v.numpy() for v in frozen]
     try:
         with tf.GradientTape(persistent=True) as tape:
-            sr = g(lr, training=True)
+            sr = g(lr, training=not trainer.freeze_generator_statistics)
             d_sr = d(sr, training=True)
             terms = {"mse": tf.reduce_sum(tf.square(sr - hr)),
                      "gdl": losses.gradient_difference_loss(hr, sr),
                      "adv": 0.1 * tf.reduce_mean(tf.square(d_sr - 0.95))}
+            terms["total"] = terms["mse"] + terms["gdl"] + terms["adv"]
         out = {f"grad_{k}": float(tf.linalg.global_norm(
             [x for x in tape.gradient(v, g.trainable_variables) if x is not None]))
             for k, v in terms.items()}
+        # How much of the generator's update the adversarial term drives: the
+        # norm of its gradient over the norm of the whole loss's gradient.
+        out["adv_share"] = out["grad_adv"] / max(out.pop("grad_total"), 1e-12)
         del tape
         out["d_sr"] = float(tf.reduce_mean(d_sr))
         out["d_hr"] = float(tf.reduce_mean(d(hr, training=True)))
@@ -706,7 +723,8 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print, validation_su
                 validated = validation.run(trainer, path) if validation else {"psnr_fair": float("nan")}
                 window = [r for r in losses if r["step"] > step - every]
                 row = {"step": step, "epoch": step / stream.batches_per_epoch, "psnr_fair": psnr,
-                       "ssim_fair": ssim, "val_psnr_fair": validated["psnr_fair"],
+                       "ssim_fair": ssim, "bias_fair": evaluator.last_bias,
+                       "val_psnr_fair": validated["psnr_fair"],
                        **{k: float(np.mean([r[k] for r in window]))
                                              for k in ("mse", "gdl", "adv", "d_loss")},
                        **probe_diagnostics(trainer, probe[0], probe[1]),
@@ -714,9 +732,10 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print, validation_su
                 curve.append(row)
                 log(f"step {step}/{steps} (epoch {row['epoch']:.2f}): GAN {psnr:.2f} dB / {ssim:.4f} "
                     f"(tricubic {evaluator.baselines['tricubic']:.2f} / "
-                    f"{evaluator.baselines_ssim['tricubic']:.4f}); mse {row['mse']:.4g} gdl "
+                    f"{evaluator.baselines_ssim['tricubic']:.4f}); bias {row['bias_fair']:+.2f} % of range; mse {row['mse']:.4g} gdl "
                     f"{row['gdl']:.4g} adv {row['adv']:.3g} d_loss {row['d_loss']:.3g}; "
-                    f"D(HR) {row['d_hr']:.3g} D(SR) {row['d_sr']:.3g}; "
+                    f"D(HR) {row['d_hr']:.3g} D(SR) {row['d_sr']:.3g}; adversarial share of the G "
+                    f"gradient {row['adv_share']:.3f}; "
                     f"{train_seconds / step:.2f} s/step")
                 eval_seconds += time.perf_counter() - tick
                 meter.before()
@@ -804,9 +823,11 @@ def summarize(rows):
         suffix = "" if method == "sr" else f"_{method}"
         psnr_fair = _mean_sd([r[f"psnr{suffix}_fair"] for r in rows])
         ssim_fair = _mean_sd([r[f"ssim{suffix}_fair"] for r in rows])
+        bias = _mean_sd([r.get(f"bias{suffix}_fair", np.nan) for r in rows])
         table.append({"method": label, "n": len(rows),
                       "psnr_fair_mean": psnr_fair[0], "psnr_fair_sd": psnr_fair[1],
                       "ssim_fair_mean": ssim_fair[0], "ssim_fair_sd": ssim_fair[1],
+                      "bias_fair_mean": bias[0], "bias_fair_sd": bias[1],
                       "psnr_mean": float(np.mean([r[f"psnr{suffix}"] for r in rows])),
                       "ssim_mean": float(np.mean([r[f"ssim{suffix}"] for r in rows]))})
     return table
@@ -830,7 +851,8 @@ def header_lines(s, info):
     x = lambda v: "×".join(map(str, v))  # noqa: E731
     data_grid = "the template's grid" if s["data_shape"] is None else f"{x(s['data_shape'])} (central crop)"
     return [
-        f"upsampling factor ×{utils.factor_text(s['factor'])}, mode {s['mode']}, F={s['feature_size']}, "
+        f"upsampling factor ×{UpsamplingFactor.of(s['factor']).text} ({s['slice_profile']} slice profile), "
+        f"mode {s['mode']}, F={s['feature_size']}, "
         f"{s['residual_blocks']} residual blocks",
         f"geometry {s['geometry']}: data {data_grid}, 1 mm; volume {x(s['volume_shape'])}, "
         f"patches {x(s['patch_shape'])}, margin {s['margin']} ({info['patches_per_volume']} per volume)",
@@ -867,19 +889,20 @@ def write_table(out, s, info, table, paired, texture=None, best=None):
         "- metrics: masked PSNR (dB) and 3-D SSIM on the test subjects, mean ± sample sd; "
         "fair = one data range for every method (the reference's max - min); original rule = "
         "max - min of both volumes of each pair", "",
-        "| method | PSNR fair | SSIM fair | PSNR original rule | SSIM original rule |",
-        "|---|---|---|---|---|"]
+        "| method | PSNR fair | SSIM fair | bias (% of range) | PSNR original rule | SSIM original rule |",
+        "|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['method']} | {_pm(r['psnr_fair_mean'], r['psnr_fair_sd'], 2)} | "
-                     f"{_pm(r['ssim_fair_mean'], r['ssim_fair_sd'], 4)} | {r['psnr_mean']:.2f} | "
-                     f"{r['ssim_mean']:.4f} |")
+                     f"{_pm(r['ssim_fair_mean'], r['ssim_fair_sd'], 4)} | "
+                     f"{_pm(r.get('bias_fair_mean', np.nan), r.get('bias_fair_sd', np.nan), 2)} | "
+                     f"{r['psnr_mean']:.2f} | {r['ssim_mean']:.4f} |")
     for label, p in (("GAN", paired),) if not best else (("GAN last", paired), ("GAN best", best["paired"])):
         lines += ["", f"{label} - {p['baseline']}, paired over the {p['n']} test subjects: PSNR "
                   f"{_pm(*p['psnr'], 2)} dB ({label} higher on {p['psnr_wins']}), SSIM "
                   f"{_pm(*p['ssim'], 4)} ({label} higher on {p['ssim_wins']})."]
     if texture:
-        f = utils.factor_text(s["factor"])
-        phases = int(np.prod(utils.per_axis(s["factor"], "--factor")))
+        f = UpsamplingFactor.of(s["factor"]).text
+        phases = UpsamplingFactor.of(s["factor"]).voxels
         lines += ["", f"Period-{f} error pattern (RMS over the {phases} voxel phases of the mean error, "
                   "% of the mean brain intensity; 0 = no checkerboard): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in texture.items()) + "."]
@@ -959,7 +982,7 @@ def error_phase_pattern(estimate, hr, mask, factor):
         and float64 (fx, fy, fz), the mean error at each phase; both in percent
         of the mean reference intensity inside ``mask``.
     """
-    fx, fy, fz = utils.per_axis(factor, "factor")
+    fx, fy, fz = UpsamplingFactor.of(factor).axes
     error = np.asarray(estimate, np.float64) - np.asarray(hr, np.float64)
     scale = float(np.mean(np.asarray(hr, np.float64)[mask])) / 100.0
     pattern = np.zeros((fx, fy, fz))
@@ -993,7 +1016,7 @@ def texture_of_evaluation(cfg, subjects, volumes_dir):
         sr, _ = td.to_canonical(read("sr"), shape)
         mask, _ = td.to_canonical(nifti_io.load_mask(subject, log=lambda m: None).astype(np.float32), shape)
         mask = ndimage.binary_erosion(mask > 0.5, iterations=2)
-        tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape)
+        tricubic = utils.upsample_baseline(read("lr"), f, 3, hr.shape, cfg.slice_profile)
         amplitudes["GAN"].append(error_phase_pattern(sr, hr, mask, f)[0])
         amplitudes["tricubic"].append(error_phase_pattern(tricubic, hr, mask, f)[0])
     return {k: float(np.mean(v)) for k, v in amplitudes.items()}
@@ -1092,7 +1115,8 @@ def run_experiment(s, log=print):
     _write_csv(os.path.join(out, "curve.csv"), CURVE_COLUMNS, trained["curve"])
     _write_csv(os.path.join(out, "losses.csv"), LOSS_COLUMNS, trained["losses"])
     plot_curve(os.path.join(out, "learning_curve.png"), trained["curve"], evaluator.baselines,
-               f"x{utils.factor_text(s['factor'])} {s['mode']}, lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, "
+               f"x{UpsamplingFactor.of(s['factor']).text} {s['slice_profile']} profile, {s['mode']}, lr {s['learning_rate']:g}, "
+               f"pretrain {s['pretrain_steps']}, "
                f"{s['geometry']} geometry, {len(test_subjects)} test subjects")
     results = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
                "info": info, "table": table, "paired_vs_tricubic": paired, "subjects": rows,
@@ -1108,12 +1132,124 @@ def run_experiment(s, log=print):
 
 
 # --------------------------------------------------------------------------- #
+# Seeds: one configuration, several training seeds, one table
+# --------------------------------------------------------------------------- #
+
+
+def seed_folder(out, seed):
+    """str, the experiment folder of one seed of a ``--seeds`` run."""
+    return os.path.join(out, f"seed-{seed}")
+
+
+def run_seeds(s, seeds, log=print):
+    """Runs one configuration once per training seed on one dataset, then summarises over seeds.
+
+    The data are built once into ``OUT/data`` from ``--data-seed`` (or ``--data``),
+    so the seeds differ only in the training (weights, data order, label
+    noise, validation subjects). Each seed is a whole :func:`run_experiment` in
+    ``OUT/seed-<S>``; one whose ``results.json`` exists is not run again, so a
+    killed ``--seeds`` run continues where it stopped.
+
+    Returns:
+        dict, what ``OUT/seeds.json`` holds (:func:`summarize_seeds`).
+    """
+    out = os.path.abspath(s["out"])
+    os.makedirs(out, exist_ok=True)
+    data = prepare_data(dict(s, out=out), log)
+    results = {}
+    for seed in seeds:
+        folder = seed_folder(out, seed)
+        done = os.path.join(folder, "results.json")
+        if os.path.exists(done):
+            log(f"seed {seed}: done before ({done})")
+        else:
+            log(f"seed {seed}: training into {folder}")
+            run_experiment(dict(s, out=folder, data=data, seed=seed), log)
+        with open(done) as fh:
+            results[seed] = json.load(fh)
+    summary = summarize_seeds(results)
+    durable.write_json(os.path.join(out, "seeds.json"), summary)
+    text = seeds_table(s, summary)
+    durable.write_text(os.path.join(out, "table.md"), text)
+    log(text)
+    return summary
+
+
+def summarize_seeds(results):
+    """Mean ± sd over every seed × test subject pair, per checkpoint (last, best), and the wins.
+
+    Args:
+        results: dict seed -> that seed's results.json.
+
+    Returns:
+        dict with ``seeds`` and, per checkpoint in ``last``/``best`` (best only
+        when every seed has one): ``pairs``, ``gan``/``tricubic`` (PSNR, SSIM,
+        bias mean and sd), ``difference`` (GAN - tricubic PSNR and SSIM, mean
+        and sd), ``psnr_wins``, ``ssim_wins`` (pairs where the GAN is higher),
+        ``seeds_won`` (seeds whose mean GAN PSNR is above tricubic's) and
+        ``per_seed`` (seed -> mean GAN and tricubic PSNR, the best step).
+    """
+    kinds = {"last": {k: r["subjects"] for k, r in results.items()}}
+    if all(r.get("best") for r in results.values()):
+        kinds["best"] = {k: r["best"]["subjects"] for k, r in results.items()}
+    out = {"seeds": sorted(results)}
+    for kind, by_seed in kinds.items():
+        rows = [row for seed in sorted(by_seed) for row in by_seed[seed]]
+        pick = lambda key: [r.get(key, np.nan) for r in rows]  # noqa: E731
+        dp = np.subtract(pick("psnr_fair"), pick("psnr_tricubic_fair"))
+        ds = np.subtract(pick("ssim_fair"), pick("ssim_tricubic_fair"))
+        per_seed = {seed: {"gan_psnr": float(np.mean([r["psnr_fair"] for r in seed_rows])),
+                           "tricubic_psnr": float(np.mean([r["psnr_tricubic_fair"] for r in seed_rows])),
+                           "step": (results[seed]["best"]["step"] if kind == "best"
+                                    else results[seed]["settings"]["steps"])}
+                    for seed, seed_rows in sorted(by_seed.items())}
+        out[kind] = {
+            "pairs": len(rows),
+            "gan": {m: _mean_sd(pick(f"{m}_fair")) for m in ("psnr", "ssim", "bias")},
+            "tricubic": {m: _mean_sd(pick(f"{m}_tricubic_fair")) for m in ("psnr", "ssim", "bias")},
+            "difference": {"psnr": _mean_sd(dp), "ssim": _mean_sd(ds)},
+            "psnr_wins": int(np.sum(dp > 0)), "ssim_wins": int(np.sum(ds > 0)),
+            "seeds_won": int(sum(v["gan_psnr"] > v["tricubic_psnr"] for v in per_seed.values())),
+            "per_seed": per_seed}
+    return out
+
+
+def seeds_table(s, summary):
+    """The markdown of a ``--seeds`` run: a row per checkpoint, then a line per seed."""
+    n_seeds = len(summary["seeds"])
+    lines = [f"# 3D SRGAN vs tricubic over {n_seeds} seeds ({', '.join(map(str, summary['seeds']))})", "",
+             f"- x{UpsamplingFactor.of(s['factor']).text} ({s['slice_profile']} slice profile), {s['mode']}, "
+             f"lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, {s['steps']} steps, "
+             f"geometry {s['geometry']}, data seed {s['data_seed']}",
+             "- fair metrics (one data range), mean ± sd over every seed × test subject pair; bias in % "
+             "of the reference's range", "",
+             "| checkpoint | pairs | GAN PSNR | tricubic PSNR | GAN - tricubic PSNR (pairs won) | GAN SSIM | "
+             "tricubic SSIM | GAN - tricubic SSIM (pairs won) | GAN bias | seeds won (PSNR) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("last", "best"):
+        k = summary.get(kind)
+        if not k:
+            continue
+        lines.append(f"| {kind} | {k['pairs']} | {_pm(*k['gan']['psnr'], 2)} | {_pm(*k['tricubic']['psnr'], 2)} | "
+                     f"{_pm(*k['difference']['psnr'], 2)} ({k['psnr_wins']}/{k['pairs']}) | "
+                     f"{_pm(*k['gan']['ssim'], 4)} | {_pm(*k['tricubic']['ssim'], 4)} | "
+                     f"{_pm(*k['difference']['ssim'], 4)} ({k['ssim_wins']}/{k['pairs']}) | "
+                     f"{_pm(*k['gan']['bias'], 2)} | {k['seeds_won']}/{n_seeds} |")
+    for kind in ("last", "best"):
+        for seed, v in (summary.get(kind) or {}).get("per_seed", {}).items():
+            lines.append(f"- {kind}, seed {seed} (step {v['step']}): GAN {v['gan_psnr']:.2f} dB, "
+                         f"tricubic {v['tricubic_psnr']:.2f} dB")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
 # Compare: several runs in one table and one plot
 # --------------------------------------------------------------------------- #
 
 
 def _run_label(settings):
-    label = f"x{utils.factor_text(settings['factor'])} {settings['mode']}, lr {settings['learning_rate']:g}"
+    box = " box" if settings.get("slice_profile") == "box" else ""
+    label = f"x{UpsamplingFactor.of(settings['factor']).text}{box} {settings['mode']}, lr {settings['learning_rate']:g}"
     if settings["pretrain_steps"]:
         label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
                   else f", {settings['pretrain_steps']} pretrain steps")
@@ -1191,15 +1327,11 @@ def compare_runs(run_dirs, markdown_path, png_path=None):
 
 
 def _factor(text):
-    """Parses --factor: 2, 4, or three powers of two >= 1 with one > 1 (e.g. 1,1,4)."""
-    values = tuple(int(v) for v in text.split(",")) if text.replace(",", "").isdigit() else ()
-    if len(values) == 3 and len(set(values)) == 1:
-        values = values[:1]
-    ok = (values in ((2,), (4,)) or (len(values) == 3 and max(values) > 1
-                                       and all(v >= 1 and not v & (v - 1) for v in values)))
-    if not ok:
-        raise argparse.ArgumentTypeError(f"--factor {text!r} must be 2, 4 or three powers of two such as 1,1,4")
-    return values[0] if len(values) == 1 else values
+    """Parses --factor as -upsampling_factor does (3, or 1,1,3); returns its persisted value (int or 3 ints)."""
+    try:
+        return UpsamplingFactor.of(text, "--factor").value
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _numbers(text, n, flag, kind=int):
@@ -1242,7 +1374,9 @@ def make_parser():
                    help="the model's -validation_fraction: training subjects held out to pick the best "
                         "checkpoint, validated every --eval-every steps (0: no validation)")
     r.add_argument("--factor", type=_factor, default=4,
-                   help="upsampling factor: 2 or 4, or one per axis such as 1,1,4 (thick slices)")
+                   help="upsampling factor: an integer >= 2, or one per axis such as 1,1,3 (thick slices)")
+    r.add_argument("--slice-profile", choices=SLICE_PROFILES, default="gaussian",
+                   help="the degradation: gaussian (blur, then every f-th voxel) or box (slab means)")
     r.add_argument("--mode", choices=MODES, default="subpixel", help="upsampling mode")
     r.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {RUN_DEFAULTS['steps']}; --quick {QUICK['steps']})")
@@ -1262,7 +1396,12 @@ def make_parser():
     r.add_argument("--feature-size", type=int, default=32)
     r.add_argument("--residual-blocks", type=int, default=6)
     r.add_argument("--batch-size", type=int, default=2)
-    r.add_argument("--seed", type=int, default=0, help="data, weights and training seed")
+    r.add_argument("--seed", type=int, default=0, help="weights and training seed (and the data's, "
+                   "unless --data-seed)")
+    r.add_argument("--seeds", type=lambda t: _numbers(t, len(t.split(",")), "--seeds"), default=None,
+                   help="run once per training seed, e.g. 0,1,2, on one dataset; OUT/table.md summarises")
+    r.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the built data (default: --seed; 0 with --seeds)")
     r.add_argument("--quick", action="store_true",
                    help=f"geometry quick, {QUICK['subjects']} subjects, {QUICK['steps']} steps, "
                         f"a curve point every {QUICK['eval_every']}: minutes on 2 CPU cores")
@@ -1280,6 +1419,8 @@ def main(argv=None):
             build_dataset(args.out, subjects=args.subjects, seed=args.seed, shape=args.shape,
                           template=args.template, noise=args.noise, bias=args.bias,
                           max_rotation_deg=args.max_rotation_deg, scale_range=args.scale_range)
+        elif args.command == "run" and args.seeds:
+            run_seeds(run_settings(args), args.seeds)
         elif args.command == "run":
             run_experiment(run_settings(args))
         else:

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import degradation
 import errors
 import model
 import networks
@@ -57,7 +58,7 @@ def _tiny_trainer(folder):
 
 def _batch(seed=2):
     hr = np.random.default_rng(seed).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-    return np.asarray(td.degrade(hr, 2)), hr
+    return np.asarray(degradation.degrade(hr, 2)), hr
 
 
 # ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import tensorflow as tf
 from helpers import ROOT, TINY
 
 import config
+import degradation
 import model
 import phantoms
 import quiet
@@ -58,9 +59,9 @@ def test_help_documents_every_flag(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-upsampling_factor", "3"], "power of two"),
+    (["-upsampling_factor", "3"], "-volume_shape 224,224,152: x = 224 is not divisible by the factor 3 (use 222 or 225)"),
     (["-patch_shape", "16,16,11", "-volume_shape", "32,32,24", "-upsampling_factor", "2"],
-     "patch_shape 16,16,11 must be divisible by -upsampling_factor 2"),
+     "-patch_shape 16,16,11: z = 11 is not divisible by the factor 2; use 10 or 12"),
     (["-patch_shape", "64,64,64", "-volume_shape", "32,32,24", "-upsampling_factor", "2"], "larger than"),
     (["-patch_margin", "8", "-patch_shape", "16,16,12", "-volume_shape", "32,32,24",
       "-upsampling_factor", "2"], "leaves no step"),
@@ -150,6 +151,6 @@ def test_cli_end_to_end_train_then_evaluate_with_the_trainings_sigma(tmp_path):
     lr = nib.load(str(volumes / f"{name}_lr.nii.gz")).get_fdata().astype(np.float32)
     hr_n, nf = utils.normalize(hr)
     for sigma, same in ((0.5, True), (1.0, False)):
-        expected = utils.denormalize(np.asarray(td.degrade(hr_n, 2, sigma)), nf)
+        expected = utils.denormalize(np.asarray(degradation.degrade(hr_n, 2, sigma)), nf)
         assert np.allclose(lr, expected, atol=1e-3 * float(hr.max())) is same, sigma
 

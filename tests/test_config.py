@@ -25,7 +25,7 @@ def test_seed_readme_train_command_parses(tmp_path, monkeypatch):
     command = model.parse_command(SEED_TRAIN, log=lambda *_: None)
     cfg = command.settings
     assert cfg.path_prediction == "YOURPATH" and cfg.checkpoint_dir == "YOURCHECKPOINTPATH"
-    assert cfg.residual_blocks == 8 and cfg.upsampling_factor == 2 and cfg.feature_size == 64
+    assert cfg.residual_blocks == 8 and cfg.upsampling_factor.value == 2 and cfg.feature_size == 64
     assert cfg.upsampling_mode == "subpixel_NN" and command.action == "train"
     assert cfg.restore is None and cfg.epochs == 10
 
@@ -43,7 +43,8 @@ def test_defaults_match_the_original(tmp_path, monkeypatch):
     os.mkdir("data")
     command = model.parse_command([], log=lambda *_: None)
     cfg = command.settings
-    assert (cfg.residual_blocks, cfg.upsampling_factor, cfg.feature_size) == (6, 4, 32)
+    assert (cfg.residual_blocks, cfg.upsampling_factor.value, cfg.feature_size) == (6, 4, 32)
+    assert cfg.slice_profile == "gaussian" and cfg.sigma == 1.0
     assert cfg.upsampling_mode == "subpixel" and cfg.epochs == 10 and cfg.batch_size == 2
     assert cfg.volume_shape == (224, 224, 152) and cfg.patch_shape == (128, 128, 92)
     assert cfg.patch_margin == 16 and cfg.train_fraction == 0.8 and cfg.learning_rate == 1e-4

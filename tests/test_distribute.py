@@ -19,6 +19,7 @@ import tensorflow as tf
 from helpers import ROOT
 
 import checkpoints
+import degradation
 import durable
 import model
 import networks
@@ -140,7 +141,7 @@ def test_two_replicas_take_the_single_device_step(mode, pretrain_steps, sgd):
     assert {"subpixel", "nn", "subpixel_NN"} == set(networks.UPSAMPLING_MODES)
     rng = np.random.default_rng(0)
     hr = rng.uniform(-1, 1, (6,) + PATCH + (1,)).astype(np.float32)
-    lr = np.asarray(td.degrade(hr, 2))
+    lr = np.asarray(degradation.degrade(hr, 2))
     # The discriminator's gradients start near 1e4 and the generator's summed
     # loss near 1e5: at 1e-8 the updates move the trainable weights by ~1e-4
     # and keep both networks well conditioned.
@@ -203,7 +204,7 @@ def test_mixed_precision_works_on_one_device_and_under_a_strategy(tmp_path):
     patch = (16, 16, 12)
     rng = np.random.default_rng(2)
     hr = rng.uniform(-1, 1, (2,) + patch + (1,)).astype(np.float32)
-    lr = np.asarray(td.degrade(hr, 2))
+    lr = np.asarray(degradation.degrade(hr, 2))
     cfg = Settings(upsampling_factor=2, residual_blocks=1, feature_size=4, upsampling_mode="subpixel",
                    patch_shape=patch, mixed_precision="float16")
     losses = []

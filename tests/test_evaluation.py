@@ -102,7 +102,7 @@ def test_fair_metrics_use_the_references_range_for_every_method():
     overshoot[0, 0, 0] = 1000.0  # one wild voxel enlarges its own max - min
     row = metrics.subject_metrics(hr, {"sr": close, "tricubic": overshoot}, mask)
     assert set(row) == set(metrics.METRIC_COLUMNS[1:]) - {
-        f"{m}_{s}{t}" for m in ("psnr", "ssim") for s in ("nearest", "trilinear") for t in ("", "_fair")}
+        f"{m}_{s}{t}" for m in ("psnr", "ssim", "bias") for s in ("nearest", "trilinear") for t in ("", "_fair")}
     mse = np.mean((overshoot.astype(np.float64) - hr) ** 2)
     expected_fair = 10 * np.log10(float(hr.max() - hr.min()) ** 2 / mse)
     assert row["psnr_tricubic_fair"] == pytest.approx(expected_fair, rel=1e-6)
@@ -111,6 +111,36 @@ def test_fair_metrics_use_the_references_range_for_every_method():
     # The two rules differ by exactly the ratio of the ranges they use.
     both = max(hr.max(), close.max()) - min(hr.min(), close.min())
     assert row["psnr"] - row["psnr_fair"] == pytest.approx(20 * np.log10(both / (hr.max() - hr.min())), rel=1e-6)
+
+
+@pytest.mark.parametrize("offset", [-37.5, 0.0, 12.25])
+def test_a_constant_offset_gives_exactly_that_bias(offset):
+    rng = np.random.default_rng(1)
+    hr = rng.uniform(0, 200, (10, 10, 8)).astype(np.float32)
+    mask = np.zeros(hr.shape, bool)
+    mask[2:8, 2:8, 2:6] = True
+    shifted = np.where(mask, hr + np.float32(offset), -500.0).astype(np.float32)  # outside the mask: ignored
+    row = metrics.subject_metrics(hr, {"sr": shifted, "nearest": hr}, mask)
+    assert row["bias"] == pytest.approx(offset, abs=1e-4) and row["bias_nearest"] == 0.0
+    assert row["bias_fair"] == pytest.approx(100 * offset / float(hr.max() - hr.min()), abs=1e-5)
+    # Hidden in the PSNR: the offset is all of its error (over the whole masked volume).
+    if offset:
+        mse = offset ** 2 * mask.mean()
+        assert row["psnr_fair"] == pytest.approx(10 * np.log10(float(hr.max() - hr.min()) ** 2 / mse), rel=1e-4)
+    assert np.isnan(metrics.bias_metrics(hr, shifted, np.zeros(hr.shape, bool))[0])
+
+
+def test_an_earlier_metrics_csv_without_bias_columns_resumes_in_its_own_columns(tmp_path):
+    path = str(tmp_path / "metrics.csv")
+    settings = {"program": "p", "blend": "crop"}
+    old = metrics.without_bias(metrics.METRIC_COLUMNS)
+    durable.write_json(str(tmp_path / "metrics.json"), settings)
+    durable.append_csv_row(path, old, {"subject": "s1", "psnr": 30.0})
+    resumed = metrics.MetricsFile(path, metrics.METRIC_COLUMNS, settings)
+    assert resumed.done() == {"s1"}
+    resumed.append({"subject": "s2", "psnr": 31.0, "bias": 2.0, "bias_fair": 0.1})
+    fieldnames, rows = durable.read_csv_rows(path)
+    assert tuple(fieldnames) == old and [r["subject"] for r in rows] == ["s1", "s2"]
 
 
 def test_the_summary_and_the_mosaic_lead_with_the_fair_comparison():
@@ -125,7 +155,8 @@ def test_the_summary_and_the_mosaic_lead_with_the_fair_comparison():
     assert [row[:2] for row in table] == [["SR", "crop"], ["SR", "crop+flip"], ["tricubic", "29.0000"],
                                           ["trilinear", "28.0000"], ["nearest", "26.0000"]]
     assert table[1][2:4] == ["*", "31.0000"]  # written as _sr; the fair PSNR (30 + 0.5 + mean of i) first
-    assert table[1][-2] == "30.5000"  # then the original's rule
+    assert table[1][-4] == "30.5000"  # then the original's rule
+    assert table[1][-2:] == ["|", "-"]  # no bias columns in these rows (an earlier version's file)
     assert lines[7] == "  (* written as _sr)" and any(line.startswith("PSNR: mean 30.5000") for line in lines)
     header = evaluation.mosaic_header(layouts.Subject("s0", "s0.nii.gz"), rows[0])
     assert header == "s0  SR PSNR 30.50 dB SSIM 30.5000 | tricubic PSNR 28.50 dB SSIM 28.5000 (one data range)"

@@ -19,6 +19,7 @@ import tensorflow as tf
 from helpers import ROOT, TINY, Log
 
 import checkpoints
+import degradation
 import durable
 import errors
 import evaluation
@@ -427,7 +428,7 @@ def test_each_option_adds_one_variant_and_its_columns(blend, tta, labels):
     assert [v.label for v in variants] == labels
     columns = metrics.metric_columns(variants)
     assert columns[:len(metrics.METRIC_COLUMNS)] == metrics.METRIC_COLUMNS
-    assert len(columns) == len(metrics.METRIC_COLUMNS) + 4 * (len(labels) - 1)
+    assert len(columns) == len(metrics.METRIC_COLUMNS) + 6 * (len(labels) - 1)  # PSNR, SSIM, bias; rule and fair
     assert len(set(columns)) == len(columns)
 
 
@@ -584,7 +585,7 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
     monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
     assert _evaluate(bids_run["ckpt"], tmp_path / "out", "-data_path", data, "-tta", "flip") == 0
     hr, _ = td.to_canonical(image.astype(np.float32), (32, 32, 24))
-    lr_n = np.asarray(td.degrade(utils.normalize(hr)[0], 2, 1.0))
+    lr_n = np.asarray(degradation.degrade(utils.normalize(hr)[0], 2, 1.0))
     batches = np.concatenate(seen)
     n = len(batches) // 2
     assert np.array_equal(batches[n:], td.extract_patches(np.flip(lr_n, 2), (10, 10, 8), 1))

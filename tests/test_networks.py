@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import factors
 import networks
 
 
@@ -280,9 +281,8 @@ def test_mixed_precision_outputs_float32(policy):
 # ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"upsampling_factor": 3}, "upsampling_factor 3"),
-    ({"upsampling_factor": 6}, "upsampling_factor 6"),
     ({"upsampling_factor": 1}, "upsampling_factor 1"),
+    ({"upsampling_factor": (1, 1, 1)}, "upsampling_factor 1,1,1 upsamples no axis"),
     ({"upsampling_factor": 0}, "upsampling_factor 0"),
     ({"upsampling_factor": 2.0}, "upsampling_factor 2.0"),
     ({"upsampling_factor": True}, "upsampling_factor True"),
@@ -325,7 +325,8 @@ def _numpy_shuffle(x, factors):
     return out
 
 
-@pytest.mark.parametrize("factors", [(1, 1, 2), (2, 2, 1), (1, 2, 4), (2, 2, 2), (3, 1, 2)])
+@pytest.mark.parametrize("factors", [(1, 1, 2), (2, 2, 1), (1, 2, 4), (2, 2, 2), (3, 1, 2), (3, 3, 3),
+                                     (1, 1, 3), (1, 1, 5), (2, 3, 1)])
 def test_per_axis_voxel_shuffle_matches_numpy_and_round_trips(factors):
     channels = 2 * factors[0] * factors[1] * factors[2]
     x = np.random.default_rng(1).normal(size=(2, 3, 2, 4, channels)).astype(np.float32)
@@ -346,25 +347,40 @@ def test_isotropic_factors_given_per_axis_shuffle_as_the_original():
 
 @pytest.mark.parametrize("factor, strides", [
     (4, [(2, 2, 2), (2, 2, 2)]), ((1, 1, 4), [(1, 1, 2), (1, 1, 2)]), ((2, 2, 1), [(2, 2, 1)]),
-    ((1, 2, 4), [(1, 2, 2), (1, 1, 2)]), ((8, 8, 8), [(2, 2, 2)] * 3)])
+    ((1, 2, 4), [(1, 2, 2), (1, 1, 2)]), ((8, 8, 8), [(2, 2, 2)] * 3),
+    # Other primes: one stage per prime factor, smallest first, each on the axes that still need it.
+    (3, [(3, 3, 3)]), (5, [(5, 5, 5)]), (6, [(2, 2, 2), (3, 3, 3)]), ((1, 1, 3), [(1, 1, 3)]),
+    ((1, 1, 5), [(1, 1, 5)]), ((2, 2, 6), [(2, 2, 2), (1, 1, 3)]), ((1, 2, 3), [(1, 2, 1), (1, 1, 3)]),
+    (12, [(2, 2, 2), (2, 2, 2), (3, 3, 3)])])
 def test_stages_upsample_only_the_axes_that_still_need_it(factor, strides):
-    assert networks.stage_strides(factor) == strides
+    stages = factors.UpsamplingFactor.of(factor).stages()
+    assert list(stages) == strides
+    assert tuple(np.prod(stages, axis=0)) == factors.UpsamplingFactor.of(factor).axes
 
 
-@pytest.mark.parametrize("factor", [3, 1, (1, 1, 1), (1, 1, 3), (2, 2), (0, 2, 2), (True, 2, 2), "2"])
-def test_bad_per_axis_factors_are_refused(factor):
+@pytest.mark.parametrize("factor", [1, 0, -2, (1, 1, 1), (2, 2), (0, 2, 2), (True, 2, 2), 2.0, "a", (1, 1, 4, 2)])
+def test_bad_factors_are_refused(factor):
     with pytest.raises(ValueError, match="upsampling_factor"):
-        networks.upsampling_factors(factor)
+        factors.UpsamplingFactor.of(factor)
 
 
 @pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
-@pytest.mark.parametrize("factor, lr_shape", [((1, 1, 4), (6, 5, 3)), ((2, 2, 1), (4, 6, 5)),
-                                              ((1, 2, 4), (3, 4, 2))])
-def test_generator_output_shapes_for_per_axis_factors(mode, factor, lr_shape):
+@pytest.mark.parametrize("factor, lr_shape", [
+    ((1, 1, 4), (6, 5, 3)), ((2, 2, 1), (4, 6, 5)), ((1, 2, 4), (3, 4, 2)), (3, (2, 3, 2)), (5, (2, 1, 2)),
+    (6, (1, 2, 1)), ((1, 1, 3), (4, 3, 2)), ((1, 1, 5), (3, 4, 2)), ((2, 2, 6), (2, 3, 1)),
+    ((1, 2, 3), (3, 2, 2))])
+def test_generator_output_shapes_for_any_integer_factor(mode, factor, lr_shape):
     g = networks.build_generator(factor, residual_blocks=1, feature_size=4, upsampling_mode=mode)
     x = np.random.default_rng(0).uniform(-1, 1, (2, *lr_shape, 1)).astype(np.float32)
     y = g(x, training=False).numpy()
-    assert y.shape == (2, *(n * f for n, f in zip(lr_shape, factor)), 1) and np.isfinite(y).all()
+    axes = factors.UpsamplingFactor.of(factor).axes
+    assert y.shape == (2, *(n * f for n, f in zip(lr_shape, axes)), 1) and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("strides, filters", [((2, 2, 2), 64), ((1, 1, 2), 64), ((1, 2, 2), 64), ((3, 3, 3), 81),
+                                              ((1, 1, 3), 66), ((1, 1, 5), 65), ((5, 5, 5), 125)])
+def test_subpixel_stage_filters_are_the_smallest_multiple_of_the_block_from_64(strides, filters):
+    assert networks.subpixel_filters(strides) == filters
 
 
 @pytest.mark.parametrize("mode", networks.UPSAMPLING_MODES)
@@ -388,3 +404,18 @@ def test_per_axis_icnr_kernel_repeats_along_the_upsampled_axes_only():
     out = deconv(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 1)).astype(np.float32)).numpy()
     inner = out[:, :, 2:-2, 2:-2]
     np.testing.assert_allclose(inner[:, :, 0::2, 0::2], inner[:, :, 1::2, 1::2], atol=1e-6)
+
+
+@pytest.mark.parametrize("factor, block", [(3, (3, 3, 3)), ((1, 1, 3), (1, 1, 3)), ((1, 1, 5), (1, 1, 5))])
+def test_icnr_stage_of_another_prime_is_checkerboard_free(factor, block):
+    """A stride-p stage with 3p taps zoomed by p: every p-block of its output is constant at initialisation."""
+    g = networks.build_generator(factor, residual_blocks=0, feature_size=2, upsampling_mode="subpixel_NN")
+    layer = g.get_layer("up1_deconv")
+    assert layer.kernel_size == tuple(3 * s for s in block) and layer.strides == block
+    deconv = keras.Model(g.input, layer.output)
+    out = deconv(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 1)).astype(np.float32)).numpy()
+    bx, by, bz = block
+    blocks = out.reshape(1, 4, bx, 4, by, 4, bz, -1)
+    inner = blocks[:, 1:-1, :, 1:-1, :, 1:-1]  # away from the zero padding
+    spread = inner.max(axis=(2, 4, 6)) - inner.min(axis=(2, 4, 6))
+    assert spread.max() < 1e-6 * max(1.0, np.abs(inner).max()) and np.abs(inner).max() > 0

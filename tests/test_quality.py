@@ -242,7 +242,7 @@ def test_run_settings_quick_presets_and_explicit_flags():
     (["--subjects", "1"], "--subjects"),
     (["--train-fraction", "1"], "--train-fraction"),
     (["--pretrain-steps", "-1"], "--pretrain-steps"),
-    (["--factor", "4", "--patch-shape", "30,32,32"], "patch_shape"),
+    (["--factor", "4", "--patch-shape", "30,32,32"], "--patch-shape 30,32,32: x = 30 is not divisible by the factor 4"),
     (["--factor", "4", "--margin", "6"], "--margin"),
 ])
 def test_run_settings_reject_bad_values(extra, match):
@@ -355,3 +355,54 @@ def test_error_phase_pattern_measures_a_checkerboard():
     assert quality.error_phase_pattern(board, flat, mask, 2)[0] != pytest.approx(2.0)
     mask[0, 0, 0] = False
     assert quality.error_phase_pattern(board, flat, mask, 2)[0] == pytest.approx(2.0)
+
+
+def _seed_results(gan, tricubic, best_step=None):
+    """A results.json of one seed: two test subjects with these fair PSNRs (GAN, tricubic)."""
+    rows = [{"subject": f"s{i}", "psnr_fair": g, "psnr_tricubic_fair": t, "ssim_fair": 0.9 + 0.01 * (g - t),
+             "ssim_tricubic_fair": 0.9, "bias_fair": 0.5 * (g - t), "bias_tricubic_fair": 0.0}
+            for i, (g, t) in enumerate(zip(gan, tricubic))]
+    best = {"step": best_step, "subjects": [dict(r, psnr_fair=r["psnr_fair"] + 1) for r in rows]} if best_step else None
+    return {"settings": {"steps": 100}, "subjects": rows, "best": best}
+
+
+GAN_BY_SEED = {0: (31.5, 29.0), 1: (28.0, 30.5), 2: (30.0, 30.0)}  # tricubic 30.0 on both subjects
+
+
+def test_seeds_run_each_seed_once_on_one_dataset_and_count_the_pairs_won(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(s, log=print):
+        calls.append((s["seed"], s["data"]))
+        gan = GAN_BY_SEED[s["seed"]]
+        os.makedirs(s["out"], exist_ok=True)
+        with open(os.path.join(s["out"], "results.json"), "w") as fh:
+            json.dump(_seed_results(gan, (30.0, 30.0), best_step=50), fh)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setattr(quality, "run_experiment", fake_run)
+    args = _run_args("--seeds", "0,1,2", "--data", str(data))
+    args.out = str(tmp_path / "seeds")
+    s = quality.run_settings(args)
+    summary = quality.run_seeds(s, args.seeds, log=lambda m: None)
+    assert calls == [(0, str(data)), (1, str(data)), (2, str(data))]  # one dataset, each seed once
+    last = summary["last"]
+    gan = np.concatenate([GAN_BY_SEED[k] for k in (0, 1, 2)])
+    assert last["pairs"] == 6 and last["psnr_wins"] == 2 and last["seeds_won"] == 1  # seed 0's mean only
+    assert last["gan"]["psnr"] == pytest.approx((np.mean(gan), np.std(gan, ddof=1)))
+    assert last["difference"]["psnr"][1] == pytest.approx(np.std(gan - 30.0, ddof=1))
+    assert last["gan"]["bias"][0] == pytest.approx(np.mean(0.5 * (gan - 30.0)))
+    assert summary["best"]["psnr_wins"] == 4 and summary["best"]["per_seed"][0]["step"] == 50
+    table = (tmp_path / "seeds" / "table.md").read_text()
+    assert f"| last | 6 | {np.mean(gan):.2f} ± {np.std(gan, ddof=1):.2f} | 30.00 ± 0.00 |" in table
+    assert "(2/6)" in table and "| 1/3 |" in table and "| 3/3 |" in table  # best: every seed +1 dB
+    # Run again: every seed is done, nothing is trained twice.
+    quality.run_seeds(s, args.seeds, log=lambda m: None)
+    assert len(calls) == 3
+
+
+def test_seeds_flag_keeps_the_data_seed_apart_from_the_training_seed():
+    assert quality.run_settings(_run_args("--seeds", "3,4"))["data_seed"] == 0
+    assert quality.run_settings(_run_args("--seed", "5"))["data_seed"] == 5  # as before: one seed for both
+    assert quality.run_settings(_run_args("--seeds", "3,4", "--data-seed", "7"))["data_seed"] == 7
