@@ -49,7 +49,10 @@ def gan_step(trainer, lr, hr):
         t if t.shape.rank == 0 else t[first:first + local]
         for t in draw_targets(trainer.data_seed, trainer.step, batch)]
     learning_rate = tf.cast(trainer.schedule(trainer.g_optimizer.iterations), tf.float32)
-    sr = g(lr, training=True)
+    # After pre-training the generator runs as evaluation runs it (moving
+    # batch-norm statistics, not updated): ``trainer.freeze_generator_statistics``.
+    g_training = not trainer.freeze_generator_statistics
+    sr = g(lr, training=g_training)
     with tf.GradientTape() as tape:
         d_real = d(hr, training=True)
         d_fake = d(sr, training=True)
@@ -59,7 +62,7 @@ def gan_step(trainer, lr, hr):
     trainer.d_apply.apply(grads, d.trainable_variables)
 
     with tf.GradientTape() as tape:
-        sr = g(lr, training=True)
+        sr = g(lr, training=g_training)
         d_fake = d(sr, training=True)
         losses = generator_losses(hr, sr, d_fake, t_gen, global_batch)
         g_scaled = scaled(trainer.g_apply, losses["g_loss"])

@@ -56,8 +56,11 @@ class SRGANTrainer:
         max_to_keep: checkpoints kept in ``checkpoint_dir``.
         pretrain_steps: int, the first steps update the generator alone on the
             content loss (``mse + gdl``, the original's generator loss without
-            its adversarial term); the discriminator is not updated. 0 (the
-            original's recipe) trains the GAN from the first step.
+            its adversarial term); the discriminator is not updated. The GAN
+            steps after them train the generator with its batch-norm
+            statistics frozen (``freeze_generator_statistics``). 0 (the
+            original's recipe) trains the GAN from the first step, batch
+            statistics throughout.
         strategy: None (one device) or a ``tf.distribute.Strategy``.
         is_chief: bool; a non-chief worker of a multi-worker run writes its
             checkpoints to a temporary folder that is removed at once.
@@ -96,6 +99,15 @@ class SRGANTrainer:
                                                       max_to_keep=max_to_keep, checkpoint_name="ckpt")
         self.run_eagerly = run_eagerly
         self.pretrain_steps = int(pretrain_steps)
+        # After content-only pre-training, the GAN phase trains the generator
+        # with its batch-norm statistics frozen (inference mode, as evaluation
+        # runs it). With batches of 2 patches and a learning rate of 1e-3 the
+        # batch statistics a training step normalises with and the moving
+        # averages evaluation uses drift apart: the evaluated generator then
+        # carries an intensity offset of a few % of the range that changes sign
+        # from one checkpoint to the next (README, "One short run is not a
+        # lottery"). The original's recipe (no pre-training) is unchanged.
+        self.freeze_generator_statistics = self.pretrain_steps > 0
         self._host_step = None
         if run_eagerly:
             compile_ = lambda fn: fn  # noqa: E731

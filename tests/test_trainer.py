@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import degradation
 import networks
 import train_dataset as td
 from trainer import SRGANTrainer
@@ -20,7 +21,7 @@ def test_train_step_returns_scalars_agrees_with_the_eager_step_keeps_its_history
     # One compiled trainer for what were three tests (one step's results and the eager
     # step's; the history of five): its trace is most of a test's time.
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-    lr = np.asarray(td.degrade(hr, 2))
+    lr = np.asarray(degradation.degrade(hr, 2))
     tf.keras.utils.set_random_seed(5)
     eager = {k: float(v) for k, v in _tiny_trainer(run_eagerly=True).train_step(lr, hr).items()}
     tf.keras.utils.set_random_seed(5)
@@ -42,7 +43,7 @@ def test_train_step_returns_scalars_agrees_with_the_eager_step_keeps_its_history
     returned = [out]
     for _ in range(4):
         hr = rng.uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-        returned.append({k: float(v) for k, v in trainer.train_step(np.asarray(td.degrade(hr, 2)), hr).items()})
+        returned.append({k: float(v) for k, v in trainer.train_step(np.asarray(degradation.degrade(hr, 2)), hr).items()})
     history = trainer.recent_scalars(2, 5)
     assert [s for s, _ in history] == [2, 3, 4, 5]
     for (_, values), expected in zip(history, returned[1:]):
@@ -66,14 +67,37 @@ def test_pretrain_steps_train_the_generator_alone_then_the_gan():
     d = networks.build_discriminator((8, 8, 6, 1))
     trainer = SRGANTrainer(g, d, seed=1, pretrain_steps=2)
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
-    lr = np.asarray(td.degrade(hr, 2))
+    lr = np.asarray(degradation.degrade(hr, 2))
     d_before = [w.numpy().copy() for w in d.trainable_weights]
+    statistics = lambda model: [w.numpy().copy() for w in model.non_trainable_weights]  # noqa: E731
+    g_stats = statistics(g)
     for _ in range(2):
         out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
         assert out["d_loss"] == 0.0 and out["adv"] == 0.0
         assert out["g_loss"] == pytest.approx(out["mse"] + out["gdl"], rel=1e-6)
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(d_before, d.trainable_weights))
     assert int(trainer.g_optimizer.iterations) == 2 and int(trainer.d_optimizer.iterations) == 0
+    # Pre-training normalises with batch statistics and updates the moving averages.
+    assert not all(np.array_equal(a, b) for a, b in zip(g_stats, statistics(g)))
+    g_stats, d_stats = statistics(g), statistics(d)
+    g_before = [w.numpy().copy() for w in g.trainable_weights]
     out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
     assert out["d_loss"] > 0 and out["adv"] > 0  # the GAN from step 3 on
     assert int(trainer.d_optimizer.iterations) == 1 and int(trainer.step) == 3
+    # ... which trains the generator as evaluation runs it: its statistics frozen, its weights not.
+    assert trainer.freeze_generator_statistics
+    assert all(np.array_equal(a, b) for a, b in zip(g_stats, statistics(g)))
+    assert not all(np.array_equal(a, b.numpy()) for a, b in zip(g_before, g.trainable_weights))
+    assert not all(np.array_equal(a, b) for a, b in zip(d_stats, statistics(d)))
+    sr = g(lr, training=False).numpy()
+    assert out["mse"] > 0 and np.isfinite(sr).all()
+
+
+def test_without_pretraining_the_gan_keeps_the_originals_batch_statistics():
+    g = networks.build_generator(2, residual_blocks=1, feature_size=4)
+    trainer = SRGANTrainer(g, networks.build_discriminator((8, 8, 6, 1)), seed=1, run_eagerly=True)
+    hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
+    before = [w.numpy().copy() for w in g.non_trainable_weights]
+    trainer.train_step(np.asarray(degradation.degrade(hr, 2)), hr)
+    assert not trainer.freeze_generator_statistics
+    assert not all(np.array_equal(a, b.numpy()) for a, b in zip(before, g.non_trainable_weights))
