@@ -274,6 +274,21 @@ def start_validation(cfg, split, trainer, placement, batches_per_epoch, say):
     return validation
 
 
+def close_validation(validation, say):
+    """Says the best checkpoint at the end of a run; a run whose validation was incomplete does not end as a success.
+
+    Raises:
+        RunStopped: exit code 4, after the summary, when some validation
+            passes could not score every validation subject.
+    """
+    if not validation:
+        return
+    say(validation.summary())
+    stop = validation.incomplete()
+    if stop is not None:
+        raise stop
+
+
 def pretraining_note(cfg, trainer, steps_per_epoch, say):
     """Says, in one line, when -pretrain_steps covers the whole run: its adversarial loss stays 0."""
     first = read_int(trainer.step)
@@ -356,8 +371,7 @@ def train_locked(cfg, placement, same_folder, say, log):
         # A kill may have come between the last checkpoint and its validation.
         validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
                                       say) if same_folder else None
-        if validation:
-            say(validation.summary())
+        close_validation(validation, say)
         return {"checkpoint": checkpoints.latest(cfg.restore), "losses": {}}
     pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
@@ -365,7 +379,6 @@ def train_locked(cfg, placement, same_folder, say, log):
                                   reporter.write if reporter else say)
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
     losses = TrainingLoop(trainer, reporter, policy, say, validation).fit(stream, cfg.epochs)
-    if validation:
-        say(validation.summary())
+    close_validation(validation, say)
     return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "losses": losses,
             "best": validation.best.record if validation and chief else None}
