@@ -352,6 +352,7 @@ def train_locked(cfg, placement, same_folder, say, log):
     """:func:`train` once the run folder is locked."""
     chief = placement.is_chief
     split = splits.training_split(cfg, say)
+    cfg = splits.kept_split_settings(cfg, split, say)
     check_batch_size(cfg, split.train)
     say(placement.describe())
     if same_folder and chief:

@@ -330,3 +330,32 @@ def test_the_default_holds_nothing_out(run):
     assert not (run["ckpt"] / validation.VALIDATION_NAME).exists()
     # No checkpoint beyond the original's: the epoch's own.
     assert sorted(p.name for p in run["ckpt"].glob("ckpt-*.index")) == ["ckpt-16.index"]
+
+
+def test_a_resume_keeps_its_split_in_config_json_and_an_unreadable_validation_subject_ends_it_with_4(
+        run, tmp_path, capsys):
+    import shutil
+
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    shutil.copytree(run["ckpt"], ckpt, ignore=shutil.ignore_patterns("logs", "predictions"))
+    shutil.copytree(run["data"], data)
+    # A run that held 2 of its 4 training subjects out for validation (-validation_fraction 0.5).
+    split = json.loads((ckpt / splits.SPLIT_NAME).read_text())
+    split.update(data_path=str(data), train=split["train"][:2], validation=split["train"][2:])
+    (ckpt / splits.SPLIT_NAME).write_text(json.dumps(split))
+    saved = json.loads((ckpt / config.CONFIG_NAME).read_text())
+    saved.update(data_path=str(data), validation_fraction=0.5)
+    (ckpt / config.CONFIG_NAME).write_text(json.dumps(saved))
+    image = data / split["validation"][0] / layouts.IMAGE_NAME
+    with open(image, "r+b") as fh:
+        fh.truncate(os.path.getsize(image) // 2)
+    assert model.main(["-restore", str(ckpt), "-validation_fraction", "0", "-epochs", "2"]) == errors.EXIT_PARTIAL
+    out, err = capsys.readouterr()
+    assert ("note: the run keeps its split.json (2 train, 2 validation, 1 test subjects): -validation_fraction "
+            "0.0 is not used; -validation_fraction 0.5 (the run's) stays in config.json") in out
+    assert json.loads((ckpt / config.CONFIG_NAME).read_text())["validation_fraction"] == 0.5
+    # It kept validating, as config.json says; no pass read both subjects, so none is the best.
+    _, rows = durable.read_csv_rows(str(ckpt / validation.VALIDATION_NAME))
+    assert [(r["step"], r["subjects"], r["best"]) for r in rows] == [("16", "1", "0"), ("24", "1", "0")]
+    assert "warning: validation was incomplete at 2 of 2 pass(es) of this run, since step 16" in out
+    assert "stopped: training ended, but validation was incomplete since step 16" in err
