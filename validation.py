@@ -130,6 +130,27 @@ def best_record(folder):
     return config.read_json(prefix + SCORE_SUFFIX) if prefix else None
 
 
+def is_best_folder(folder):
+    """bool, whether ``folder`` is a run's ``best/`` folder (it holds a ``ckpt-N.validation.json``)."""
+    return bool(glob.glob(os.path.join(glob.escape(folder), "ckpt-*" + SCORE_SUFFIX)))
+
+
+def results_in(folder):
+    """What of a run's validation ``folder`` holds: ``best/ (step N)``, ``validation.csv``; [] for none.
+
+    A new run in that folder would append to its validation.csv and compete
+    with (and replace) its best checkpoint.
+    """
+    held = []
+    best = os.path.join(folder, BEST_FOLDER)
+    record = best_record(best) if os.path.isdir(best) else None
+    if record or checkpoints.holds_checkpoints(best):
+        held.append(f"{BEST_FOLDER}/" + (f" (step {record['step']})" if record else ""))
+    if os.path.exists(os.path.join(folder, VALIDATION_NAME)):
+        held.append(VALIDATION_NAME)
+    return held
+
+
 class BestCheckpoint:
     """``<checkpoint_dir>/best``: a normal checkpoint folder holding the best validated checkpoint.
 
