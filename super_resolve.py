@@ -119,10 +119,10 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     folders.check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
         durable.remove_stale_temporaries(outputs.folder)
-        checkpoint = inference.generator_identity(checkpoint_dir)
-        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
-        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
+        predict, checkpoint = inference.restored_predictor(cfg, checkpoint_dir, log)
         outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+        # After every check that can refuse: a refusal replaces nothing.
+        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
         provenance = outputs_lib.provenance(cfg, checkpoint)
         written, skipped = [], []
         for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,

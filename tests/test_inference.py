@@ -553,7 +553,8 @@ def test_flip_tta_mirrors_the_left_right_axis_of_the_affine(bids_run, tmp_path, 
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(scan, affine), str(path))
     seen = []
-    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: (
+        _recording_predictor(seen), checkpoints.checkpoint_identity(checkpoint_dir)))
     command = model.parse_command(
         ["-super_resolve", str(path), "-checkpoint_dir_restore", str(bids_run["ckpt"]),
          "-path_volumes", str(tmp_path / "out"), "-tta", "flip"], log=lambda *_: None)
@@ -581,7 +582,8 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
     data = tmp_path / "data"
     _save(data / "s1" / layouts.IMAGE_NAME, image, affine)
     seen = []
-    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: (
+        _recording_predictor(seen), checkpoints.checkpoint_identity(checkpoint_dir)))
     assert _evaluate(bids_run["ckpt"], tmp_path / "out", "-data_path", data, "-tta", "flip") == 0
     hr, _ = td.to_canonical(image.astype(np.float32), (32, 32, 24))
     lr_n = np.asarray(td.degrade(utils.normalize(hr)[0], 2, 1.0))
