@@ -215,6 +215,7 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
                                       metrics_lib.metric_columns(variants),
                                       evaluation_settings(cfg, checkpoint, variants))
     outputs.check_unique(inputs)
+    outputs_lib.check_resumable_layout(outputs)
     done = metrics.done()
     todo = [s for s in inputs if s.subject.name not in done]
     log(f"evaluation: {len(inputs)} subject(s), {outputs.scheme} outputs in {outputs.folder}; "
