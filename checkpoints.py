@@ -127,6 +127,37 @@ def holds_checkpoints(folder):
     return bool(latest(folder) or glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")))
 
 
+# Where a checkpoint whose state made the run diverge is kept, out of -restore's way.
+DIVERGED_FOLDER = "diverged"
+
+
+def set_aside(folder, step):
+    """Moves ``folder/ckpt-<step>`` into ``folder/diverged/`` (not deleted), so -restore takes the one before.
+
+    The ``checkpoint`` state file is rewritten to the checkpoints left (and
+    removed when none is left).
+
+    Returns:
+        str, the moved checkpoint's new prefix; None when there was no such checkpoint.
+
+    Raises:
+        OSError: a file could not be moved.
+    """
+    prefix = os.path.join(folder, f"ckpt-{int(step)}")
+    if not os.path.exists(prefix + ".index"):
+        return None
+    target = os.path.join(folder, DIVERGED_FOLDER)
+    os.makedirs(target, exist_ok=True)
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    left = complete_checkpoints(folder)
+    if left:
+        write_state(folder, left[-1], left)
+    elif os.path.exists(os.path.join(folder, STATE_FILE)):
+        os.remove(os.path.join(folder, STATE_FILE))
+    return os.path.join(target, os.path.basename(prefix))
+
+
 def recover_state(folder, log=print):
     """Rewrites the ``checkpoint`` state file when it misses the newest complete checkpoint.
 

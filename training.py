@@ -4,6 +4,7 @@ import contextlib
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import checkpoints
@@ -416,7 +417,8 @@ def train_locked(cfg, placement, same_folder, say, log):
     validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
                                   reporter.write if reporter else say)
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
-    losses = TrainingLoop(trainer, reporter, policy, say, validation).fit(stream, cfg.epochs)
+    batch_voxels = cfg.batch_size * int(np.prod(cfg.patch_shape))
+    losses = TrainingLoop(trainer, reporter, policy, say, validation, batch_voxels).fit(stream, cfg.epochs)
     close_validation(validation, say)
     return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "losses": losses,
             "best": validation.best.record if validation and chief else None}

@@ -101,6 +101,54 @@ def test_non_finite_optimiser_state_is_refused_and_the_named_checkpoint_resumes(
     assert resumed.non_finite_state() == []
 
 
+def _scripted_losses(trainer, step, **values):
+    row = [values.get(name, 1.0) for name in SRGANTrainer.SCALAR_NAMES]
+    trainer.history[step % SRGANTrainer.HISTORY].assign(np.asarray(row, np.float32))
+
+
+@pytest.mark.parametrize("exploded, set_aside", [({"mse": 1e12}, True), ({"d_loss": np.inf}, True),
+                                                 ({"adv": 1e9}, False)])
+def test_the_checkpoint_whose_state_gave_exploded_losses_is_set_aside(tmp_path, exploded, set_aside):
+    trainer = _tiny_trainer(tmp_path)
+    loop = TrainingLoop(trainer, log=lambda *_: None, batch_voxels=768)
+    for step in (1, 2):
+        trainer.step.assign(step)
+        _scripted_losses(trainer, step)
+        loop.save(step)
+    # Step 3's d_loss, mse and gdl come from the state of step 2; its adv from step 3's own update.
+    _scripted_losses(trainer, 3, **exploded)
+    with pytest.raises(RunStopped) as stop:
+        loop.guard_finite(3)
+    assert stop.value.exit_code == errors.EXIT_DIVERGED and "at step 3" in str(stop.value)
+    good = str(tmp_path / ("ckpt-1" if set_aside else "ckpt-2"))
+    assert checkpoints.latest(str(tmp_path)) == good
+    assert (tmp_path / "diverged" / "ckpt-2.index").exists() == set_aside
+    assert str(stop.value).endswith(f"the last good checkpoint is {good}; resume from it with a lower "
+                                    f"-learning_rate than this run's 0.0001: -restore {tmp_path} -learning_rate 1e-05")
+
+
+def test_following_the_divergence_advice_literally_trains_on(run, tmp_path, capsys):
+    import re
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["ckpt"], folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    # From the run's healthy ckpt-16, a learning rate 1000 times its own: the GAN blows up within steps,
+    # losses still finite, while a checkpoint is written at every step.
+    argv = ["-restore", str(folder), "-learning_rate", "0.1", "-epochs", "2", "-checkpoint_steps", "1"]
+    assert model.main(argv) == errors.EXIT_DIVERGED
+    err = capsys.readouterr().err.strip()
+    advice = re.search(r"the last good checkpoint is (\S+); .*: (-restore \S+ -learning_rate \S+)$", err)
+    assert advice, err
+    named, command = advice.groups()
+    assert checkpoints.latest(str(folder)) == named  # the one -restore takes
+    assert command == f"-restore {folder} -learning_rate 0.01"
+    for index in glob.glob(str(folder / "ckpt-*.index")):
+        assert _non_finite_tensors(index[:-len(".index")]) == []
+    assert model.main(command.split()) == 0
+    assert checkpoints.latest(str(folder)) == str(folder / "ckpt-32")  # epoch 2, config.json's -epochs
+
+
 # ----------------------------------------------------------------------------
 # 2. A lost or stale `checkpoint` state file loses nothing
 # ----------------------------------------------------------------------------
