@@ -364,8 +364,8 @@ class TrainingLoop:
         """Stops the run, saving nothing, if a loss since the last look is NaN, infinite or has exploded.
 
         A step's d_loss, mse and gdl come from the state before its updates:
-        when one of them is bad, a checkpoint of the step before holds the
-        state that gave it and is set aside (:meth:`set_aside_ruined`).
+        when one of them has exploded, a checkpoint of the step before holds
+        the state that gave it and is set aside (:meth:`set_aside_ruined`).
 
         Raises:
             RunStopped: naming the first bad step and the last good checkpoint.
@@ -376,13 +376,13 @@ class TrainingLoop:
             big = {} if bad or not self.batch_voxels else losses_lib.exploded(values, self.batch_voxels)
             if not (bad or big):
                 continue
-            ruined = (set(bad) | set(big)) & set(losses_lib.STATE_LOSSES)
-            aside = self.set_aside_ruined(s - 1) if ruined else ""
+            # Only an explosion tells of the state: a NaN may come from the step's own input.
+            aside = self.set_aside_ruined(s - 1) if set(big) & set(losses_lib.STATE_LOSSES) else ""
             if bad:
                 shown = ", ".join(f"{k} {v}" for k, v in bad.items())
                 raise RunStopped(
                     f"training diverged: the losses turned non-finite at step {s} ({shown}). "
-                    f"The non-finite weights were not saved; {aside}{self.last_good()}", exit_code=EXIT_DIVERGED)
+                    f"The non-finite weights were not saved; {self.last_good()}", exit_code=EXIT_DIVERGED)
             shown = ", ".join(f"{k} {v:.3g}" for k, v in big.items())
             raise RunStopped(
                 f"training diverged: the losses exploded at step {s} ({shown}; per voxel for mse and "
