@@ -127,6 +127,37 @@ def holds_checkpoints(folder):
     return bool(latest(folder) or glob.glob(os.path.join(glob.escape(folder), "ckpt-*.index")))
 
 
+# Where a checkpoint whose state made the run diverge is kept, out of -restore's way.
+DIVERGED_FOLDER = "diverged"
+
+
+def set_aside(folder, step):
+    """Moves ``folder/ckpt-<step>`` into ``folder/diverged/`` (not deleted), so -restore takes the one before.
+
+    The ``checkpoint`` state file is rewritten to the checkpoints left (and
+    removed when none is left).
+
+    Returns:
+        str, the moved checkpoint's new prefix; None when there was no such checkpoint.
+
+    Raises:
+        OSError: a file could not be moved.
+    """
+    prefix = os.path.join(folder, f"ckpt-{int(step)}")
+    if not os.path.exists(prefix + ".index"):
+        return None
+    target = os.path.join(folder, DIVERGED_FOLDER)
+    os.makedirs(target, exist_ok=True)
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.replace(path, os.path.join(target, os.path.basename(path)))
+    left = complete_checkpoints(folder)
+    if left:
+        write_state(folder, left[-1], left)
+    elif os.path.exists(os.path.join(folder, STATE_FILE)):
+        os.remove(os.path.join(folder, STATE_FILE))
+    return os.path.join(target, os.path.basename(prefix))
+
+
 def recover_state(folder, log=print):
     """Rewrites the ``checkpoint`` state file when it misses the newest complete checkpoint.
 
@@ -188,7 +219,7 @@ def saved_objects(path):
     try:
         names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as err:
-        raise UserError(f"cannot read the checkpoint {path}: {str(err).splitlines()[0]}")
+        raise UserError(f"cannot read the checkpoint {path}: {damage(path, err) or plain_reason(err)}")
     return {name.split("/")[0] for name in names} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
 
 
@@ -220,8 +251,9 @@ def restore_state(objects, path, fresh_if_missing, log):
         # that the stateless draws no longer need.
         status.expect_partial()
         status.assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as err:
-        raise UserError(mismatch_message(path, err)) from None
+    except (ValueError, AssertionError, IndexError, tf.errors.OpError) as err:
+        damaged = damage(path, err)
+        raise UserError(damaged_message(path, damaged) if damaged else mismatch_message(path, err)) from None
     if missing:
         log(f"note: {path} was written by an earlier version without {', '.join(missing)}: the "
             "current epoch's running loss sums start afresh (weights, optimisers, step and data "
@@ -272,71 +304,158 @@ def read_int(variable):
     return int(variable.numpy())
 
 
-def checkpoint_identity(checkpoint_dir):
-    """What identifies the checkpoint an inference run uses.
-
-    Args:
-        checkpoint_dir: a folder holding a training run's checkpoints.
+def identify(path):
+    """What identifies the checkpoint at prefix ``path`` (``.../ckpt-N``).
 
     Returns:
-        dict: ``path`` (real path of the latest ``ckpt-N`` prefix), ``step``
-        (int, the training step; None when unknown) and ``sha256`` (16 hex
-        digits of its ``.index`` file, which holds a checksum of every tensor:
-        it tells apart two checkpoints saved under the same name).
+        dict: ``path`` (its real path), ``step`` (int, the training step;
+        None when unknown), ``sha256`` (16 hex digits of its ``.index`` file,
+        which holds a checksum of every tensor: it tells apart two checkpoints
+        saved under the same name), ``epoch`` and ``epoch_batches`` (the
+        epochs done and the batches into the next one; None when unknown).
 
     Raises:
-        UserError: if the folder holds no checkpoint.
+        OSError: its ``.index`` cannot be read (it may have been removed).
+    """
+    with open(path + ".index", "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    counters = {}
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in ("step", "epoch", "epoch_batches"):
+            counters[name] = int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (ValueError, KeyError, tf.errors.OpError):
+        pass
+    if "step" not in counters:
+        counters["step"] = number(path)
+    return {"path": os.path.realpath(path), "step": counters["step"], "sha256": digest,
+            "epoch": counters.get("epoch"), "epoch_batches": counters.get("epoch_batches")}
+
+
+def checkpoint_identity(checkpoint_dir):
+    """What identifies the checkpoint an inference run uses: :func:`identify` of the newest in a folder.
+
+    Raises:
+        UserError: if the folder holds no checkpoint, or its ``.index`` cannot be read.
     """
     path = require(checkpoint_dir)
     try:
-        with open(path + ".index", "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+        return identify(path)
     except OSError as err:
         raise UserError(f"cannot read the checkpoint {path}: {err.strerror or err}")
-    step = None
+
+
+def damage(path, err):
+    """Which file of the checkpoint at ``path`` is corrupt or truncated, as a phrase; None when it reads.
+
+    A damaged file is not a mismatch with the settings: no flag would make it read.
+
+    Args:
+        path: the checkpoint prefix.
+        err: the exception its restore or reading raised.
+    """
     try:
-        step = int(tf.train.load_checkpoint(path).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
-    except (ValueError, KeyError, tf.errors.OpError):
-        match = re.search(r"-(\d+)$", path)
-        step = int(match.group(1)) if match else None
-    return {"path": os.path.realpath(path), "step": step, "sha256": digest}
+        tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError) as index_err:
+        return f"{os.path.basename(path)}.index is corrupt or truncated ({plain_reason(index_err)})"
+    reason = plain_reason(err)
+    kind = getattr(err, "original_type", type(err))
+    if issubclass(kind, (IndexError, tf.errors.DataLossError, tf.errors.OutOfRangeError)) or re.search(
+            r"corrupt|truncat|checksum|sstable|data loss|read less bytes", reason, re.IGNORECASE):
+        shards = sorted(os.path.basename(p) for p in glob.glob(glob.escape(path) + ".data-*"))
+        return f"its data file {', '.join(shards) or '(none)'} is corrupt or truncated ({reason})"
+    return None
 
 
-def restore_generator(generator, checkpoint_dir):
-    """Loads only the generator's weights from the latest checkpoint in a folder.
+def damaged_message(path, damaged):
+    """The message for a checkpoint whose files are damaged (:func:`damage`)."""
+    return (f"cannot read the checkpoint {path}: {damaged}. The file is damaged (a copy or a transfer "
+            "that did not finish?), the flags are not at fault: copy it again, or use another checkpoint")
+
+
+# Tries at restoring a folder's newest checkpoint while a training run there
+# prunes the older ones (-keep_checkpoints) between the choice and the read.
+RESTORE_ATTEMPTS = 3
+
+
+def restore_generator(generator, checkpoint_dir, log=print):
+    """Loads only the generator's weights from the newest checkpoint of a folder, and says which it was.
+
+    The checkpoint is chosen once and read once, into a throwaway copy of the
+    generator, and its identity is that checkpoint's. A training run in the
+    folder may remove it in between (it keeps its newest -keep_checkpoints):
+    then the newest is chosen again, with a note.
 
     Returns:
-        str, the checkpoint prefix restored.
+        dict, the :func:`identify` of the checkpoint restored.
 
     Raises:
-        UserError: if the folder holds no checkpoint or its generator does not fit.
+        UserError: the folder holds no checkpoint; the checkpoint is damaged;
+            its generator does not fit; or every checkpoint chosen was removed
+            before it could be read.
     """
-    path = require(checkpoint_dir)
-    problem = generator_restore_problem(keras.models.clone_model(generator), path)
-    if problem is not None:
-        raise UserError(f"the generator in {path} does not fit the architecture flags: {problem}")
-    status = tf.train.Checkpoint(generator=generator).restore(path)
-    status.expect_partial()
-    return path
+    removed = []
+    while len(removed) < RESTORE_ATTEMPTS:
+        path = require(checkpoint_dir)
+        try:
+            identity = identify(path)
+            weights = read_generator_weights(keras.models.clone_model(generator), path)
+        except (RestoreError, OSError) as err:
+            if not is_complete(path):
+                removed.append(path)
+                log(f"note: {path} was removed while it was read (a training run in {checkpoint_dir} keeps "
+                    "only its newest checkpoints); choosing the newest again")
+                continue
+            damaged = damage(path, err)
+            if damaged:
+                raise UserError(damaged_message(path, damaged)) from None
+            raise UserError(f"the generator in {path} does not fit the architecture flags: "
+                            f"{str(err).splitlines()[0]}") from None
+        generator.set_weights(weights)
+        return identity
+    raise UserError(f"the checkpoints of {checkpoint_dir!r} were removed while they were read ("
+                    + ", ".join(os.path.basename(p) for p in removed) + "): a training run there keeps only its "
+                    "newest -keep_checkpoints and removes older ones as it saves. Evaluate its best/ folder or "
+                    "a copy of the folder, or wait for the run to end")
 
 
-def generator_restore_problem(probe, path):
-    """Tries a generator restore on a throwaway copy; returns the first error line or None.
+def read_generator_weights(probe, path):
+    """Restores a throwaway copy of a generator from a checkpoint; returns its weights.
 
     A restore that fails half-way leaves TensorFlow's bookkeeping attached to
     the model, which logs one warning per checkpoint value (~170 lines) when
     the model is finally deleted, after the error message. The copy is deleted
     here, with TensorFlow's loggers quiet, so a mismatch prints one line.
+
+    Raises:
+        RestoreError: the checkpoint does not fit, is damaged or is gone.
     """
     checkpoint = tf.train.Checkpoint(generator=probe)
-    problem = None
+    weights, error = None, None
     with quiet.quiet_tensorflow_logs():
         try:
             status = checkpoint.restore(path)
             status.expect_partial()
             status.assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.OpError) as err:
-            problem = str(err).splitlines()[0]
-        del probe, checkpoint
+            weights = probe.get_weights()
+        except (ValueError, AssertionError, IndexError, OSError, tf.errors.OpError) as err:
+            # Not the error itself: its tracebacks would keep the restore alive past the clean-up.
+            error = RestoreError(err)
+        status = None
+        del probe, checkpoint, status
         gc.collect()
-    return problem
+    if error is not None:
+        raise error
+    return weights
+
+
+class RestoreError(Exception):
+    """A failed restore, as its type and message only (not the objects its tracebacks held).
+
+    Attributes:
+        original_type: the class of the exception the restore raised.
+    """
+
+    def __init__(self, original):
+        super().__init__(str(original))
+        self.original_type = type(original)

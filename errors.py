@@ -1,9 +1,10 @@
 """The errors a run reports to a person, and the process exit codes they map to.
 
 Exit codes besides 0: 2 a user's mistake or a failed read/write (the message
-says what to fix), 3 training diverged, 4 some inputs of ``-super_resolve``
-were skipped (the others were written), 128 + N a stop signal N (143 for
-SIGTERM, 138 for SIGUSR1), 130 Ctrl-C.
+says what to fix), 3 training diverged, 4 done but incomplete (some inputs of
+``-super_resolve`` were skipped and the others written, or a training run's
+validation could not score every validation subject), 128 + N a stop signal
+N (143 for SIGTERM, 138 for SIGUSR1), 130 Ctrl-C.
 """
 
 EXIT_ERROR = 2

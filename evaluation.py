@@ -232,13 +232,15 @@ def evaluate(cfg, checkpoint_dir, log=print, explicit=frozenset()):
 def evaluate_locked(cfg, checkpoint_dir, inputs, log):
     """:func:`evaluate` once the output folder is locked."""
     variants = inference.inference_variants(cfg.blend, cfg.tta)
-    checkpoint = inference.generator_identity(checkpoint_dir)
+    # Read first: the checkpoint chosen is the one the settings, sidecars and rows name.
+    predict, checkpoint = inference.restored_predictor(cfg, checkpoint_dir, log)
     outputs = outputs_lib.make_outputs(outputs_lib.output_scheme(cfg.output_layout, inputs),
                                        cfg.path_volumes, cfg.upsampling_factor)
     metrics = metrics_lib.MetricsFile(os.path.join(outputs.folder, outputs_lib.METRICS_NAME),
                                       metrics_lib.metric_columns(variants),
                                       evaluation_settings(cfg, checkpoint, variants))
     outputs.check_unique(inputs)
+    outputs_lib.check_resumable_layout(outputs)
     done = metrics.done()
     todo = [s for s in inputs if s.subject.name not in done]
     log(f"evaluation: {len(inputs)} subject(s), {outputs.scheme} outputs in {outputs.folder}; "
@@ -247,10 +249,9 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
         log(f"resuming: {len(inputs) - len(todo)} of {len(inputs)} subject(s) already in "
             f"{metrics.path} are skipped")
     if todo:
+        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
         if not done:
             folders.overwrite_note([outputs.path(s.subject, "sr") for s in todo], log)
-        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
-        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
         provenance = outputs_lib.provenance(cfg, checkpoint)
         # SIGTERM/SIGUSR1: the subject under way is finished, then the run stops (128 + N).
         def stopped(n, total):

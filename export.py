@@ -79,9 +79,10 @@ def export_model(cfg, checkpoint_dir, path, saved=None, log=print):
     """
     generator = networks.build_generator(**cfg.architecture(),
                                          dtype_policy=config.PRECISION_POLICIES[cfg.mixed_precision])
-    checkpoints.restore_generator(generator, checkpoint_dir)
-    identity = checkpoints.checkpoint_identity(checkpoint_dir)
-    training = {**training_description(checkpoint_dir, saved), "steps": identity["step"]}
+    identity = checkpoints.restore_generator(generator, checkpoint_dir, log)
+    # The checkpoint's own progress: a run's config.json holds its total of epochs.
+    training = {**training_description(checkpoint_dir, saved), "steps": identity["step"],
+                "epochs_done": identity["epoch"], "epoch_batches": identity["epoch_batches"]}
     record = config.config_record(cfg)
     for key in ("strategy", "replicas", "workers"):
         record.pop(key)

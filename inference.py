@@ -212,11 +212,15 @@ def super_resolve_volume(predict, lr, upsampling_factor, patch_shape, margin, ba
 
 
 def restored_predictor(cfg, source, log):
-    """The predict callable of the trained generator in ``source``.
+    """The predict callable of the trained generator in ``source``, and what identifies that generator.
 
     Every inference pass goes through the returned callable, float32
     (n, x, y, z, 1) -> (n, f·x, f·y, f·z, 1), so it may be swapped for one
-    that spreads each batch over several devices.
+    that spreads each batch over several devices. The identity is that of
+    the checkpoint the weights were read from (chosen once: a training run
+    in the folder may prune its checkpoints meanwhile); a model file carries
+    its checkpoint's step and hash, so outputs and metrics files agree
+    whichever of the two an inference run used.
 
     Args:
         cfg: the :class:`config.Settings` (the architecture of a checkpoint).
@@ -224,26 +228,20 @@ def restored_predictor(cfg, source, log):
             its weights restored) or a ``.keras`` model file from -export.
         log: callable for messages.
 
+    Returns:
+        (predict, identity): identity a dict with ``path``, ``step`` and
+        ``sha256`` (``checkpoints.identify``).
+
     Raises:
-        UserError: the checkpoint does not fit ``cfg``, or the file cannot be read.
+        UserError: the checkpoint does not fit ``cfg`` or is damaged, or the file cannot be read.
     """
     if model_file.is_model_file(source):
+        identity = model_file.identity(source, model_file.read_metadata(source))
         generator = model_file.load_generator(source)
         log(f"loaded generator from {source}")
-        return make_predictor(generator)
+        return make_predictor(generator), identity
     generator = networks.build_generator(
         **cfg.architecture(), dtype_policy=config.PRECISION_POLICIES[cfg.mixed_precision])
-    path = checkpoints.restore_generator(generator, source)
-    log(f"restored generator from {path}")
-    return make_predictor(generator)
-
-
-def generator_identity(source):
-    """What identifies the generator of a checkpoint folder or a model file (path, step, sha256).
-
-    A model file carries its checkpoint's step and hash: outputs and metrics
-    files agree whichever of the two an inference run used.
-    """
-    if model_file.is_model_file(source):
-        return model_file.identity(source, model_file.read_metadata(source))
-    return checkpoints.checkpoint_identity(source)
+    identity = checkpoints.restore_generator(generator, source, log)
+    log(f"restored generator from {identity['path']}")
+    return make_predictor(generator), identity

@@ -8,6 +8,40 @@ and means divide by the global batch (``global_batch``).
 import tensorflow as tf
 
 
+# The weight of the adversarial term in the generator's loss (the original's).
+ADV_WEIGHT = 0.1
+# A loss beyond this, per voxel of the batch (the content losses) or per patch
+# (the adversarial ones), has exploded: errors a thousand times the [-1, 1]
+# intensities the networks work in. Such a step's state is finite but ruined:
+# resumed at any learning rate it overflows within steps (measured).
+EXPLODED = 1e6
+
+
+# The losses of a step computed from the state before its updates (the
+# generator's output and the discriminator's first look); adv follows the
+# step's own discriminator update.
+STATE_LOSSES = ("d_loss", "mse", "gdl")
+
+
+def exploded(values, batch_voxels, limit=EXPLODED):
+    """The losses of one step that have exploded, each per voxel or per patch.
+
+    Args:
+        values: dict with the step's ``d_loss``, ``mse``, ``gdl`` and ``adv``
+            (sums over the global batch's voxels for ``mse`` and ``gdl``, means
+            over its patches for the others, ``adv`` weighted by ``ADV_WEIGHT``).
+        batch_voxels: int, voxels of the global batch of HR patches.
+        limit: float, the per-voxel or per-patch bound.
+
+    Returns:
+        dict name -> its per-voxel (``mse``, ``gdl``) or per-patch (``d_loss``,
+        ``adv``, unweighted) value, for those beyond ``limit``; empty when none.
+    """
+    scaled = {"mse": values["mse"] / batch_voxels, "gdl": values["gdl"] / batch_voxels,
+              "d_loss": values["d_loss"], "adv": values["adv"] / ADV_WEIGHT}
+    return {name: value for name, value in scaled.items() if abs(value) > limit}
+
+
 def draw_targets(seed, step, batch_size):
     """Least-squares GAN targets with label smoothing and 10 % label flips, for one step.
 
@@ -96,7 +130,7 @@ def generator_losses(hr, sr, d_fake, t, global_batch=None):
     """
     mse = tf.reduce_sum(tf.square(sr - hr))
     gdl = gradient_difference_loss(hr, sr)
-    adv = 0.1 * _mean(tf.square(d_fake - t), global_batch)
+    adv = ADV_WEIGHT * _mean(tf.square(d_fake - t), global_batch)
     return {"g_loss": mse + gdl + adv, "mse": mse, "gdl": gdl, "adv": adv}
 
 

@@ -117,6 +117,23 @@ def degradation_text(settings, f):
     return f"blurred with a Gaussian of sigma {settings['sigma']} HR voxels and decimated by {f} (x[::{f}])"
 
 
+def progress_text(trained):
+    """How far the checkpoint's run had trained: ``epoch 3 of 5, 19 batches in (step 59)``.
+
+    Args:
+        trained: the metadata's ``training`` dict: ``steps``, ``epochs`` (the
+            run's total), ``epochs_done`` and ``epoch_batches`` (the
+            checkpoint's own; absent in files of earlier versions).
+    """
+    done, batches = trained.get("epochs_done"), trained.get("epoch_batches")
+    total, step = trained.get("epochs"), trained.get("steps")
+    if done is None:
+        return f"step {step} of a run of {total} epochs"
+    if batches:
+        return f"epoch {done + 1} of {total}, {batches} batches in (step {step})"
+    return f"{done} of {total} epochs (step {step})"
+
+
 def model_card(metadata):
     """A short human-readable summary of a model file: what it does, what it learnt from, how it scored.
 
@@ -135,8 +152,8 @@ def model_card(metadata):
         f"input: a low-resolution T1 volume; trained on HR volumes {degradation_text(s, f)}; patches "
         f"{'x'.join(map(str, s['patch_shape']))} (HR), margin {s['patch_margin']}",
         f"intensities: {NORMALISATION}",
-        f"trained: {trained.get('steps')} steps, {trained.get('epochs')} epochs, "
-        f"{trained.get('train_subjects')} training subjects from {trained.get('data')}",
+        f"trained: {progress_text(trained)}, {trained.get('train_subjects')} training subjects from "
+        f"{trained.get('data')}",
         f"checkpoint: {metadata['checkpoint'].get('path')} (step {metadata['checkpoint'].get('step')}, "
         f"sha256 {metadata['checkpoint'].get('sha256')})",
     ]

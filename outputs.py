@@ -341,6 +341,35 @@ def output_scheme(output_layout, scans):
     return "bids" if scans and all(s.bids for s in scans) else "plain"
 
 
+def held_scheme(folder):
+    """The names of the evaluation a folder holds: "bids" (it has a dataset_description.json), "plain", or None.
+
+    None when the folder holds no metrics.csv (no evaluation to resume).
+    """
+    if not os.path.exists(os.path.join(folder, METRICS_NAME)):
+        return None
+    return "bids" if os.path.exists(os.path.join(folder, DESCRIPTION_NAME)) else "plain"
+
+
+def check_resumable_layout(outputs):
+    """Refuses to resume an evaluation folder with the other output layout.
+
+    Its metrics.csv says which subjects are done, whatever the names: resumed
+    with the other layout, those would be skipped and never written with it.
+
+    Raises:
+        UserError: naming both layouts and the flag that resumes the folder.
+    """
+    held = held_scheme(outputs.folder)
+    if held is None or held == outputs.scheme:
+        return
+    holds = f"{METRICS_NAME} and {DESCRIPTION_NAME}" if held == "bids" else f"{METRICS_NAME}, no {DESCRIPTION_NAME}"
+    raise UserError(f"-path_volumes {outputs.folder!r} holds an evaluation with {held} names ({holds}); this run "
+                    f"writes {outputs.scheme} names: it would skip the subjects already there and write none of "
+                    f"them with {outputs.scheme} names. Resume it with -output_layout {held}, or choose another "
+                    "-path_volumes for the other layout (nothing was written)")
+
+
 def make_outputs(scheme, folder, upsampling_factor):
     """The :class:`PlainOutputs` or :class:`BidsOutputs` writer of ``scheme`` into ``folder``."""
     return (BidsOutputs if scheme == "bids" else PlainOutputs)(folder, upsampling_factor)

@@ -75,12 +75,14 @@ def super_resolve_inputs(cfg, explicit, log):
     """The scans of -super_resolve: files as they are, folders and lists through ``find_subjects``.
 
     Returns:
-        list of :class:`InputScan`, in the order given (a folder's in name order).
+        (scans, unlisted): the :class:`InputScan` list, in the order given (a
+        folder's in name order), and one ``"<path or list row>: <reason>"``
+        per entry of a folder or list that was skipped (already reported).
 
     Raises:
         UserError, nifti_io.DataError: an unusable path or dataset.
     """
-    scans = []
+    scans, unlisted = [], []
     max_voxels = nifti_io.max_voxels_for(cfg.volume_shape)
     for path in cfg.super_resolve:
         if os.path.isfile(path) and not layouts.is_file_list(path):
@@ -89,12 +91,13 @@ def super_resolve_inputs(cfg, explicit, log):
             scans.append(bids or InputScan(layouts.Subject(name, os.path.abspath(path))))
             continue
         layout = layouts.detect_layout(path, cfg.image_name)
-        subjects, _ = layouts.find_subjects(path, cfg.image_name, cfg.mask_name, log=log,
-                                            bids_filter=bids_filter_for(cfg, path, explicit, log),
-                                            max_voxels=max_voxels)
+        subjects, problems = layouts.find_subjects(path, cfg.image_name, cfg.mask_name, log=log,
+                                                   bids_filter=bids_filter_for(cfg, path, explicit, log),
+                                                   max_voxels=max_voxels)
         root = data_root(path, layout)
         scans += [InputScan(s, root, layout == "bids") for s in subjects]
-    return scans
+        unlisted += problems
+    return scans, unlisted
 
 
 def _read_sidecar(path):

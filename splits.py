@@ -143,14 +143,42 @@ def saved_split(folder, subjects, cfg, log):
         return new_split(subjects, cfg, log)
     # split.json of versions before validation has no "validation" list.
     lists = [subjects_named(split.get(key, []), subjects, key, log) for key in ("train", "validation", "test")]
-    if cfg.validation_fraction > 0 and not split.get("validation"):
-        log(f"note: the run keeps its {SPLIT_NAME}, which holds no validation subjects: "
-            f"-validation_fraction {cfg.validation_fraction} is not used")
     new = len(subjects) - sum(len(x) for x in lists)
     if new:
         log(f"note: {new} subject(s) in {cfg.data_path} are not in the run's {SPLIT_NAME} "
             "and are not used")
     return Split(*lists)
+
+
+def kept_split_settings(cfg, split, log):
+    """A resumed run's settings with the split settings of the run it resumes, which keeps its split.json.
+
+    A -train_fraction or -validation_fraction other than the run's would not
+    change the split (the run trains and validates on the subjects it started
+    with), yet would be written to config.json: it is said and replaced by the
+    run's value, so that config.json describes what runs.
+
+    Args:
+        cfg: the resumed run's :class:`config.Settings` (``cfg.restore`` set).
+        split: its :class:`Split`, from its split.json.
+        log: callable for the note.
+
+    Returns:
+        :class:`config.Settings`.
+    """
+    if not cfg.restore or not os.path.exists(os.path.join(cfg.restore, SPLIT_NAME)):
+        return cfg  # no split.json: the subjects were split again with these settings
+    saved = config.read_json(os.path.join(cfg.restore, config.CONFIG_NAME)) or {}
+    # config.json of versions before validation has no validation_fraction: they validated nothing.
+    runs = {"train_fraction": saved.get("train_fraction"),
+            "validation_fraction": saved.get("validation_fraction", None if split.validation else 0.0)}
+    kept = {k: v for k, v in runs.items() if v is not None and v != getattr(cfg, k)}
+    if kept:
+        log(f"note: the run keeps its {SPLIT_NAME} ({len(split.train)} train, {len(split.validation)} "
+            f"validation, {len(split.test)} test subjects): "
+            + ", ".join(f"-{k} {getattr(cfg, k)}" for k in kept) + " is not used; "
+            + ", ".join(f"-{k} {v}" for k, v in kept.items()) + f" (the run's) stays in {config.CONFIG_NAME}")
+    return cfg.replace(**kept)
 
 
 def training_split(cfg, log):

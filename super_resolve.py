@@ -116,7 +116,8 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     derivatives (``..._rec-SRx<f>_T1w.nii.gz``) as ``outputs.output_scheme``
     says. A progress bar runs over the inputs. With several inputs an
     unreadable one (or one whose maximum is <= 0) is reported and skipped,
-    and the run ends with exit code 4 once the others are written.
+    and the run ends with exit code 4 once the others are written; the
+    entries that a folder's or list's checks left out count as skipped too.
 
     Returns:
         list of the SR paths written.
@@ -129,7 +130,7 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
         durable.LockedError: another run writes into the folder.
         durable.OutputError: an output could not be written.
     """
-    inputs = scans.super_resolve_inputs(cfg, explicit, log)
+    inputs, unlisted = scans.super_resolve_inputs(cfg, explicit, log)
     outputs = outputs_lib.make_outputs(outputs_lib.output_scheme(cfg.output_layout, inputs),
                                        cfg.path_volumes, cfg.upsampling_factor)
     outputs.check_unique(inputs)
@@ -139,12 +140,13 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     folders.check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
         durable.remove_stale_temporaries(outputs.folder)
-        checkpoint = inference.generator_identity(checkpoint_dir)
-        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
-        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
+        predict, checkpoint = inference.restored_predictor(cfg, checkpoint_dir, log)
         outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+        # After every check that can refuse: a refusal replaces nothing.
+        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
         provenance = outputs_lib.provenance(cfg, checkpoint)
-        written, skipped = [], []
+        # What the folders' and lists' checks left out counts as skipped too (said when listed).
+        written, skipped = [], [problem.split(": ", 1)[0] for problem in unlisted]
         for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
                          disable=len(inputs) == 1):
             try:
@@ -155,19 +157,25 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
                 if len(inputs) == 1:
                     raise
                 log(f"skipping: {err}")
-                skipped.append(scan)
+                skipped.append(scan.subject.image_path)
     if not written:
         raise UserError("no scan could be super-resolved; see the messages above")
     log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
-        + (f"; {len(skipped)} skipped" if skipped else ""))
+        + (f"; {len(skipped)} skipped" if skipped else "")
+        + (f" ({len(unlisted)} of them when their folder or list was read)" if unlisted else ""))
     if skipped:
         raise partial_failure(written, skipped)
     return written
 
 
 def partial_failure(written, skipped):
-    """The :class:`RunStopped` (exit code 4) of a run that skipped some inputs and wrote the others."""
-    shown = ", ".join(s.subject.image_path for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    """The :class:`RunStopped` (exit code 4) of a run that skipped some inputs and wrote the others.
+
+    Args:
+        written: the paths written.
+        skipped: the inputs skipped (paths, or list rows), also those a folder's or list's checks left out.
+    """
+    shown = ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
     return RunStopped(f"{len(skipped)} of {len(written) + len(skipped)} inputs were skipped ({shown}; "
                       f"the reasons are above); the other {len(written)} were written. Fix or drop the "
                       "skipped ones and run again for them", exit_code=EXIT_PARTIAL)

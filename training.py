@@ -4,6 +4,7 @@ import contextlib
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import checkpoints
@@ -150,7 +151,7 @@ class TrainingStream:
 
 
 def prepare_run_folder(cfg, write=True):
-    """Refuses to train into another run's folder; checks the output folders.
+    """Refuses to train into another run's folder or into a run's best/; checks the output folders.
 
     Args:
         cfg: the run's :class:`config.Settings`.
@@ -161,17 +162,54 @@ def prepare_run_folder(cfg, write=True):
         bool, whether the run resumes into the folder it was restored from.
 
     Raises:
-        UserError: the folder holds another run, or a folder is not writable.
+        UserError: the folder holds another run or is a best/ folder, or a
+            folder is not writable.
     """
     ckpt_dir = cfg.checkpoint_dir
+    refuse_best_folder(cfg)
     same_folder = bool(cfg.restore) and os.path.realpath(ckpt_dir) == os.path.realpath(cfg.restore)
-    if not same_folder and os.path.isdir(ckpt_dir) and checkpoints.holds_checkpoints(ckpt_dir):
-        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run; resume it with "
-                        f"-restore {ckpt_dir}, or choose an empty folder (nothing was overwritten)")
+    held = [] if same_folder or not os.path.isdir(ckpt_dir) else held_by(ckpt_dir)
+    if held:
+        how = (f"resume it with -restore {ckpt_dir}" if checkpoints.holds_checkpoints(ckpt_dir) else
+               "its checkpoints are gone (a new run would append to its results and compete with its best "
+               f"checkpoint); to continue from its best, -restore {os.path.join(ckpt_dir, validation_lib.BEST_FOLDER)} "
+               "-checkpoint_dir NEW_FOLDER")
+        raise UserError(f"-checkpoint_dir {ckpt_dir!r} already holds a training run ({', '.join(held)}); {how}, "
+                        "or choose an empty folder (nothing was overwritten)")
     if write:
         for flag, folder in run_folders(cfg).items():
             folders.check_writable(folder, flag)
     return same_folder
+
+
+def held_by(folder):
+    """What of a training run a folder holds (its checkpoints, best/, validation.csv); [] for none."""
+    held = []
+    latest = checkpoints.latest(folder)
+    if latest or checkpoints.holds_checkpoints(folder):
+        held.append(os.path.basename(latest) if latest else "ckpt-N.index files")
+    return held + validation_lib.results_in(folder)
+
+
+def refuse_best_folder(cfg):
+    """Refuses to train into a run's best/ folder (-evaluate takes RUN/best, so -restore RUN/best is an easy slip).
+
+    Training there would write checkpoints beside the best one, make a
+    best/best/, and leave -evaluate RUN/best evaluating another checkpoint.
+
+    Raises:
+        UserError: naming the run's folder to resume instead.
+    """
+    ckpt_dir = cfg.checkpoint_dir
+    if not (os.path.isdir(ckpt_dir) and validation_lib.is_best_folder(ckpt_dir)):
+        return
+    run_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+    given = (f"-restore {cfg.restore} trains into" if cfg.restore and os.path.realpath(cfg.restore) ==
+             os.path.realpath(ckpt_dir) else f"-checkpoint_dir {ckpt_dir}")
+    raise UserError(f"{given} {ckpt_dir!r}, the best checkpoint of the run in {run_dir!r} (a copy kept for "
+                    "-evaluate, -super_resolve and -export, not a run to train in). Resume the run with "
+                    f"-restore {run_dir}, or continue from its best checkpoint in a new folder with "
+                    f"-restore {ckpt_dir} -checkpoint_dir NEW_FOLDER (nothing was written)")
 
 
 def run_folders(cfg):
@@ -274,6 +312,21 @@ def start_validation(cfg, split, trainer, placement, batches_per_epoch, say):
     return validation
 
 
+def close_validation(validation, say):
+    """Says the best checkpoint at the end of a run; a run whose validation was incomplete does not end as a success.
+
+    Raises:
+        RunStopped: exit code 4, after the summary, when some validation
+            passes could not score every validation subject.
+    """
+    if not validation:
+        return
+    say(validation.summary())
+    stop = validation.incomplete()
+    if stop is not None:
+        raise stop
+
+
 def pretraining_note(cfg, trainer, steps_per_epoch, say):
     """Says, in one line, when -pretrain_steps covers the whole run: its adversarial loss stays 0."""
     first = read_int(trainer.step)
@@ -337,6 +390,7 @@ def train_locked(cfg, placement, same_folder, say, log):
     """:func:`train` once the run folder is locked."""
     chief = placement.is_chief
     split = splits.training_split(cfg, say)
+    cfg = splits.kept_split_settings(cfg, split, say)
     check_batch_size(cfg, split.train)
     say(placement.describe())
     if same_folder and chief:
@@ -356,16 +410,15 @@ def train_locked(cfg, placement, same_folder, say, log):
         # A kill may have come between the last checkpoint and its validation.
         validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
                                       say) if same_folder else None
-        if validation:
-            say(validation.summary())
+        close_validation(validation, say)
         return {"checkpoint": checkpoints.latest(cfg.restore), "losses": {}}
     pretraining_note(cfg, trainer, stream.batches_per_epoch, say)
     reporter = TrainingReporter(cfg, stream.batches_per_epoch, log) if chief else None
     validation = start_validation(cfg, split, trainer, placement, stream.batches_per_epoch,
                                   reporter.write if reporter else say)
     policy = CheckpointPolicy(cfg.checkpoint_minutes, cfg.checkpoint_steps)
-    losses = TrainingLoop(trainer, reporter, policy, say, validation).fit(stream, cfg.epochs)
-    if validation:
-        say(validation.summary())
+    batch_voxels = cfg.batch_size * int(np.prod(cfg.patch_shape))
+    losses = TrainingLoop(trainer, reporter, policy, say, validation, batch_voxels).fit(stream, cfg.epochs)
+    close_validation(validation, say)
     return {"checkpoint": checkpoints.latest(cfg.checkpoint_dir), "losses": losses,
             "best": validation.best.record if validation and chief else None}

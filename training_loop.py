@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import checkpoints
+import losses as losses_lib
 from checkpoints import read_int
 from errors import EXIT_DIVERGED, RunStopped
 
@@ -158,14 +159,18 @@ class TrainingLoop:
         validation: a :class:`NullValidation` (``validation.Validation``
             validates some checkpoints right after they are written); None
             validates nothing.
+        batch_voxels: int, voxels of a global batch of HR patches: losses
+            that explode (``losses.exploded``) stop the run as non-finite ones
+            do; None checks finiteness only.
     """
 
     # Steps between two looks at the device: the finiteness guard, and on
     # several workers the agreement on checkpoints and stop requests.
     CHECK_EVERY = 10
 
-    def __init__(self, trainer, reporter=None, policy=None, log=print, validation=None):
+    def __init__(self, trainer, reporter=None, policy=None, log=print, validation=None, batch_voxels=None):
         self.trainer = trainer
+        self.batch_voxels = batch_voxels
         self.reporter = reporter or NullReporter()
         self.policy = policy or CheckpointPolicy(minutes=0, steps=0)
         self.log = log
@@ -337,30 +342,69 @@ class TrainingLoop:
         raise RunStopped(
             f"training diverged: at step {step} these turned non-finite: {parts} "
             f"({names}), while the losses were still finite. Nothing of it was saved; "
-            f"{self.last_good()}.", exit_code=EXIT_DIVERGED)
+            f"{self.last_good()}", exit_code=EXIT_DIVERGED)
 
     def last_good(self):
-        """str, the sentence naming the last good checkpoint and how to resume from it."""
+        """str, the sentence naming the last good checkpoint and the command that resumes from it.
+
+        The learning rate offered is a tenth of the run's: should that diverge
+        too, nothing of it is saved and the same checkpoint is offered again.
+        The message ends with the command, so that it can be copied as it is.
+        """
         trainer = self.trainer
+        rate = float(trainer.schedule.initial_learning_rate)
         latest = checkpoints.latest(trainer.checkpoint_dir) if trainer.checkpoint_dir else None
         if not latest:
-            return "no checkpoint had been written yet: start again with a lower -learning_rate"
-        return (f"the last good checkpoint is {latest}; resume from it with a lower "
-                f"-learning_rate (-restore {trainer.checkpoint_dir} -learning_rate ...)")
+            return (f"no checkpoint had been written yet: start again with a lower -learning_rate than this "
+                    f"run's {rate:g}, e.g. -learning_rate {rate / 10:g}")
+        return (f"the last good checkpoint is {latest}; resume from it with a lower -learning_rate than this "
+                f"run's {rate:g}: -restore {trainer.checkpoint_dir} -learning_rate {rate / 10:g}")
 
     def guard_finite(self, step):
-        """Stops the run, saving nothing, if a loss since the last look is NaN or infinite.
+        """Stops the run, saving nothing, if a loss since the last look is NaN, infinite or has exploded.
+
+        A step's d_loss, mse and gdl come from the state before its updates:
+        when one of them has exploded, a checkpoint of the step before holds
+        the state that gave it and is set aside (:meth:`set_aside_ruined`).
 
         Raises:
-            RunStopped: naming the first non-finite step and the last good checkpoint.
+            RunStopped: naming the first bad step and the last good checkpoint.
         """
         trainer = self.trainer
         for s, values in trainer.recent_scalars(self.checked_step + 1, step):
             bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+            big = {} if bad or not self.batch_voxels else losses_lib.exploded(values, self.batch_voxels)
+            if not (bad or big):
+                continue
+            # Only an explosion tells of the state: a NaN may come from the step's own input.
+            aside = self.set_aside_ruined(s - 1) if set(big) & set(losses_lib.STATE_LOSSES) else ""
             if bad:
-                where = self.last_good()
                 shown = ", ".join(f"{k} {v}" for k, v in bad.items())
                 raise RunStopped(
                     f"training diverged: the losses turned non-finite at step {s} ({shown}). "
-                    f"The non-finite weights were not saved; {where}.", exit_code=EXIT_DIVERGED)
+                    f"The non-finite weights were not saved; {self.last_good()}", exit_code=EXIT_DIVERGED)
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in big.items())
+            raise RunStopped(
+                f"training diverged: the losses exploded at step {s} ({shown}; per voxel for mse and "
+                f"gdl, per patch for d_loss and adv: beyond {losses_lib.EXPLODED:g}, errors a thousand "
+                "times the [-1, 1] range the networks work in). The state of that step is finite but "
+                f"ruined and was not saved; {aside}{self.last_good()}", exit_code=EXIT_DIVERGED)
         self.checked_step = max(step, self.checked_step)
+
+    def set_aside_ruined(self, step):
+        """Moves the checkpoint of ``step``, whose state gave the next step's bad losses, out of -restore's way.
+
+        Returns:
+            str, the sentence saying so ('' when there is no such checkpoint here).
+        """
+        trainer = self.trainer
+        if not (trainer.is_chief and trainer.checkpoint_dir):
+            return ""
+        try:
+            moved = checkpoints.set_aside(trainer.checkpoint_dir, step)
+        except OSError as err:
+            return (f"ckpt-{step} holds the state that gave them but could not be moved aside ({err}): "
+                    f"move its files out of {trainer.checkpoint_dir} before resuming; ")
+        if moved is None:
+            return ""
+        return f"ckpt-{step} holds the state that gave them: it was moved to {moved} (kept, not resumed from); "

@@ -29,7 +29,7 @@ import nifti_io
 import splits
 import utils
 from checkpoints import read_int
-from errors import RunStopped
+from errors import EXIT_PARTIAL, RunStopped
 
 VALIDATION_NAME = "validation.csv"
 BEST_FOLDER = "best"
@@ -50,7 +50,7 @@ class Validator:
         subjects: the validation ``layouts.Subject`` list.
         cfg: the run's :class:`config.Settings` (geometry, factor, sigma,
             batch size, -blend).
-        log: callable for notes (a subject that cannot be read is skipped, said once).
+        log: callable for notes (why a subject cannot be read is said the first time).
     """
 
     def __init__(self, subjects, cfg, log=print):
@@ -76,21 +76,28 @@ class Validator:
 
         Returns:
             dict: ``psnr_fair``, ``ssim_fair`` (SR), ``psnr_tricubic_fair``
-            (means over the subjects with a non-empty mask; NaN when none)
-            and ``subjects`` (how many were scored).
+            (means over the subjects with a non-empty mask; NaN when none),
+            ``subjects`` (how many were scored) and ``unreadable`` (the names
+            of the subjects that could not be read at this pass).
 
         Raises:
             nifti_io.PipelineError: the data folder has disappeared.
         """
         predict = self.predictor(generator)
-        rows = [row for row in (self.score_subject(s, predict) for s in self.subjects) if row is not None]
+        rows, unreadable = [], []
+        for subject in self.subjects:
+            row = self.score_subject(subject, predict)
+            if row is None:
+                unreadable.append(subject.name)
+            else:
+                rows.append(row)
         finite = [r for r in rows if np.isfinite(r[0])]
         if not finite:
             return {"psnr_fair": math.nan, "ssim_fair": math.nan, "psnr_tricubic_fair": math.nan,
-                    "subjects": 0}
+                    "subjects": 0, "unreadable": unreadable}
         psnr, ssim, tricubic = (float(v) for v in np.mean(finite, axis=0))
         return {"psnr_fair": psnr, "ssim_fair": ssim, "psnr_tricubic_fair": tricubic,
-                "subjects": len(finite)}
+                "subjects": len(finite), "unreadable": unreadable}
 
     def score_subject(self, subject, predict):
         """(psnr, ssim, tricubic psnr) of one subject, fair; None when it cannot be read."""
@@ -123,6 +130,27 @@ def best_record(folder):
     """
     prefix = checkpoints.latest(folder)
     return config.read_json(prefix + SCORE_SUFFIX) if prefix else None
+
+
+def is_best_folder(folder):
+    """bool, whether ``folder`` is a run's ``best/`` folder (it holds a ``ckpt-N.validation.json``)."""
+    return bool(glob.glob(os.path.join(glob.escape(folder), "ckpt-*" + SCORE_SUFFIX)))
+
+
+def results_in(folder):
+    """What of a run's validation ``folder`` holds: ``best/ (step N)``, ``validation.csv``; [] for none.
+
+    A new run in that folder would append to its validation.csv and compete
+    with (and replace) its best checkpoint.
+    """
+    held = []
+    best = os.path.join(folder, BEST_FOLDER)
+    record = best_record(best) if os.path.isdir(best) else None
+    if record or checkpoints.holds_checkpoints(best):
+        held.append(f"{BEST_FOLDER}/" + (f" (step {record['step']})" if record else ""))
+    if os.path.exists(os.path.join(folder, VALIDATION_NAME)):
+        held.append(VALIDATION_NAME)
+    return held
 
 
 class BestCheckpoint:
@@ -209,6 +237,8 @@ class Validation:
         self.log = log
         self.best = BestCheckpoint(run_dir) if is_chief else None
         self._writer = None
+        self.passes = 0
+        self.failures = []  # (step, why) of this process's passes that were not compared
 
     def due(self, step, epoch_end):
         """bool, whether the checkpoint of ``step`` is validated (the same on every worker)."""
@@ -234,6 +264,12 @@ class Validation:
     def run(self, trainer, path):
         """Validates the generator saved at ``path``; records it; replaces the best checkpoint if it is better.
 
+        A pass that could not read every validation subject (or scored
+        another number of them than the best checkpoint's pass) is recorded
+        and said, but not compared with the best. A pass of the checkpoint
+        ``best/`` already holds (a kill came between its copy and its row) is
+        recorded as the best without copying it again.
+
         Returns:
             dict, the validation record (step, epoch, the scores of
             :meth:`Validator.score`, checkpoint); None on other workers.
@@ -248,29 +284,61 @@ class Validation:
         step = read_int(trainer.step)
         epoch = read_int(trainer.epoch) + read_int(trainer.epoch_batches) / self.batches_per_epoch
         scores = self.validator.score(trainer.generator)
+        problem = self.not_comparable(scores)
+        scores = {k: v for k, v in scores.items() if k != "unreadable"}
         record = {"step": step, "epoch": epoch, **scores, "checkpoint": os.path.abspath(path)}
-        improved = bool(np.isfinite(scores["psnr_fair"]) and scores["psnr_fair"] > self.best.psnr)
+        held = bool(self.best.record) and int(self.best.record["step"]) == step
+        improved = bool(problem is None and not held and np.isfinite(scores["psnr_fair"])
+                        and scores["psnr_fair"] > self.best.psnr)
         seconds = time.time() - started
         try:
             if improved:
                 self.best.replace(path, record)
             durable.append_csv_row(self.csv_path, COLUMNS, {
-                **{k: record[k] for k in COLUMNS if k in record}, "best": int(improved), "seconds": seconds})
+                **{k: record[k] for k in COLUMNS if k in record}, "best": int(improved or held),
+                "seconds": seconds})
         except durable.OutputError as err:
             raise RunStopped(f"cannot record the validation of step {step}: {err}. The checkpoint {path} "
                              f"and the previous best in {self.best.folder} are intact; make room and "
                              f"resume with -restore {os.path.dirname(path)}") from None
+        self.passes += 1
+        if problem:
+            self.failures.append((step, problem))
         self.write_scalars(step, scores)
-        self.log(self.line(record, improved, seconds))
+        self.log(self.line(record, improved, seconds, problem, held))
         return record
 
-    def line(self, record, improved, seconds):
+    def not_comparable(self, scores):
+        """Why a pass's scores cannot be compared with the best checkpoint's (None: they can).
+
+        Means over other subjects are other numbers: a pass that could not
+        read a subject, or scored another number of subjects than the best
+        checkpoint's pass, would otherwise win or lose by the subjects it lost.
+        """
+        unreadable = scores.get("unreadable", [])
+        if unreadable:
+            names = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+            return f"{len(unreadable)} validation subject(s) could not be read ({names})"
+        best = self.best.record
+        if best and scores["subjects"] and int(best["subjects"]) != scores["subjects"]:
+            return (f"{scores['subjects']} subject(s) were scored, the best checkpoint's pass scored "
+                    f"{best['subjects']}")
+        return None
+
+    def line(self, record, improved, seconds, problem=None, held=False):
         """The console line of a validation pass."""
-        text = (f"validation at step {record['step']} (epoch {record['epoch']:.2f}): PSNR "
-                f"{record['psnr_fair']:.2f} dB, SSIM {record['ssim_fair']:.4f} (tricubic "
-                f"{record['psnr_tricubic_fair']:.2f} dB), {record['subjects']} subject(s), {seconds:.1f} s")
+        where = f"validation at step {record['step']} (epoch {record['epoch']:.2f})"
+        if problem and not record["subjects"]:
+            text = f"{where} failed: {problem}; no subject was scored ({seconds:.1f} s)"
+        else:
+            text = (f"{where}: PSNR {record['psnr_fair']:.2f} dB, SSIM {record['ssim_fair']:.4f} (tricubic "
+                    f"{record['psnr_tricubic_fair']:.2f} dB), {record['subjects']} subject(s), {seconds:.1f} s")
+            if problem:
+                text += f"; incomplete: {problem}, so it is not compared with the best"
         if improved:
             return text + f"; new best, copied to {self.best.folder}"
+        if held:
+            return text + f"; the best, already in {self.best.folder} (copied before the run stopped)"
         if self.best.record:
             return text + f"; the best stays step {self.best.record['step']} ({self.best.psnr:.2f} dB)"
         return text
@@ -286,5 +354,27 @@ class Validation:
         self._writer.flush()
 
     def summary(self):
-        """The end-of-run line about the best checkpoint ('' on other workers)."""
-        return self.best.summary() if self.is_chief else ""
+        """The end-of-run lines about the best checkpoint and incomplete passes ('' on other workers)."""
+        if not self.is_chief:
+            return ""
+        if not self.failures:
+            return self.best.summary()
+        (first, _), (last, why) = self.failures[0], self.failures[-1]
+        return (f"{self.best.summary()}\nwarning: validation was incomplete at {len(self.failures)} of "
+                f"{self.passes} pass(es) of this run, since step {first} (the last at step {last}: {why}); "
+                "those passes were not compared with the best, so the best checkpoint above is the best "
+                "of the complete passes")
+
+    def incomplete(self):
+        """The :class:`RunStopped` (exit code 4) that ends a run some of whose validations were incomplete.
+
+        None when every pass of this process scored every validation subject.
+        """
+        if not self.is_chief or not self.failures:
+            return None
+        first, why = self.failures[0]
+        return RunStopped(f"training ended, but validation was incomplete since step {first} ({why}; see "
+                          f"the warning above). The checkpoints and {self.best.folder} are intact. Fix or put "
+                          f"back the validation subjects' files before using {self.best.folder}: later passes "
+                          f"are compared again once they score every subject (-restore "
+                          f"{self.best.run_dir} to train on)", exit_code=EXIT_PARTIAL)

@@ -102,6 +102,56 @@ def test_non_finite_optimiser_state_is_refused_and_the_named_checkpoint_resumes(
     assert resumed.non_finite_state() == []
 
 
+def _scripted_losses(trainer, step, **values):
+    row = [values.get(name, 1.0) for name in SRGANTrainer.SCALAR_NAMES]
+    trainer.history[step % SRGANTrainer.HISTORY].assign(np.asarray(row, np.float32))
+
+
+@pytest.mark.parametrize("exploded, set_aside", [({"mse": 1e12}, True), ({"d_loss": 1e7}, True),
+                                                 ({"adv": 1e9}, False),  # the step's own D update
+                                                 ({"mse": np.nan}, False)])  # a NaN may come from the input
+def test_the_checkpoint_whose_state_gave_exploded_losses_is_set_aside(tmp_path, exploded, set_aside):
+    trainer = _tiny_trainer(tmp_path)
+    loop = TrainingLoop(trainer, log=lambda *_: None, batch_voxels=768)
+    for step in (1, 2):
+        trainer.step.assign(step)
+        _scripted_losses(trainer, step)
+        loop.save(step)
+    # Step 3's d_loss, mse and gdl come from the state of step 2; its adv from step 3's own update.
+    _scripted_losses(trainer, 3, **exploded)
+    with pytest.raises(RunStopped) as stop:
+        loop.guard_finite(3)
+    assert stop.value.exit_code == errors.EXIT_DIVERGED and "at step 3" in str(stop.value)
+    good = str(tmp_path / ("ckpt-1" if set_aside else "ckpt-2"))
+    assert checkpoints.latest(str(tmp_path)) == good
+    assert (tmp_path / "diverged" / "ckpt-2.index").exists() == set_aside
+    assert str(stop.value).endswith(f"the last good checkpoint is {good}; resume from it with a lower "
+                                    f"-learning_rate than this run's 0.0001: -restore {tmp_path} -learning_rate 1e-05")
+
+
+def test_following_the_divergence_advice_literally_trains_on(run, tmp_path, capsys):
+    import re
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["ckpt"], folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    # From the run's healthy ckpt-16, a learning rate 1000 times its own: the GAN blows up within a few
+    # steps, losses still finite, while checkpoints are written (every 4 steps: each is 55 MB, fsynced,
+    # and the followed command keeps the run's -checkpoint_steps).
+    argv = ["-restore", str(folder), "-learning_rate", "0.1", "-epochs", "2", "-checkpoint_steps", "4"]
+    assert model.main(argv) == errors.EXIT_DIVERGED
+    err = capsys.readouterr().err.strip()
+    advice = re.search(r"the last good checkpoint is (\S+); .*: (-restore \S+ -learning_rate \S+)$", err)
+    assert advice, err
+    named, command = advice.groups()
+    assert checkpoints.latest(str(folder)) == named  # the one -restore takes
+    assert command == f"-restore {folder} -learning_rate 0.01"
+    for index in glob.glob(str(folder / "ckpt-*.index")):
+        assert _non_finite_tensors(index[:-len(".index")]) == []
+    assert model.main(command.split()) == 0
+    assert checkpoints.latest(str(folder)) == str(folder / "ckpt-32")  # epoch 2, config.json's -epochs
+
+
 # ----------------------------------------------------------------------------
 # 2. A lost or stale `checkpoint` state file loses nothing
 # ----------------------------------------------------------------------------
@@ -395,3 +445,82 @@ def test_degenerate_images_are_refused_for_training(data, tmp_path, capsys):
 
 # 9. Messages: a failed save says it plainly and leaves no partial checkpoint: see
 # test_durability.py::test_a_full_disk_during_a_save_or_a_resume_exits_2_and_leaves_the_runs_files_intact
+
+
+# ----------------------------------------------------------------------------
+# 4. A damaged checkpoint is named as such; one pruned while it is read is not lost
+# ----------------------------------------------------------------------------
+
+def _copy_of(run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["ckpt"], folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    return folder
+
+
+def _truncate(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_checkpoint_file_is_named_and_the_flags_are_not_blamed(run, tmp_path, capsys):
+    import validation
+
+    folder = _copy_of(run, tmp_path)
+    validation.BestCheckpoint(str(folder)).replace(str(folder / "ckpt-16"), {"step": 16, "psnr_fair": 20.0})
+    _truncate(folder / "best" / "ckpt-16.index")
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(folder / "best"),
+                       "-path_volumes", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt-16.index is corrupt or truncated" in err and "the flags are not at fault" in err
+    _truncate(folder / "ckpt-16.data-00000-of-00001")
+    data = "its data file ckpt-16.data-00000-of-00001 is corrupt or truncated"
+    for argv in (["-export", str(tmp_path / "m.keras"), "-checkpoint_dir_restore", str(folder)],
+                 ["-restore", str(folder), "-epochs", "2"]):
+        assert model.main(argv) == 2
+        err = capsys.readouterr().err
+        assert data in err and "architecture flags" not in err and "Traceback" not in err
+
+
+def _pruning_restores(monkeypatch, folder, times):
+    """Makes each of the first ``times`` restores find its checkpoint pruned: a training run in ``folder``
+    saves the next ckpt-N and removes the one being read, as -keep_checkpoints 1 does."""
+    real_restore = tf.train.Checkpoint.restore
+    calls = {"n": 0}
+
+    def pruned_first(self, path, *args, **kwargs):
+        if calls["n"] < times and os.path.exists(path + ".index"):
+            calls["n"] += 1
+            step = checkpoints.number(path) + 1
+            for name in glob.glob(glob.escape(path) + ".*"):
+                os.replace(name, name.replace(os.path.basename(path), f"ckpt-{step}"))
+            checkpoints.write_state(str(folder), str(folder / f"ckpt-{step}"), [str(folder / f"ckpt-{step}")])
+        return real_restore(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.Checkpoint, "restore", pruned_first)
+
+
+def test_a_checkpoint_pruned_while_an_evaluation_reads_it_gives_way_to_the_newest(run, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import json
+
+    folder = _copy_of(run, tmp_path)
+    _pruning_restores(monkeypatch, folder, times=1)
+    out = tmp_path / "out"
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(folder), "-path_volumes", str(out)]) == 0
+    assert f"note: {folder / 'ckpt-16'} was removed while it was read" in capsys.readouterr().out
+    # Every output names the checkpoint whose weights were used.
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"].startswith(str(folder / "ckpt-17"))
+    (sidecar,) = out.glob("*_sr.json")
+    assert json.loads(sidecar.read_text())["Checkpoint"] == str(folder / "ckpt-17")
+
+
+def test_a_folder_pruned_at_every_read_says_so(run, tmp_path, monkeypatch, capsys):
+    folder = _copy_of(run, tmp_path)
+    _pruning_restores(monkeypatch, folder, times=3)  # checkpoints.RESTORE_ATTEMPTS
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(folder),
+                       "-path_volumes", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "were removed while they were read (ckpt-16, ckpt-17, ckpt-18)" in err
+    assert "architecture flags" not in err

@@ -176,3 +176,19 @@ def test_degenerate_images_are_not_scored(run, tmp_path, capsys):
     assert "skipping tiny_a" in text and "image 1x1x1 is smaller than one patch's worth" in text
     _, rows = durable.read_csv_rows(out / "metrics.csv")
     assert [r["subject"] for r in rows] == ["demo_000"]
+
+
+def test_an_evaluation_folder_is_not_resumed_with_the_other_layout(run, tmp_path, capsys):
+    out = tmp_path / "volumes"
+    argv = ["-evaluate", "True", "-checkpoint_dir_restore", str(run["ckpt"]), "-path_volumes", str(out)]
+    assert model.main(argv + ["-output_layout", "bids"]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    for layout, held in (("plain", "bids"), ("auto", "bids")):  # auto: plain names for this ADNI data
+        assert model.main(argv + ["-output_layout", layout]) == 2
+        err = capsys.readouterr().err
+        assert f"holds an evaluation with {held} names (metrics.csv and dataset_description.json)" in err
+        assert "Resume it with -output_layout bids" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert model.main(argv + ["-output_layout", "bids"]) == 0  # the same layout resumes
+    assert "resuming: 1 of 1 subject(s)" in capsys.readouterr().out

@@ -554,7 +554,8 @@ def test_flip_tta_mirrors_the_left_right_axis_of_the_affine(bids_run, tmp_path, 
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(scan, affine), str(path))
     seen = []
-    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: (
+        _recording_predictor(seen), checkpoints.checkpoint_identity(checkpoint_dir)))
     command = model.parse_command(
         ["-super_resolve", str(path), "-checkpoint_dir_restore", str(bids_run["ckpt"]),
          "-path_volumes", str(tmp_path / "out"), "-tta", "flip"], log=lambda *_: None)
@@ -582,7 +583,8 @@ def test_evaluation_mirrors_the_sources_left_right_axis(bids_run, tmp_path, monk
     data = tmp_path / "data"
     _save(data / "s1" / layouts.IMAGE_NAME, image, affine)
     seen = []
-    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: _recording_predictor(seen))
+    monkeypatch.setattr(inference, "restored_predictor", lambda cfg, checkpoint_dir, log: (
+        _recording_predictor(seen), checkpoints.checkpoint_identity(checkpoint_dir)))
     assert _evaluate(bids_run["ckpt"], tmp_path / "out", "-data_path", data, "-tta", "flip") == 0
     hr, _ = td.to_canonical(image.astype(np.float32), (32, 32, 24))
     lr_n = np.asarray(degradation.degrade(utils.normalize(hr)[0], 2, 1.0))
@@ -737,13 +739,17 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
     folder.mkdir()
     nib.save(nib.Nifti1Image(rng.uniform(0, 300, (9, 8, 7)).astype(np.float32), np.eye(4)), str(folder / "c.nii"))
     nib.save(nib.Nifti1Image(-np.ones((9, 8, 7), np.float32), np.eye(4)), str(folder / "d.nii.gz"))
+    (folder / "e.nii.gz").write_bytes(b"not a NIfTI file")  # left out when the folder is listed
     out = tmp_path / "out"
     argv = ["-super_resolve", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), str(folder),
             "-checkpoint_dir_restore", str(bids_run["ckpt"]), "-path_volumes", str(out)]
-    # One input skipped: the others are written, and the exit code says so.
+    # Two inputs skipped, one of them when the folder was listed: the others are written, and the
+    # summary and the exit code say so.
     assert model.main(argv) == errors.EXIT_PARTIAL
     captured = capsys.readouterr()
-    assert "1 of 4 inputs were skipped" in captured.err
+    assert "3 super-resolved scan(s) written" in captured.out
+    assert "; 2 skipped (1 of them when their folder or list was read)" in captured.out
+    assert "2 of 5 inputs were skipped" in captured.err and "e.nii.gz" in captured.err
     assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json",
                                                                   "b_sr.nii.gz", "c_sr.json", "c_sr.nii.gz"]
     assert "skipping" in captured.out and "d.nii.gz: maximum intensity -1" in captured.out
@@ -810,3 +816,23 @@ def test_a_csv_list_of_an_adni_tree_trains_and_evaluates(tmp_path):
     assert [r["subject"] for r in rows] == ["demo_002"] and data.is_dir()
     assert "subject IDs from the images' folders, e.g. demo_000" in log.lines[0]
     assert (tmp_path / "out" / "demo_002_sr.nii.gz").exists()
+
+
+def test_a_refusal_replaces_nothing_and_says_nothing_of_replacing(bids_run, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other_ckpt"  # another checkpoint (its path is in the outputs' GeneratedBy)
+    shutil.copytree(bids_run["ckpt"], other, ignore=shutil.ignore_patterns("logs", "predictions"))
+    (scan,) = sorted(bids_run["data"].glob("sub-02/**/anat/*desc-brain_T1w.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["-super_resolve", str(scan), "-path_volumes", str(out), "-checkpoint_dir_restore"]
+    assert model.main(argv + [str(bids_run["ckpt"])]) == 0
+    written = {p: p.read_bytes() for p in out.rglob("*.nii.gz")}
+    capsys.readouterr()
+    assert model.main(argv + [str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "describes another dataset" in captured.err
+    assert "replacing" not in captured.out  # nothing was replaced
+    assert {p: p.read_bytes() for p in out.rglob("*.nii.gz")} == written
+    assert model.main(argv + [str(bids_run["ckpt"])]) == 0  # the same checkpoint again: it does replace, and says so
+    assert "note: replacing 1 existing file(s)" in capsys.readouterr().out

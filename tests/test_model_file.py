@@ -31,6 +31,7 @@ def test_export_writes_one_self_describing_file(run, exported, capsys):
     assert metadata["checkpoint"]["step"] == 16 and len(metadata["checkpoint"]["sha256"]) == 16
     assert metadata["training"]["train_subjects"] == 4 and metadata["training"]["epochs"] == 1
     assert "x2 super-resolution" in metadata["model_card"] and "normalisation" in metadata
+    assert "trained: 1 of 1 epochs (step 16), 4 training subjects" in metadata["model_card"]
     # The card is printed as well as stored.
     path = exported.parent / "again.keras"
     assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(run["ckpt"])]) == 0
@@ -117,3 +118,28 @@ def test_the_card_reports_the_last_evaluation_of_that_checkpoint(run, tmp_path):
     scores = model_file.read_metadata(str(path))["evaluation"]
     assert scores["subjects"] == 1 and np.isfinite(scores["psnr_fair"]) and np.isfinite(scores["ssim_tricubic_fair"])
     assert f"SR PSNR {scores['psnr_fair']:.2f} dB" in model_file.read_metadata(str(path))["model_card"]
+
+
+@pytest.mark.parametrize("training, text", [
+    ({"steps": 59, "epochs": 5, "epochs_done": 2, "epoch_batches": 19}, "epoch 3 of 5, 19 batches in (step 59)"),
+    ({"steps": 60, "epochs": 5, "epochs_done": 3, "epoch_batches": 0}, "3 of 5 epochs (step 60)"),
+    ({"steps": 59, "epochs": 5}, "step 59 of a run of 5 epochs"),  # a file of an earlier version
+])
+def test_the_card_gives_the_checkpoints_own_epoch(training, text):
+    assert model_file.progress_text(training) == text
+
+
+def test_the_card_of_a_best_checkpoint_gives_its_epoch_not_the_runs_total(run, tmp_path, capsys):
+    import shutil
+
+    import validation
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["ckpt"], folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "epochs": 5}))  # the run goes on to 5
+    validation.BestCheckpoint(str(folder)).replace(str(folder / "ckpt-16"), {"step": 16, "psnr_fair": 20.0})
+    path = tmp_path / "best.keras"
+    assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(folder / "best")]) == 0
+    card = model_file.read_metadata(str(path))["model_card"]
+    assert "trained: 1 of 5 epochs (step 16)," in card and "steps, 5 epochs" not in card

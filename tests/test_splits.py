@@ -79,7 +79,9 @@ def test_a_new_split_holds_out_from_train_and_split_json_round_trips(tmp_path):
     (tmp_path / splits.SPLIT_NAME).write_text(json.dumps(saved))
     old = splits.saved_split(str(tmp_path), subjects, cfg, log)
     assert old.validation == [] and old.train == split.train and old.test == test
-    assert "holds no validation subjects: -validation_fraction 0.25 is not used" in log.text
+    kept = splits.kept_split_settings(cfg.replace(restore=str(tmp_path)), old, log)
+    assert kept.validation_fraction == 0.0
+    assert "(6 train, 0 validation, 2 test subjects): -validation_fraction 0.25 is not used" in log.text
     # The default holds nothing out: the split is the original's.
     assert splits.new_split(subjects, cfg.replace(validation_fraction=0.0), log) == splits.Split(train, [], test)
 
@@ -92,3 +94,26 @@ def test_csv_validation_rows_are_the_validation_set():
     assert [[s.name for s in part] for part in (split.train, split.validation, split.test)] == [
         ["s0", "s3"], ["s1", "s4"], ["s2"]]
     assert "names the validation subjects; -validation_fraction 0.5 is not used" in log.text
+
+
+@pytest.mark.parametrize("given", [{"validation_fraction": 0.5}, {"validation_fraction": 0.0},
+                                   {"train_fraction": 0.6, "validation_fraction": 0.25}])
+def test_a_resumed_run_keeps_the_split_settings_of_its_split_json_and_says_so(tmp_path, given):
+    subjects = _subjects(10)
+    cfg = config.Settings(data_path=str(tmp_path), validation_fraction=0.25, seed=3)
+    split = splits.new_split(subjects, cfg, Log())
+    splits.write_split(str(tmp_path), cfg.data_path, cfg.train_fraction, split)
+    (tmp_path / config.CONFIG_NAME).write_text(json.dumps(config.config_record(cfg)))
+    log = Log()
+    resumed = cfg.replace(restore=str(tmp_path), **given)
+    assert splits.saved_split(str(tmp_path), subjects, resumed, log) == split
+    kept = splits.kept_split_settings(resumed, split, log)
+    # What config.json will say is what runs: the run's fractions, not the flags'.
+    assert (kept.train_fraction, kept.validation_fraction) == (0.8, 0.25)
+    ignored = ", ".join(f"-{k} {v}" for k, v in given.items() if getattr(cfg, k) != v)
+    assert f"note: the run keeps its split.json (6 train, 2 validation, 2 test subjects): {ignored} is not used" \
+        in log.text
+    # Flags that agree with the run say nothing.
+    quiet = Log()
+    assert splits.kept_split_settings(cfg.replace(restore=str(tmp_path)), split, quiet) == cfg.replace(
+        restore=str(tmp_path)) and quiet.lines == []

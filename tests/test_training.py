@@ -119,3 +119,48 @@ def test_a_resume_whose_data_moved_says_the_exact_command(run, tmp_path, capsys)
     assert model.main(["-restore", str(ckpt), "-epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert f"-restore {ckpt} -data_path NEW_PLACE" in err and "-demo" not in err
+
+
+def _run_with_best(run, tmp_path):
+    """A copy of the shared run whose best/ holds its ckpt-16, as validation keeps it."""
+    import validation
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["ckpt"], folder, ignore=shutil.ignore_patterns("logs", "predictions"))
+    record = {"step": 16, "epoch": 1.0, "psnr_fair": 20.0, "ssim_fair": 0.5, "psnr_tricubic_fair": 19.0,
+              "subjects": 1, "checkpoint": str(folder / "ckpt-16")}
+    validation.BestCheckpoint(str(folder)).replace(str(folder / "ckpt-16"), record)
+    (folder / validation.VALIDATION_NAME).write_text("step,epoch,psnr_fair\n16,1.0,20.0\n")
+    return folder
+
+
+def test_training_into_a_best_folder_is_refused_naming_the_run(run, tmp_path, capsys):
+    import training
+
+    folder = _run_with_best(run, tmp_path)
+    best = folder / "best"
+    before = sorted(os.listdir(best))
+    for argv, given in ((["-restore", str(best)], f"-restore {best} trains into"),
+                        (["-restore", str(folder), "-checkpoint_dir", str(best)], f"-checkpoint_dir {best}")):
+        assert model.main(argv + ["-epochs", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {given} {str(best)!r}" in err
+        assert f"the best checkpoint of the run in {str(folder)!r}" in err
+        assert f"Resume the run with -restore {folder}," in err and "Traceback" not in err
+    assert sorted(os.listdir(best)) == before and not (best / "best").exists()
+    # What the message offers instead: the best checkpoint continued in a new folder.
+    command = model.parse_command(["-restore", str(best), "-checkpoint_dir", str(tmp_path / "new")], log=print)
+    assert training.prepare_run_folder(command.settings) is False
+
+
+def test_a_folder_whose_checkpoints_are_gone_but_whose_results_remain_is_refused(run, tmp_path, capsys):
+    folder = _run_with_best(run, tmp_path)
+    for path in list(folder.glob("ckpt-*")) + [folder / "checkpoint"]:
+        path.unlink()
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    argv = [a if a != str(run["ckpt"]) else str(folder) for a in run["argv"]]
+    assert model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"-checkpoint_dir {str(folder)!r} already holds a training run (best/ (step 16), validation.csv)" in err
+    assert f"-restore {folder / 'best'} -checkpoint_dir NEW_FOLDER" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

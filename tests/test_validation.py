@@ -13,6 +13,7 @@ from helpers import TINY, Log
 import checkpoints
 import config
 import durable
+import errors
 import layouts
 import model
 import phantoms
@@ -136,6 +137,86 @@ def test_a_replacement_that_fails_or_is_killed_leaves_a_complete_best(tmp_path, 
     assert checkpoints.latest(str(tmp_path / "best")).endswith("ckpt-12")
 
 
+def test_a_kill_between_the_best_copy_and_its_row_keeps_it_marked_best(tmp_path, monkeypatch):
+    v = _validation(tmp_path, [21.0])
+    real_append = durable.append_csv_row
+    monkeypatch.setattr(durable, "append_csv_row", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _run_steps(v, tmp_path, [4])  # best/ holds step 4, validation.csv has no row yet
+    monkeypatch.setattr(durable, "append_csv_row", real_append)
+    assert validation.best_record(str(tmp_path / "best"))["step"] == 4
+    log = Log()
+    # The resumed run validates the checkpoint again (its row is missing); CPU kernels may score it a
+    # little lower: it is still the best, and marked so.
+    resumed = _validation(tmp_path, [20.99], log)
+    resumed.catch_up(_fake_trainer(4), _fake_checkpoint(str(tmp_path), 4))
+    _, rows = durable.read_csv_rows(str(tmp_path / validation.VALIDATION_NAME))
+    assert [(r["step"], r["best"]) for r in rows] == [("4", "1")]
+    assert "the best, already in" in log.lines[-1]
+    assert validation.best_record(str(tmp_path / "best"))["psnr_fair"] == 21.0
+
+
+@pytest.fixture()
+def two_subjects(data, tmp_path):
+    """Two validation subjects copied out of the module's data (so that they can be damaged)."""
+    import shutil
+
+    subjects, _ = layouts.find_subjects(data, log=Log())
+    for s in subjects[:2]:
+        shutil.copytree(os.path.dirname(s.image_path), tmp_path / "data" / s.name)
+    return layouts.find_subjects(str(tmp_path / "data"), log=Log())[0]
+
+
+def test_a_validation_subject_lost_mid_run_is_said_at_each_pass_and_not_compared(two_subjects, tmp_path):
+    import training
+
+    cfg = config.Settings(volume_shape=(32, 32, 24), patch_shape=(20, 20, 16), patch_margin=2, feature_size=4,
+                          residual_blocks=1, upsampling_factor=2)
+    keras.utils.set_random_seed(0)
+    generator, _ = build_networks(cfg)
+    log = Log()
+    validator = validation.Validator(two_subjects, cfg, log)
+    predict = validator.predictor(generator)
+    psnrs = {s.name: validator.score_subject(s, predict)[0] for s in two_subjects}
+    # The subject lost is the worse one: the mean of the other alone is higher than the full pass's.
+    lost, kept = sorted(two_subjects, key=lambda s: psnrs[s.name])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    v = validation.Validation(validator, str(run_dir), str(run_dir / "logs"), 4, last_step=12,
+                              batches_per_epoch=4, log=log)
+
+    def validate(step):
+        trainer = _fake_trainer(step)
+        trainer.generator = generator
+        v.run(trainer, _fake_checkpoint(str(run_dir), step))
+        return log.lines[-1]
+
+    validate(4)
+    with open(lost.image_path, "r+b") as fh:  # truncated on disk mid-run
+        fh.truncate(os.path.getsize(lost.image_path) // 2)
+    line = validate(8)
+    assert f"incomplete: 1 validation subject(s) could not be read ({lost.name}), so it is not compared" in line
+    assert "the best stays step 4" in line
+    os.remove(kept.image_path)
+    line = validate(12)
+    assert line.startswith("validation at step 12 (epoch 3.00) failed: 2 validation subject(s) could not be "
+                           f"read ({lost.name}, {kept.name}); no subject was scored")
+    _, rows = durable.read_csv_rows(str(run_dir / validation.VALIDATION_NAME))
+    assert [(r["step"], r["subjects"], r["best"]) for r in rows] == [("4", "2", "1"), ("8", "1", "0"),
+                                                                     ("12", "0", "0")]
+    assert float(rows[1]["psnr_fair"]) > float(rows[0]["psnr_fair"])  # a higher mean, over less
+    assert validation.best_record(str(run_dir / "best"))["step"] == 4
+    # The run's end: the summary says since when, and the run does not end as a success (exit code 4).
+    said = Log()
+    with pytest.raises(RunStopped) as stop:
+        training.close_validation(v, said)
+    assert stop.value.exit_code == errors.EXIT_PARTIAL
+    assert "best checkpoint: step 4" in said.text
+    assert ("warning: validation was incomplete at 2 of 3 pass(es) of this run, since step 8 (the last at "
+            "step 12") in said.text
+    assert "validation was incomplete since step 8" in str(stop.value)
+
+
 def test_validate_steps_without_validation_subjects_is_said():
     import placement
     import training
@@ -249,3 +330,32 @@ def test_the_default_holds_nothing_out(run):
     assert not (run["ckpt"] / validation.VALIDATION_NAME).exists()
     # No checkpoint beyond the original's: the epoch's own.
     assert sorted(p.name for p in run["ckpt"].glob("ckpt-*.index")) == ["ckpt-16.index"]
+
+
+def test_a_resume_keeps_its_split_in_config_json_and_an_unreadable_validation_subject_ends_it_with_4(
+        run, tmp_path, capsys):
+    import shutil
+
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    shutil.copytree(run["ckpt"], ckpt, ignore=shutil.ignore_patterns("logs", "predictions"))
+    shutil.copytree(run["data"], data)
+    # A run that held 2 of its 4 training subjects out for validation (-validation_fraction 0.5).
+    split = json.loads((ckpt / splits.SPLIT_NAME).read_text())
+    split.update(data_path=str(data), train=split["train"][:2], validation=split["train"][2:])
+    (ckpt / splits.SPLIT_NAME).write_text(json.dumps(split))
+    saved = json.loads((ckpt / config.CONFIG_NAME).read_text())
+    saved.update(data_path=str(data), validation_fraction=0.5)
+    (ckpt / config.CONFIG_NAME).write_text(json.dumps(saved))
+    image = data / split["validation"][0] / layouts.IMAGE_NAME
+    with open(image, "r+b") as fh:
+        fh.truncate(os.path.getsize(image) // 2)
+    assert model.main(["-restore", str(ckpt), "-validation_fraction", "0", "-epochs", "2"]) == errors.EXIT_PARTIAL
+    out, err = capsys.readouterr()
+    assert ("note: the run keeps its split.json (2 train, 2 validation, 1 test subjects): -validation_fraction "
+            "0.0 is not used; -validation_fraction 0.5 (the run's) stays in config.json") in out
+    assert json.loads((ckpt / config.CONFIG_NAME).read_text())["validation_fraction"] == 0.5
+    # It kept validating, as config.json says; no pass read both subjects, so none is the best.
+    _, rows = durable.read_csv_rows(str(ckpt / validation.VALIDATION_NAME))
+    assert [(r["step"], r["subjects"], r["best"]) for r in rows] == [("16", "1", "0"), ("24", "1", "0")]
+    assert "warning: validation was incomplete at 2 of 2 pass(es) of this run, since step 16" in out
+    assert "stopped: training ended, but validation was incomplete since step 16" in err
