@@ -280,9 +280,10 @@ def checkpoint_identity(checkpoint_dir):
 
     Returns:
         dict: ``path`` (real path of the latest ``ckpt-N`` prefix), ``step``
-        (int, the training step; None when unknown) and ``sha256`` (16 hex
-        digits of its ``.index`` file, which holds a checksum of every tensor:
-        it tells apart two checkpoints saved under the same name).
+        (int, the training step; None when unknown) and ``sha256`` (the
+        SHA-256 of its ``.index`` file, 64 hex digits, as ``sha256sum
+        ckpt-N.index`` prints it; the index holds a checksum of every tensor,
+        so it tells apart two checkpoints saved under the same name).
 
     Raises:
         UserError: if the folder holds no checkpoint.
@@ -290,7 +291,7 @@ def checkpoint_identity(checkpoint_dir):
     path = require(checkpoint_dir)
     try:
         with open(path + ".index", "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+            digest = hashlib.sha256(fh.read()).hexdigest()
     except OSError as err:
         raise UserError(f"cannot read the checkpoint {path}: {err.strerror or err}")
     step = None
@@ -300,6 +301,24 @@ def checkpoint_identity(checkpoint_dir):
         match = re.search(r"-(\d+)$", path)
         step = int(match.group(1)) if match else None
     return {"path": os.path.realpath(path), "step": step, "sha256": digest}
+
+
+# Earlier versions recorded the first 16 hex digits of the digest (metrics.json,
+# sidecars, model files); they still identify the checkpoint.
+SHORT_DIGEST = 16
+
+
+def same_digest(recorded, current):
+    """bool, whether two recorded ``sha256`` values name the same checkpoint.
+
+    Equal, or one is the other's first 16 or more hex digits (what earlier
+    versions recorded), so their metrics.csv and model files are still
+    resumed and recognised.
+    """
+    if not isinstance(recorded, str) or not isinstance(current, str):
+        return False
+    short, full = sorted((recorded.lower(), current.lower()), key=len)
+    return len(short) >= SHORT_DIGEST and full.startswith(short)
 
 
 def restore_generator(generator, checkpoint_dir):

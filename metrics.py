@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+import checkpoints
 import durable
 import utils
 from errors import UserError
@@ -141,6 +142,16 @@ def drop_header_lines(csv_path, settings):
     durable.write_text(csv_path, "\n".join(lines))
 
 
+def same_setting(key, recorded, current):
+    """bool, whether a metrics.json setting allows resuming: equal, or the same checkpoint digest.
+
+    Earlier versions recorded the checkpoint's digest shortened to 16 hex digits.
+    """
+    if key == "checkpoint_sha256":
+        return checkpoints.same_digest(recorded, current)
+    return recorded == current
+
+
 class MetricsFile:
     """metrics.csv: one row per subject, appended and flushed as each subject ends.
 
@@ -185,7 +196,7 @@ class MetricsFile:
                             "-path_volumes, or move that metrics.csv away to start afresh")
         different = [f"{key}: {old.get(key, '(none)')} here, {value} now"
                      for key, value in self.settings.items()
-                     if key not in INFORMATIONAL_SETTINGS and old.get(key) != value]
+                     if key not in INFORMATIONAL_SETTINGS and not same_setting(key, old.get(key), value)]
         try:
             fieldnames, rows = durable.read_csv_rows(self.path)
         except (OSError, ValueError) as err:

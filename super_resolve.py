@@ -12,6 +12,8 @@ import inference
 import layouts
 import nifti_io
 import outputs as outputs_lib
+import report
+import report_figures
 import scans
 import utils
 from errors import EXIT_PARTIAL, RunStopped, UserError
@@ -57,7 +59,10 @@ def check_scan_fits_factors(path, zooms, upsampling_factor, log):
 
 
 def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
-    """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
+    """Super-resolves one scan as it is and writes it with its sidecar.
+
+    Returns:
+        a ``report.ScanResult`` (the paths, grids and the report's figure).
 
     Raises:
         nifti_io.DataError: the scan cannot be read or its maximum is <= 0.
@@ -82,7 +87,8 @@ def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     out = outputs.write_volume(scan.subject, "sr", sr, affine @ np.diag([*(1.0 / factors), 1.0]),
                                header, zooms=zooms, sidecar=sidecar)
     tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
-    return out
+    return report.ScanResult(path, out, image.shape, sr.shape, tuple(header.get_zooms()[:3]), tuple(zooms),
+                             report_figures.super_resolution_figure(image, sr, f, zooms))
 
 
 def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
@@ -97,6 +103,8 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     says. A progress bar runs over the inputs. With several inputs an
     unreadable one (or one whose maximum is <= 0) is reported and skipped,
     and the run ends with exit code 4 once the others are written.
+    ``report.html`` beside them shows each input beside its SR. A run that
+    writes no scan removes the output folder again if it created it.
 
     Returns:
         list of the SR paths written.
@@ -116,33 +124,55 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     sources = [(s.root, "bids" if s.bids else None) for s in inputs if s.root is not None]
     sources += [(os.path.abspath(p), layouts.detect_layout(p, cfg.image_name))
                 for p in cfg.super_resolve if os.path.isdir(p)]
+    created = folders.new_folders(outputs.folder)
     folders.check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
-        durable.remove_stale_temporaries(outputs.folder)
-        checkpoint = inference.generator_identity(checkpoint_dir)
-        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
-        predict = inference.restored_predictor(cfg, checkpoint_dir, log)
-        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
-        provenance = outputs_lib.provenance(cfg, checkpoint)
-        written, skipped = [], []
-        for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
-                         disable=len(inputs) == 1):
-            try:
-                written.append(super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
-            except nifti_io.PipelineError:
-                raise
-            except nifti_io.DataError as err:
-                if len(inputs) == 1:
-                    raise
-                log(f"skipping: {err}")
-                skipped.append(scan)
-    if not written:
-        raise UserError("no scan could be super-resolved; see the messages above")
+        # A run that writes no scan leaves no folder of its own making behind.
+        with folders.removed_unless_written(created, outputs.metadata_names()):
+            results, skipped = super_resolve_locked(cfg, checkpoint_dir, inputs, outputs, log)
+    written = [r.output for r in results]
     log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
         + (f"; {len(skipped)} skipped" if skipped else ""))
+    log(f"report: {os.path.join(outputs.folder, outputs_lib.REPORT_NAME)}")
     if skipped:
-        raise partial_failure(written, skipped)
+        raise partial_failure(written, [scan for scan, _ in skipped])
     return written
+
+
+def super_resolve_locked(cfg, checkpoint_dir, inputs, outputs, log):
+    """:func:`super_resolve_file` once the output folder is locked: every scan, then report.html.
+
+    Returns:
+        (list of ``report.ScanResult``, list of (skipped scan, reason)).
+
+    Raises:
+        UserError: no scan could be super-resolved.
+        nifti_io.DataError: the only scan cannot be read or has a maximum <= 0.
+    """
+    durable.remove_stale_temporaries(outputs.folder)
+    checkpoint = inference.generator_identity(checkpoint_dir)
+    folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
+    predict = inference.restored_predictor(cfg, checkpoint_dir, log)
+    outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+    provenance = outputs_lib.provenance(cfg, checkpoint)
+    results, skipped = [], []
+    for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
+                     disable=len(inputs) == 1):
+        try:
+            results.append(super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
+        except nifti_io.PipelineError:
+            raise
+        except nifti_io.DataError as err:
+            if len(inputs) == 1:
+                raise
+            log(f"skipping: {err}")
+            skipped.append((scan, str(err)))
+    if not results:
+        raise UserError("no scan could be super-resolved; see the messages above")
+    report.write(os.path.join(outputs.folder, outputs_lib.REPORT_NAME), report.super_resolution_page(
+        cfg, checkpoint_dir, checkpoint, results, [(s.subject.image_path, why) for s, why in skipped],
+        outputs.folder))
+    return results, skipped
 
 
 def partial_failure(written, skipped):
