@@ -315,6 +315,8 @@ def same_digest(recorded, current):
     versions recorded), so their metrics.csv and model files are still
     resumed and recognised.
     """
+    if recorded == current:
+        return True
     if not isinstance(recorded, str) or not isinstance(current, str):
         return False
     short, full = sorted((recorded.lower(), current.lower()), key=len)

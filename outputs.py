@@ -341,7 +341,7 @@ def same_generator(recorded, current):
     description; their folders are still resumed (and get the whole digest).
     """
     def shortened(value):
-        return re.sub(r"(sha256 [0-9a-f]{%d})[0-9a-f]*" % checkpoints.SHORT_DIGEST, r"\1", json.dumps(value))
+        return re.sub(r"(sha256 [0-9a-f]{%d})[0-9a-f]*" % checkpoints.SHORT_DIGEST, r"\1", json.dumps(value, sort_keys=True))
     return shortened(recorded) == shortened(current)
 
 

@@ -459,4 +459,6 @@ def super_resolution_page(cfg, source, checkpoint, results, skipped, folder):
                   element("p", "Mid-planes of the input (nearest-upsampled onto the SR grid) and of the SR, "
                                "on one grey scale.", class_="note"),
                   image(r.figure, f"{os.path.basename(r.source)}: input and SR")]
+    if model_path(source):
+        parts.append(model_card_section(source))
     return page(f"{version.PROGRAM_NAME}: super-resolution x{f}, {len(results)} scan(s)", parts)
