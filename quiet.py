@@ -62,6 +62,37 @@ def native_stderr_hidden(hidden=True):
         os.close(devnull)
 
 
+class FirstCallQuiet:
+    """A callable whose first call runs with native stderr hidden (unless ``hidden`` is False).
+
+    TensorFlow optimises a compiled function's graph (grappler) when it
+    first runs it, and its remapper logs ``E0000 ... meta_optimizer.cc]
+    remapper failed: INVALID_ARGUMENT: Mutation::Apply error: fanout
+    'gradient_tape/.../LeakyRelu/LeakyReluGrad' exist for missing node
+    '.../BiasAdd'`` for a training step: it tries to fuse a convolution's (or
+    dense layer's) BiasAdd with the LeakyReLU after it, finds that the
+    LeakyReLU's gradient still reads the BiasAdd output, and leaves that
+    graph unfused. The step computes the same numbers either way; the line
+    only reads as a failure. Later calls print as usual.
+
+    Args:
+        fn: the callable (a ``tf.function``).
+        hidden: bool, hide the first call's native stderr.
+    """
+
+    def __init__(self, fn, hidden=True):
+        self.fn = fn
+        self.hidden = hidden
+        self.called = False
+
+    def __call__(self, *args, **kwargs):
+        if self.called:
+            return self.fn(*args, **kwargs)
+        self.called = True
+        with native_stderr_hidden(self.hidden):
+            return self.fn(*args, **kwargs)
+
+
 def import_tensorflow_quietly(verbose):
     """Imports TensorFlow with its C++ start-up lines hidden unless ``verbose``."""
     if not verbose:

@@ -18,6 +18,7 @@ import tensorflow as tf
 import checkpoints
 import config
 import networks
+import quiet
 import replica_steps
 from checkpoints import read_int
 from errors import RunStopped
@@ -65,6 +66,8 @@ class SRGANTrainer:
         workers: int, processes training together (the training loop makes
             them agree on checkpoints and stop requests).
         log: callable for notes (a resume from an earlier version's checkpoint).
+        quiet_first_step: bool, hide the native log lines of each compiled
+            step's first call (TensorFlow's graph optimiser; ``quiet.FirstCallQuiet``).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -77,7 +80,7 @@ class SRGANTrainer:
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
                  loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
-                 strategy=None, is_chief=True, xla=False, workers=1, log=print):
+                 strategy=None, is_chief=True, xla=False, workers=1, log=print, quiet_first_step=False):
         self.log = log
         self.generator = generator
         self.discriminator = discriminator
@@ -104,8 +107,11 @@ class SRGANTrainer:
             # tf.cond in Keras and the losses), so AutoGraph would only rewrite
             # it: without it the graph is the same and traces ~10 % faster.
             compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla), autograph=False)  # noqa: E731
-        self._compiled = compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr))
-        self._compiled_pretrain = compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr))
+        # Their first call's native log lines (grappler's) are hidden unless -verbose: quiet.FirstCallQuiet.
+        self._compiled = quiet.FirstCallQuiet(
+            compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr)), quiet_first_step)
+        self._compiled_pretrain = quiet.FirstCallQuiet(
+            compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr)), quiet_first_step)
         self._end_epoch = tf.function(self._end_epoch_fn, autograph=False)
         self._finite_check = None
 

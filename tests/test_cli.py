@@ -14,6 +14,7 @@ from helpers import ROOT, TINY
 import config
 import model
 import phantoms
+import quiet
 import train_dataset as td
 import utils
 
@@ -112,6 +113,17 @@ def test_help_version_and_mistyped_flags_answer_without_loading_tensorflow():
     assert [line for line in lines if line.startswith("exit ")] == ["exit 0", "exit 0", "exit 2", "exit 2"]
     assert lines[-1] == "[]", done.stdout[-500:] + done.stderr[-2000:]
     assert "unrecognized arguments: -bogus" in done.stderr and "-upsampling_factor" in done.stderr
+
+
+def test_the_first_call_of_a_training_step_is_quiet_unless_verbose(capfd):
+    # TensorFlow's graph optimiser logs at a compiled step's first call (quiet.FirstCallQuiet says what).
+    def noisy():
+        os.write(2, b"remapper failed\n")
+        return 1
+    for hidden, expected in ((True, "remapper failed\n"), (False, "remapper failed\n" * 2)):
+        step = quiet.FirstCallQuiet(noisy, hidden)
+        assert step() == 1 and step() == 1
+        assert capfd.readouterr().err == expected
 
 
 def _model_py(*argv, cwd, **kwargs):
