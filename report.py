@@ -63,7 +63,7 @@ BIAS = Measure("bias", "bias (mean signed error)", 2, None)
 
 
 class Html(str):
-    """A piece of HTML built here: :func:`cell` and the builders insert it as it is, not escaped."""
+    """A piece of HTML built here: :func:`element` and :func:`table` insert it as it is, not escaped."""
 
 
 def escape(value):
