@@ -67,7 +67,8 @@ def png_bytes(figure):
 
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    # zlib level 3: a fifth of the default's time for a few per cent more bytes.
+    figure.savefig(buffer, format="png", dpi=DPI, pil_kwargs={"compress_level": 3})
     return buffer.getvalue()
 
 
@@ -93,8 +94,9 @@ def planes_figure(images, errors=(), zooms=(1.0, 1.0, 1.0), error_label="|error|
     ``images`` (one grey scale: 0 to the 99.5th percentile of the first,
     the reference) then the ``errors`` (one shared colour scale, 0 to the
     99.5th percentile of all of them), each group followed by its colour bar.
-    Each row of a group is one picture (its planes side by side, a thin gap
-    between), which draws several times faster than one axes per panel.
+    Each group is coloured here and drawn as one picture (panels with thin
+    white gaps, voxels resampled to their physical aspect): one axes per
+    group instead of one per panel draws in a fraction of the time.
 
     Args:
         images: list of (title, 3 planes) (:func:`mid_planes`, :func:`nearest_planes`).
@@ -105,43 +107,63 @@ def planes_figure(images, errors=(), zooms=(1.0, 1.0, 1.0), error_label="|error|
     Returns:
         bytes, a PNG.
     """
+    from matplotlib import cm, colormaps, colors
+
     groups = [(list(images), "gray", scale_top(images[0][1], WINDOW_PERCENTILE), "intensity")]
     if errors:
         groups.append((list(errors), "magma", scale_top([p for _, planes in errors for p in planes],
                                                         ERROR_PERCENTILE), error_label))
     aspects = plane_aspects(zooms)
-    heights = [p.shape[0] * a for p, a in zip(images[0][1], aspects)]
-    bar = 0.12  # a colour bar's width, in panels
-    ratios = [r for columns, *_ in groups for r in (len(columns), bar, 0.5)][:-1]
-    width = PANEL_INCHES * sum(ratios) + 1.3
-    figure = new_figure(width, PANEL_INCHES * 3 + 0.45)
-    grid = figure.add_gridspec(3, len(ratios), width_ratios=ratios, height_ratios=heights,
-                               left=0.45 / width, right=1 - 0.8 / width, top=1 - 0.3 / figure.get_figheight(),
-                               bottom=0.02, wspace=0.04, hspace=0.06)
-    for g, (columns, cmap, top, label) in enumerate(groups):
-        for row in range(3):
-            ax = figure.add_subplot(grid[row, 3 * g])
-            strip, centres = side_by_side([planes[row] for _, planes in columns])
-            shown = ax.imshow(strip, cmap=cmap, vmin=0, vmax=top, aspect=aspects[row], interpolation="nearest")
-            ax.set_yticks([])
-            ax.set_xticks(centres if row == 0 else [])
-            if row == 0:
-                ax.set_xticklabels([title for title, _ in columns], fontsize=9)
-                ax.xaxis.tick_top()
-                ax.tick_params(length=0)
-            if g == 0:
-                ax.set_ylabel(utils.ROW_LABELS[row])
-        figure.colorbar(shown, cax=figure.add_subplot(grid[:, 3 * g + 1]), label=label)
+    pictures = [group_picture(columns, colormaps[cmap], top, aspects) for columns, cmap, top, _ in groups]
+    height = pictures[0][0].shape[0]
+    widths = [r for picture, *_ in pictures for r in (picture.shape[1], 0.04 * height, 0.2 * height)][:-1]
+    inches = PANEL_INCHES * 3 / height  # per picture pixel
+    width = inches * sum(widths) + 1.6
+    figure = new_figure(width, inches * height + 0.35)
+    grid = figure.add_gridspec(1, len(widths), width_ratios=widths, left=0.5 / width, right=1 - 0.85 / width,
+                               top=1 - 0.3 / figure.get_figheight(), bottom=0.02, wspace=0.03)
+    for g, ((columns, cmap, top, label), (picture, centres, middles)) in enumerate(zip(groups, pictures)):
+        ax = figure.add_subplot(grid[0, 3 * g])
+        ax.imshow(picture, interpolation="nearest", aspect="equal")
+        ax.set_axis_off()
+        for (title, _), x in zip(columns, centres):
+            ax.text(x, -2, title, ha="center", va="bottom", fontsize=9)
+        if g == 0:
+            for label_text, y in zip(utils.ROW_LABELS, middles):
+                ax.text(-3, y, label_text, ha="right", va="center", rotation=90, fontsize=10)
+        scale = cm.ScalarMappable(colors.Normalize(0, top), colormaps[cmap])
+        figure.colorbar(scale, cax=figure.add_subplot(grid[0, 3 * g + 1]), label=label)
     return png_bytes(figure)
 
 
-def side_by_side(planes, gap=1):
-    """Same-shaped planes in one picture, ``gap`` NaN columns between (drawn blank); and their centres."""
-    h, w = planes[0].shape
-    strip = np.full((h, len(planes) * (w + gap) - gap), np.nan, dtype=np.float32)
-    for i, plane in enumerate(planes):
-        strip[:, i * (w + gap): i * (w + gap) + w] = plane
-    return strip, [i * (w + gap) + (w - 1) / 2 for i in range(len(planes))]
+def group_picture(columns, cmap, top, aspects, gap=2):
+    """One group of :func:`planes_figure` as an RGB picture, and where its columns and rows are.
+
+    Returns:
+        (uint8 (h, w, 3) picture, x centre of each column, y middle of each row), in its pixels.
+    """
+    rows = [[square_pixels(planes[r], aspects[r]) for _, planes in columns] for r in range(3)]
+    w = max(p.shape[1] for row in rows for p in row)
+    picture_rows, middles, y = [], [], 0
+    for row in rows:
+        h = row[0].shape[0]
+        strip = np.full((h + gap, len(row) * (w + gap), 3), 255, np.uint8)
+        for i, plane in enumerate(row):
+            rgb = cmap(np.clip(plane / top, 0, 1), bytes=True)[..., :3]
+            strip[:h, i * (w + gap): i * (w + gap) + plane.shape[1]] = rgb
+        picture_rows.append(strip)
+        middles.append(y + h / 2)
+        y += h + gap
+    picture = np.concatenate(picture_rows)[:-gap, :-gap]
+    return picture, [i * (w + gap) + w / 2 for i in range(len(columns))], middles
+
+
+def square_pixels(plane, aspect):
+    """A plane resampled (nearest) along its rows so that a pixel of height / width ``aspect`` becomes square."""
+    if abs(aspect - 1) < 1e-3:
+        return plane
+    rows = max(1, int(round(plane.shape[0] * aspect)))
+    return plane[np.minimum((np.arange(rows) + 0.5) / aspect, plane.shape[0] - 1).astype(int)]
 
 
 def curves_figure(losses, validations):
@@ -166,12 +188,24 @@ def curves_figure(losses, validations):
             values = [r.get(key, np.nan) for r in losses]
             ax.plot(epochs, values, marker="o", markersize=3, label=key)
         if all(r.get(k, 0) > 0 for r in losses for k in keys):
-            ax.set_yscale("log")
+            log_scale(ax)
         ax.set(title=f"{title} losses, mean per epoch", xlabel="epoch")
         ax.legend(fontsize=8)
     if validations:
         validation_axes(axes[-1], validations)
     return png_bytes(figure)
+
+
+def log_scale(ax):
+    """A log y axis labelled in plain numbers (the default's mathtext labels draw several times slower)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value, minor):
+        leading = round(value / 10 ** np.floor(np.log10(value))) if value > 0 else 0
+        return f"{value:g}" if not minor or leading in (2, 5) else ""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: label(value, False)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: label(value, True)))
 
 
 def validation_axes(ax, validations):
