@@ -66,8 +66,7 @@ class SRGANTrainer:
         workers: int, processes training together (the training loop makes
             them agree on checkpoints and stop requests).
         log: callable for notes (a resume from an earlier version's checkpoint).
-        quiet_first_step: bool, hide the native log lines of each compiled
-            step's first call (TensorFlow's graph optimiser; ``quiet.FirstCallQuiet``).
+        quiet_first_step: bool, hide each compiled step's first-call log lines (``quiet.FirstCallQuiet``).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -106,12 +105,10 @@ class SRGANTrainer:
             # The step has no Python control flow on tensors (its branches are
             # tf.cond in Keras and the losses), so AutoGraph would only rewrite
             # it: without it the graph is the same and traces ~10 % faster.
-            compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla), autograph=False)  # noqa: E731
-        # Their first call's native log lines (grappler's) are hidden unless -verbose: quiet.FirstCallQuiet.
-        self._compiled = quiet.FirstCallQuiet(
-            compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr)), quiet_first_step)
-        self._compiled_pretrain = quiet.FirstCallQuiet(
-            compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr)), quiet_first_step)
+            compile_ = lambda fn: quiet.FirstCallQuiet(  # noqa: E731
+                tf.function(fn, jit_compile=bool(xla), autograph=False), quiet_first_step)
+        self._compiled = compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr))
+        self._compiled_pretrain = compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn, autograph=False)
         self._finite_check = None
 
