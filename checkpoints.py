@@ -309,16 +309,17 @@ def identify(path):
 
     Returns:
         dict: ``path`` (its real path), ``step`` (int, the training step;
-        None when unknown), ``sha256`` (16 hex digits of its ``.index`` file,
-        which holds a checksum of every tensor: it tells apart two checkpoints
-        saved under the same name), ``epoch`` and ``epoch_batches`` (the
-        epochs done and the batches into the next one; None when unknown).
+        None when unknown), ``sha256`` (the SHA-256 of its ``.index`` file,
+        64 hex digits, as ``sha256sum ckpt-N.index`` prints it; the index holds
+        a checksum of every tensor, so it tells apart two checkpoints saved
+        under the same name), ``epoch`` and ``epoch_batches`` (the epochs done
+        and the batches into the next one; None when unknown).
 
     Raises:
         OSError: its ``.index`` cannot be read (it may have been removed).
     """
     with open(path + ".index", "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+        digest = hashlib.sha256(fh.read()).hexdigest()
     counters = {}
     try:
         reader = tf.train.load_checkpoint(path)
@@ -365,6 +366,26 @@ def damage(path, err):
         shards = sorted(os.path.basename(p) for p in glob.glob(glob.escape(path) + ".data-*"))
         return f"its data file {', '.join(shards) or '(none)'} is corrupt or truncated ({reason})"
     return None
+
+
+# Earlier versions recorded the first 16 hex digits of the digest (metrics.json,
+# sidecars, model files); they still identify the checkpoint.
+SHORT_DIGEST = 16
+
+
+def same_digest(recorded, current):
+    """bool, whether two recorded ``sha256`` values name the same checkpoint.
+
+    Equal, or one is the other's first 16 or more hex digits (what earlier
+    versions recorded), so their metrics.csv and model files are still
+    resumed and recognised.
+    """
+    if recorded == current:
+        return True
+    if not isinstance(recorded, str) or not isinstance(current, str):
+        return False
+    short, full = sorted((recorded.lower(), current.lower()), key=len)
+    return len(short) >= SHORT_DIGEST and full.startswith(short)
 
 
 def damaged_message(path, damaged):

@@ -15,6 +15,10 @@ travels through a run's ``config.json`` (its ``persisted`` kind):
 plus what to do and where they came from (bookkeeping, not settings).
 Precedence: explicit flag > the checkpoint's config.json > the demo preset >
 the built-in default.
+
+The command line builds its parser from this module before TensorFlow
+loads, so the modules that need TensorFlow are imported by the functions
+that use them.
 """
 
 import dataclasses
@@ -22,14 +26,9 @@ import json
 import math
 import os
 
-import keras
-import tensorflow as tf
-
-import checkpoints
 import factors
 import layouts
 import model_file
-import networks
 import placement as placement_lib
 import train_dataset as td
 import utils
@@ -383,6 +382,9 @@ def config_record(cfg, strategy_name="none (one device)", replicas=1, workers=1)
     Returns:
         dict, JSON-serialisable.
     """
+    import keras
+    import tensorflow as tf
+
     out = {k: to_json(getattr(cfg, k)) for k in PERSISTED}
     out["data_path"] = os.path.abspath(cfg.data_path)
     out.update(strategy=strategy_name, replicas=replicas, workers=workers,
@@ -396,6 +398,8 @@ def checkpoint_config(folder, log):
     Raises:
         UserError: the folder holds no checkpoint, or its config.json cannot be read.
     """
+    import checkpoints
+
     if model_file.is_model_file(folder):
         return model_file.read_metadata(folder)["settings"]
     checkpoints.require(folder)
@@ -552,6 +556,8 @@ def check_config(cfg, action):
     Raises:
         UserError: naming the flag and the value.
     """
+    import networks
+
     check_geometry(cfg.upsampling_factor, cfg.volume_shape, cfg.patch_shape, cfg.patch_margin)
     if cfg.upsampling_mode not in networks.UPSAMPLING_MODES:
         raise UserError(f"upsampling mode {cfg.upsampling_mode!r} must be one of "
@@ -580,6 +586,8 @@ def check_config(cfg, action):
 
 def gpus_visible():
     """bool, whether TensorFlow sees a GPU."""
+    import tensorflow as tf
+
     return bool(tf.config.list_physical_devices("GPU"))
 
 

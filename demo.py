@@ -6,6 +6,7 @@ import time
 
 import checkpoints
 import evaluation
+import outputs
 import phantoms
 import training
 
@@ -48,5 +49,6 @@ def run_demo(cfg, log=print, placement=None, explicit=frozenset()):
     log(f"  predictions : {cfg.path_prediction}")
     log(f"  TensorBoard : tensorboard --logdir {cfg.log_dir}")
     log(f"  volumes     : {cfg.path_volumes} (*_sr/_hr/_lr.nii.gz, *_slices.png)")
-    log(f"  metrics     : {os.path.join(cfg.path_volumes, 'metrics.csv')}")
+    log(f"  metrics     : {os.path.join(cfg.path_volumes, outputs.METRICS_NAME)}")
+    log(f"  report      : {os.path.join(cfg.path_volumes, outputs.REPORT_NAME)} (open it in a browser)")
     return rows

@@ -202,8 +202,15 @@ def write_text(path, text):
     Raises:
         OutputError: the file could not be written; a previous one is intact.
     """
-    data = str(text).encode("utf-8")
+    write_bytes(path, str(text).encode("utf-8"))
 
+
+def write_bytes(path, data):
+    """Writes ``data`` (bytes, e.g. a PNG) to a file durably (see :func:`atomic_write`).
+
+    Raises:
+        OutputError: the file could not be written; a previous one is intact.
+    """
     def write(tmp):
         # write, flush, fsync and close all inside atomic_write's error handling:
         # a full disk may report ENOSPC only at flush or close.

@@ -16,6 +16,9 @@ import layouts
 import metrics as metrics_lib
 import nifti_io
 import outputs as outputs_lib
+import report
+import report_figures
+import run_records
 import scans
 import splits
 import train_dataset as td
@@ -192,6 +195,8 @@ def evaluate_subject(scan, cfg, predict, variants, outputs, provenance, log):
         "Description": f"the network's input: the canonical reference {degradation_text(cfg)}",
         "Sources": [source], **degradation_sidecar(cfg)})
     outputs.write_slices(subject, mosaic(subject, row, baselines["nearest"], baselines["tricubic"], srs, hr))
+    outputs.write_figure(subject, report_figures.evaluation_figure(hr, baselines["nearest"], baselines["tricubic"],
+                                                                   sr, mask_c, zooms))
     return row
 
 
@@ -199,9 +204,10 @@ def evaluate(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     """Evaluates a checkpoint on the test subjects (SPEC section 4, patch-stitched).
 
     Writes to ``cfg.path_volumes`` per subject the SR, reference and LR
-    volumes and a slice mosaic (plain or BIDS-derivatives names, see
-    ``outputs.PlainOutputs``, ``outputs.BidsOutputs``), and ``metrics.csv``, one row
-    appended as each subject ends. A folder whose metrics.csv was written with
+    volumes, a slice mosaic and the report's figure (plain or BIDS-derivatives
+    names, see ``outputs.PlainOutputs``, ``outputs.BidsOutputs``), and
+    ``metrics.csv``, one row appended as each subject ends; at the end
+    ``report.html`` from the whole metrics.csv. A folder whose metrics.csv was written with
     the same settings is resumed: the subjects it holds are skipped. With
     -blend/-tta, every variant of ``inference.inference_variants`` is measured and
     the last is written.
@@ -273,5 +279,28 @@ def evaluate_locked(cfg, checkpoint_dir, inputs, log):
     for line in metrics_lib.summary_lines(rows, variants):
         log(line)
     log(f"volumes, slices PNGs and {outputs_lib.METRICS_NAME} written to {outputs.folder}")
+    log(f"report: {write_report(cfg, checkpoint_dir, checkpoint, metrics, rows, variants, inputs, outputs, log)}")
     return rows
+
+
+def write_report(cfg, checkpoint_dir, checkpoint, metrics, rows, variants, inputs, outputs, log):
+    """Writes report.html from the whole metrics.csv and records the evaluation in the checkpoint folder.
+
+    The record (``run_records.write_evaluation_record``) lets -export find
+    these results wherever -path_volumes put them; a -model file has no
+    folder to record in.
+
+    Returns:
+        str, the report's path.
+
+    Raises:
+        durable.OutputError: the report could not be written.
+    """
+    columns, _ = durable.read_csv_rows(metrics.path)
+    figures = {s.subject.name: (outputs.figure_path(s.subject), outputs.slices_path(s.subject)) for s in inputs}
+    path = report.write(os.path.join(outputs.folder, outputs_lib.REPORT_NAME), report.evaluation_page(
+        cfg, checkpoint_dir, checkpoint, metrics.settings, rows, variants, columns, figures))
+    if report.model_path(checkpoint_dir) is None:
+        run_records.write_evaluation_record(checkpoint_dir, metrics.path, path, checkpoint["sha256"], log)
+    return path
 

@@ -10,6 +10,7 @@ import metrics
 import model_file
 import networks
 import outputs
+import run_records
 import splits
 from errors import UserError
 
@@ -47,7 +48,7 @@ def last_evaluation(folder, sha256):
     if not os.path.isfile(path):
         return None
     try:
-        if metrics.read_settings(path).get("checkpoint_sha256") != sha256:
+        if not checkpoints.same_digest((metrics.read_settings(path) or {}).get("checkpoint_sha256"), sha256):
             return None
         _, rows = durable.read_csv_rows(path)
     except (UserError, OSError, ValueError):
@@ -58,6 +59,20 @@ def last_evaluation(folder, sha256):
         return None
     means = {k: sum(float(r[k]) for r in usable) / len(usable) for k in keys}
     return {"subjects": len(usable), "metrics_file": os.path.abspath(path), **means}
+
+
+def checkpoint_evaluation(checkpoint_dir, path_volumes, sha256):
+    """The mean fair metrics of the last evaluation of a checkpoint, or None.
+
+    Looked for where the checkpoint folder's ``evaluation.json`` says its last
+    evaluation went (``-evaluate`` records it, whatever its -path_volumes),
+    then in ``path_volumes`` (the default ``<checkpoint>/volumes``, or the flag).
+    """
+    for folder in (run_records.recorded_evaluation(checkpoint_dir), path_volumes):
+        found = last_evaluation(folder, sha256) if folder else None
+        if found:
+            return found
+    return None
 
 
 def export_model(cfg, checkpoint_dir, path, saved=None, log=print):
@@ -88,7 +103,7 @@ def export_model(cfg, checkpoint_dir, path, saved=None, log=print):
         record.pop(key)
     metadata = {"settings": record, "checkpoint": identity, "training": training,
                 "normalisation": model_file.NORMALISATION,
-                "evaluation": last_evaluation(cfg.path_volumes, identity["sha256"])}
+                "evaluation": checkpoint_evaluation(checkpoint_dir, cfg.path_volumes, identity["sha256"])}
     metadata["model_card"] = model_file.model_card(metadata)
     if os.path.exists(path):
         log(f"note: replacing the existing file {path}")

@@ -5,6 +5,7 @@ a BIDS dataset only reads its ``sub-*`` folders, so its ``derivatives/`` (the
 BIDS place for outputs) is allowed, and a CSV list reads only what it names.
 """
 
+import contextlib
 import os
 
 import durable
@@ -116,3 +117,52 @@ def overwrite_note(paths, log):
     if existing:
         shown = ", ".join(os.path.basename(p) for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
         log(f"note: replacing {len(existing)} existing file(s) in {os.path.dirname(existing[0])}: {shown}")
+
+
+def new_folders(folder):
+    """The folder and those of its parents that do not exist yet, topmost first (what a run would create)."""
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
+
+
+@contextlib.contextmanager
+def removed_unless_written(created, own_names=()):
+    """Removes the folders a run created when the block fails before writing an output there.
+
+    A run whose only input turns out unreadable would otherwise leave an
+    empty output folder behind. Only a folder tree holding nothing but the
+    run's lock file and ``own_names`` (what the run writes before its
+    outputs, e.g. a BIDS ``dataset_description.json``) is removed; anything
+    else keeps it all. Call inside the run's ``durable.RunLock``: the lock
+    file goes while it is still held.
+
+    Args:
+        created: :func:`new_folders` of the output folder, taken before it was created.
+        own_names: file names the run may have written there before any output.
+    """
+    try:
+        yield
+    except BaseException:
+        if created:
+            remove_own_tree(created[0], {durable.LOCK_NAME, *own_names})
+        raise
+
+
+def remove_own_tree(top, names):
+    """Removes ``top`` when every file under it is named in ``names`` (else nothing); quietly."""
+    found = []
+    for folder, _, files in os.walk(top):
+        if any(name not in names for name in files):
+            return
+        found += [os.path.join(folder, name) for name in files]
+    try:
+        for path in found:
+            os.remove(path)
+        for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+            os.rmdir(folder)
+    except OSError:
+        pass

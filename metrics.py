@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+import checkpoints
 import durable
 import utils
 from errors import UserError
@@ -177,6 +178,16 @@ def drop_header_lines(csv_path, settings):
     durable.write_text(csv_path, "\n".join(lines))
 
 
+def same_setting(key, recorded, current):
+    """bool, whether a metrics.json setting allows resuming: equal, or the same checkpoint digest.
+
+    Earlier versions recorded the checkpoint's digest shortened to 16 hex digits.
+    """
+    if key == "checkpoint_sha256":
+        return checkpoints.same_digest(recorded, current)
+    return recorded == current
+
+
 class MetricsFile:
     """metrics.csv: one row per subject, appended and flushed as each subject ends.
 
@@ -222,7 +233,7 @@ class MetricsFile:
         known = {**LATER_SETTINGS, **old}
         different = [f"{key}: {known.get(key, '(none)')} here, {value} now"
                      for key, value in self.settings.items()
-                     if key not in INFORMATIONAL_SETTINGS and known.get(key) != value]
+                     if key not in INFORMATIONAL_SETTINGS and not same_setting(key, known.get(key), value)]
         try:
             fieldnames, rows = durable.read_csv_rows(self.path)
         except (OSError, ValueError) as err:

@@ -16,22 +16,13 @@ import argparse
 import dataclasses
 import sys
 
+import config
+import durable
+import nifti_io
+import placement as placement_lib
 import quiet
-
-# TensorFlow prints while it loads, before the flags are parsed: -verbose is read first.
-quiet.import_tensorflow_quietly(quiet.verbose_requested(sys.argv[1:]))
-
-import config  # noqa: E402
-import demo  # noqa: E402
-import durable  # noqa: E402
-import evaluation  # noqa: E402
-import export  # noqa: E402
-import nifti_io  # noqa: E402
-import placement as placement_lib  # noqa: E402
-import super_resolve  # noqa: E402
-import training  # noqa: E402
-import version  # noqa: E402
-from errors import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, UserError  # noqa: E402
+import version
+from errors import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, UserError
 
 # The two boolean flags of the original that choose the upsampling mode; the
 # rest of the program only knows the one setting "upsampling_mode".
@@ -151,25 +142,39 @@ def parse_command(argv, log=print):
 
 
 def run(command, placement=None, log=print):
-    """Does what ``command`` asks: the demo, -export, -super_resolve, -evaluate or training."""
+    """Does what ``command`` asks: the demo, -export, -super_resolve, -evaluate or training.
+
+    The room of each action is imported here, when there is work: they load TensorFlow.
+    """
     cfg = command.settings
     if cfg.demo:
+        import demo
         return demo.run_demo(cfg, log, placement, command.explicit)
     if command.action == "export":
+        import export
         return export.export_model(cfg, command.source_checkpoint, cfg.export, command.saved, log)
     if command.action == "super_resolve":
+        import super_resolve
         return super_resolve.super_resolve_file(cfg, command.source_checkpoint, log, command.explicit)
     if command.action == "evaluate":
+        import evaluation
         return evaluation.evaluate(cfg, command.source_checkpoint, log, command.explicit)
+    import training
     return training.train(cfg, log, placement)
 
 
 def main(argv=None):
-    """Runs the command line; returns the process exit code."""
+    """Runs the command line; returns the process exit code.
+
+    The flags are parsed before TensorFlow loads (-h, -version and a mistyped
+    flag answer at once); TensorFlow then loads with its start-up lines
+    hidden unless -verbose.
+    """
     args = build_parser().parse_args(argv)
     if args.version:
         print(version.versions_line())
         return 0
+    quiet.import_tensorflow_quietly(bool(args.verbose))
     try:
         # First: the strategy fixes which devices TensorFlow's runtime starts with.
         action = config.action_of(given_settings(args))

@@ -14,11 +14,8 @@ import json
 import os
 import zipfile
 
-import keras
-
 import durable
 import factors
-import networks  # noqa: F401 (registers the custom layers that loading needs)
 from errors import UserError
 from version import PROGRAM_NAME, __version__
 
@@ -92,6 +89,11 @@ def load_generator(path):
         UserError: the file cannot be read (see :func:`read_metadata`).
     """
     read_metadata(path)
+    # Here, not at the top: reading a file's metadata (the command line's
+    # checks) does not load TensorFlow. networks registers the custom layers.
+    import keras
+
+    import networks  # noqa: F401
     try:
         return keras.saving.load_model(path, compile=False)
     except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -164,7 +166,7 @@ def model_card(metadata):
                      f"tricubic PSNR {scores['psnr_tricubic_fair']:.2f} dB SSIM "
                      f"{scores['ssim_tricubic_fair']:.4f}")
     else:
-        lines.append("last evaluation: none found next to the checkpoint")
+        lines.append("last evaluation: none found for this checkpoint (-evaluate it, then export again)")
     lines.append(f"written by {metadata.get('program', PROGRAM_NAME)} {metadata.get('version', __version__)}, "
                  f"TensorFlow {s.get('tensorflow')}, Keras {s.get('keras')}")
     return "\n".join(lines)

@@ -1,11 +1,13 @@
 """What evaluation and -super_resolve write, and under which names: plain files or a BIDS derivatives dataset."""
 
+import json
 import os
 import pathlib
 import re
 import urllib.parse
 import urllib.request
 
+import checkpoints
 import config
 import durable
 import factors
@@ -20,9 +22,11 @@ METRICS_NAME = "metrics.csv"
 METRICS_SETTINGS_NAME = "metrics.json"
 DESCRIPTION_NAME = "dataset_description.json"
 README_NAME = "README.md"
+# The page a person opens (report.py), beside metrics.csv.
+REPORT_NAME = "report.html"
 # What a BIDS validator must not read as data: "**/figures" without its
 # trailing slash (bids-validator 3.0.2 does not match "**/figures/").
-BIDS_IGNORED = (METRICS_NAME, METRICS_SETTINGS_NAME, "**/figures")
+BIDS_IGNORED = (METRICS_NAME, METRICS_SETTINGS_NAME, REPORT_NAME, "**/figures")
 
 BIDS_ENTITY_ORDER = ("sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc",
                      "stain", "rec", "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc",
@@ -55,7 +59,8 @@ class PlainOutputs:
 
     ``<subject>_sr.nii.gz`` (with a ``<subject>_sr.json`` sidecar: factor,
     mode, checkpoint, options, metrics), ``<subject>_hr.nii.gz``,
-    ``<subject>_lr.nii.gz`` and ``<subject>_slices.png``.
+    ``<subject>_lr.nii.gz``, ``<subject>_slices.png`` and
+    ``<subject>_report.png`` (the figure of report.html).
 
     Args:
         folder: the -path_volumes.
@@ -79,12 +84,20 @@ class PlainOutputs:
         """str, the PNG path of a subject's slice mosaic."""
         return os.path.join(self.folder, f"{subject.name}_slices.png")
 
+    def figure_path(self, subject):
+        """str, the PNG path of a subject's report figure (``report.py`` embeds it in report.html)."""
+        return os.path.join(self.folder, f"{subject.name}_report.png")
+
     def source(self, scan):
         """str, how a sidecar names the input file (its absolute path)."""
         return os.path.abspath(scan.subject.image_path)
 
     def start(self, generated_by, scans):
         """Prepares the folder before the first output (nothing to do for plain names)."""
+
+    def metadata_names(self):
+        """The names of the files :meth:`start` writes (before any output)."""
+        return ()
 
     def check_unique(self, scans):
         """Refuses inputs that would write the same file.
@@ -130,6 +143,12 @@ class PlainOutputs:
         utils.save_png(path, image)
         return path
 
+    def write_figure(self, subject, png):
+        """Writes a subject's report figure (PNG bytes) durably; returns its path."""
+        path = self.figure_path(subject)
+        durable.write_bytes(path, png)
+        return path
+
 
 class BidsOutputs(PlainOutputs):
     """A BIDS derivatives dataset.
@@ -138,7 +157,8 @@ class BidsOutputs(PlainOutputs):
     ``..._rec-LRx<f>_T1w.nii.gz`` (the degraded input) and
     ``..._desc-reference_T1w.nii.gz`` (the reference), each with a JSON
     sidecar; the other entities of the source file (acq, run, desc...) are
-    kept. The mosaic goes to ``sub-X/[ses-Y/]figures/..._rec-SRx<f>_slices.png``;
+    kept. The mosaic goes to ``sub-X/[ses-Y/]figures/..._rec-SRx<f>_slices.png``
+    and the report's figure beside it (``..._report.png``);
     ``dataset_description.json``, ``README.md`` and ``.bidsignore``
     (``BIDS_IGNORED``) at the top. A subject that is not from a BIDS dataset
     becomes ``sub-<its name without non-alphanumerics>``. Every sidecar
@@ -195,6 +215,10 @@ class BidsOutputs(PlainOutputs):
     def slices_path(self, subject):
         stem = bids_stem(self._entities(subject), **self._changes("sr"))
         return os.path.join(self._subject_folder(subject, "figures"), f"{stem}_slices.png")
+
+    def figure_path(self, subject):
+        stem = bids_stem(self._entities(subject), **self._changes("sr"))
+        return os.path.join(self._subject_folder(subject, "figures"), f"{stem}_report.png")
 
     def source(self, scan):
         """str, a BIDS URI ``bids:<link>:<path in the dataset>`` for BIDS inputs, else a file URI."""
@@ -261,7 +285,7 @@ class BidsOutputs(PlainOutputs):
         existing = config.read_json(path)
         if existing is not None:
             if not isinstance(existing, dict) or existing.get("DatasetType") != "derivative" \
-                    or existing.get("GeneratedBy") != generated_by:
+                    or not same_generator(existing.get("GeneratedBy"), generated_by):
                 before = existing.get("GeneratedBy") if isinstance(existing, dict) else existing
                 raise UserError(f"{path} describes another dataset (GeneratedBy {before}); this run "
                                 f"({generated_by[0]['Description']}) would mix its outputs with it. "
@@ -295,6 +319,9 @@ class BidsOutputs(PlainOutputs):
         if not os.path.exists(readme):
             durable.write_text(readme, derivatives_readme(self.factor))
 
+    def metadata_names(self):
+        return (DESCRIPTION_NAME, README_NAME, ".bidsignore")
+
     def write_bidsignore(self):
         """Writes ``.bidsignore`` with the ``BIDS_IGNORED`` lines, keeping (and completing) an existing one."""
         path = os.path.join(self.folder, ".bidsignore")
@@ -306,6 +333,17 @@ class BidsOutputs(PlainOutputs):
         missing = [line for line in BIDS_IGNORED if line not in lines]
         if missing:
             durable.write_text(path, "".join(f"{line}\n" for line in lines + missing))
+
+
+def same_generator(recorded, current):
+    """bool, whether a folder's ``GeneratedBy`` is this run's: equal, up to the checkpoint digest's length.
+
+    Earlier versions wrote the digest's first 16 hex digits into the
+    description; their folders are still resumed (and get the whole digest).
+    """
+    def shortened(value):
+        return re.sub(r"(sha256 [0-9a-f]{%d})[0-9a-f]*" % checkpoints.SHORT_DIGEST, r"\1", json.dumps(value, sort_keys=True))
+    return shortened(recorded) == shortened(current)
 
 
 def derivatives_readme(factor):
@@ -325,12 +363,15 @@ see `GeneratedBy` in `dataset_description.json` for the checkpoint).
   `SkullStripped` when it has one; true for ADNI brain-extracted images
   (`T1_brain_extractedBrainExtractionBrain.nii.gz`) and for an image that is zero outside
   its brain mask file; false otherwise.
-- `sub-*/[ses-*/]figures/*_slices.png`: slice mosaics (LR, tricubic, SR, reference).
+- `sub-*/[ses-*/]figures/*_slices.png`: slice mosaics (LR, tricubic, SR, reference);
+  `*_report.png`: the figures of `report.html`.
 - `metrics.csv`: one row per evaluated subject (PSNR/SSIM of SR and of interpolation);
   `metrics.json`: the settings its rows depend on (a later evaluation resumes only with
   the same ones).
+- `report.html`: one page to open in a browser (offline): what was evaluated, the summary
+  tables, each subject's metrics and figure, the training run's curves.
 
-`.bidsignore` keeps the figures and the metrics files out of BIDS validation.
+`.bidsignore` keeps the figures, the report and the metrics files out of BIDS validation.
 """
 
 

@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 
-import tensorflow as tf
-
 import quiet
 from errors import UserError
+
+# The command line parses -gpus before TensorFlow loads.
+tf = quiet.Deferred("tensorflow")
 
 
 @dataclasses.dataclass(frozen=True)

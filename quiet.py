@@ -1,27 +1,40 @@
-"""Keeping TensorFlow's own start-up and log lines out of a person's terminal.
+"""Keeping TensorFlow out of a person's way: its start-up lines out of the terminal, its import until there is work.
 
-This module does not import TensorFlow at import time: ``model.py`` reads
--verbose and imports TensorFlow through :func:`import_tensorflow_quietly`
-before any other module loads it.
+This module does not import TensorFlow at import time: ``model.py`` parses
+and checks the flags first (``-h``, ``-version`` and a mistyped flag answer
+in a fraction of a second instead of the ~9 s TensorFlow takes to load on
+two cores), then imports TensorFlow through :func:`import_tensorflow_quietly`
+before any other module loads it. Modules the command line needs before
+that (``config`` and what its settings table reads) hold TensorFlow as a
+:class:`Deferred` module.
 """
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
 
 
-def verbose_requested(argv):
-    """Whether the command line asks for -verbose (read before argparse runs:
-    TensorFlow is imported, and prints, before the flags are parsed)."""
-    for i, arg in enumerate(argv):
-        name, sep, value = arg.partition("=")
-        if name in ("-verbose", "--verbose"):
-            if not sep:
-                following = argv[i + 1] if i + 1 < len(argv) else ""
-                value = "true" if not following or following.startswith("-") else following
-            return value.strip().lower() in ("true", "1", "yes", "y", "t")
-    return False
+class Deferred:
+    """A module imported at its first attribute access: ``tf = quiet.Deferred("tensorflow")``.
+
+    For modules whose functions use TensorFlow but whose constants and
+    parsers the command line needs before any work: importing them costs
+    nothing until a function runs.
+
+    Args:
+        name: the module's name, e.g. ``"tensorflow"``.
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
+
+    def __repr__(self):
+        return f"<deferred module {self._name!r}>"
 
 
 @contextlib.contextmanager
@@ -47,6 +60,37 @@ def native_stderr_hidden(hidden=True):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class FirstCallQuiet:
+    """A callable whose first call runs with native stderr hidden (unless ``hidden`` is False).
+
+    TensorFlow optimises a compiled function's graph (grappler) when it
+    first runs it, and its remapper logs ``E0000 ... meta_optimizer.cc]
+    remapper failed: INVALID_ARGUMENT: Mutation::Apply error: fanout
+    'gradient_tape/.../LeakyRelu/LeakyReluGrad' exist for missing node
+    '.../BiasAdd'`` for a training step: it tries to fuse a convolution's (or
+    dense layer's) BiasAdd with the LeakyReLU after it, finds that the
+    LeakyReLU's gradient still reads the BiasAdd output, and leaves that
+    graph unfused. The step computes the same numbers either way; the line
+    only reads as a failure. Later calls print as usual.
+
+    Args:
+        fn: the callable (a ``tf.function``).
+        hidden: bool, hide the first call's native stderr.
+    """
+
+    def __init__(self, fn, hidden=True):
+        self.fn = fn
+        self.hidden = hidden
+        self.called = False
+
+    def __call__(self, *args, **kwargs):
+        if self.called:
+            return self.fn(*args, **kwargs)
+        self.called = True
+        with native_stderr_hidden(self.hidden):
+            return self.fn(*args, **kwargs)
 
 
 def import_tensorflow_quietly(verbose):

@@ -1,4 +1,4 @@
-"""What a person sees of a training run: progress bars, epoch lines, TensorBoard, preview patches."""
+"""What a person sees of a training run: progress bars, epoch lines, losses.csv, TensorBoard, preview patches."""
 
 import os
 import sys
@@ -8,8 +8,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+import checkpoints
 import durable
 import factors
+import run_records
 import train_dataset as td
 import utils
 from trainer import SRGANTrainer
@@ -24,6 +26,8 @@ class TrainingReporter(NullReporter):
     history every ``log_every`` steps, so the loop does not wait on each step),
     an LR|SR|HR image every ``image_every`` steps, and every 20 volumes (the
     original's interval) the HR/LR/SR of a patch as NIfTI with its PSNR/SSIM.
+    Each finished epoch's mean losses are also appended to the run's
+    ``losses.csv`` (``run_records``), which report.html draws.
 
     Args:
         cfg: the run's :class:`config.Settings`.
@@ -123,6 +127,12 @@ class TrainingReporter(NullReporter):
         self.writer.flush()
         self.log(f"epoch {epoch + 1}/{self.cfg.epochs}: " +
                  " ".join(f"{k} {v:.5g}" for k, v in losses.items()) + f"; saved {path}")
+        try:
+            run_records.append_epoch_losses(self.cfg.checkpoint_dir, epoch + 1, checkpoints.number(path),
+                                            losses, time.time() - self.started)
+        except durable.OutputError as err:
+            # A record for looking at, as the previews: the checkpoint is what matters.
+            self.log(f"warning: {run_records.LOSSES_NAME} not written for epoch {epoch + 1}: {err}")
 
     def close(self):
         if self.bar is not None:

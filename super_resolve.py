@@ -13,6 +13,8 @@ import inference
 import layouts
 import nifti_io
 import outputs as outputs_lib
+import report
+import report_figures
 import scans
 import utils
 from errors import EXIT_PARTIAL, RunStopped, UserError
@@ -79,7 +81,10 @@ def output_affine(affine, upsampling_factor, slice_profile):
 
 
 def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
-    """Super-resolves one scan as it is and writes it with its sidecar; returns the path.
+    """Super-resolves one scan as it is and writes it with its sidecar.
+
+    Returns:
+        a ``report.ScanResult`` (the paths, grids and the report's figure).
 
     Raises:
         nifti_io.DataError: the scan cannot be read or its maximum is <= 0.
@@ -102,7 +107,8 @@ def super_resolve_scan(scan, cfg, predict, outputs, provenance, log):
     out = outputs.write_volume(scan.subject, "sr", sr, output_affine(affine, f, cfg.slice_profile),
                                header, zooms=zooms, sidecar=sidecar)
     tqdm.write(f"{path} {image.shape} -> {out} {sr.shape}", file=sys.stderr)
-    return out
+    return report.ScanResult(path, out, image.shape, sr.shape, tuple(header.get_zooms()[:3]), tuple(zooms),
+                             report_figures.super_resolution_figure(image, sr, f, zooms, cfg.slice_profile))
 
 
 def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
@@ -118,6 +124,8 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     unreadable one (or one whose maximum is <= 0) is reported and skipped,
     and the run ends with exit code 4 once the others are written; the
     entries that a folder's or list's checks left out count as skipped too.
+    ``report.html`` beside them shows each input beside its SR. A run that
+    writes no scan removes the output folder again if it created it.
 
     Returns:
         list of the SR paths written.
@@ -137,35 +145,60 @@ def super_resolve_file(cfg, checkpoint_dir, log=print, explicit=frozenset()):
     sources = [(s.root, "bids" if s.bids else None) for s in inputs if s.root is not None]
     sources += [(os.path.abspath(p), layouts.detect_layout(p, cfg.image_name))
                 for p in cfg.super_resolve if os.path.isdir(p)]
+    created = folders.new_folders(outputs.folder)
     folders.check_output_folder(outputs.folder, sources)
     with durable.RunLock(outputs.folder, "super-resolution"):
-        durable.remove_stale_temporaries(outputs.folder)
-        predict, checkpoint = inference.restored_predictor(cfg, checkpoint_dir, log)
-        outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
-        # After every check that can refuse: a refusal replaces nothing.
-        folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
-        provenance = outputs_lib.provenance(cfg, checkpoint)
-        # What the folders' and lists' checks left out counts as skipped too (said when listed).
-        written, skipped = [], [problem.split(": ", 1)[0] for problem in unlisted]
-        for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
-                         disable=len(inputs) == 1):
-            try:
-                written.append(super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
-            except nifti_io.PipelineError:
-                raise
-            except nifti_io.DataError as err:
-                if len(inputs) == 1:
-                    raise
-                log(f"skipping: {err}")
-                skipped.append(scan.subject.image_path)
-    if not written:
-        raise UserError("no scan could be super-resolved; see the messages above")
+        # A run that writes no scan leaves no folder of its own making behind.
+        with folders.removed_unless_written(created, outputs.metadata_names()):
+            results, skipped = super_resolve_locked(cfg, checkpoint_dir, inputs, unlisted, outputs, log)
+    written = [r.output for r in results]
     log(f"{len(written)} super-resolved scan(s) written to {outputs.folder} ({outputs.scheme} names)"
         + (f"; {len(skipped)} skipped" if skipped else "")
         + (f" ({len(unlisted)} of them when their folder or list was read)" if unlisted else ""))
+    log(f"report: {os.path.join(outputs.folder, outputs_lib.REPORT_NAME)}")
     if skipped:
-        raise partial_failure(written, skipped)
+        raise partial_failure(written, [path for path, _ in skipped])
     return written
+
+
+def super_resolve_locked(cfg, checkpoint_dir, inputs, unlisted, outputs, log):
+    """:func:`super_resolve_file` once the output folder is locked: every scan, then report.html.
+
+    Args:
+        unlisted: the problems of entries a folder's or list's checks left out ("path: reason").
+
+    Returns:
+        (list of ``report.ScanResult``, list of (skipped path or list row, reason)).
+
+    Raises:
+        UserError: no scan could be super-resolved.
+        nifti_io.DataError: the only scan cannot be read or has a maximum <= 0.
+    """
+    durable.remove_stale_temporaries(outputs.folder)
+    predict, checkpoint = inference.restored_predictor(cfg, checkpoint_dir, log)
+    outputs.start(outputs_lib.generated_by(cfg, checkpoint), inputs)
+    # After every check that can refuse: a refusal replaces nothing.
+    folders.overwrite_note([outputs.path(s.subject, "sr") for s in inputs], log)
+    provenance = outputs_lib.provenance(cfg, checkpoint)
+    # What the folders' and lists' checks left out counts as skipped too (said when listed).
+    results = []
+    skipped = [tuple(problem.split(": ", 1)) if ": " in problem else (problem, "") for problem in unlisted]
+    for scan in tqdm(inputs, desc="super-resolve", unit="scan", file=sys.stderr, dynamic_ncols=True,
+                     disable=len(inputs) == 1):
+        try:
+            results.append(super_resolve_scan(scan, cfg, predict, outputs, provenance, log))
+        except nifti_io.PipelineError:
+            raise
+        except nifti_io.DataError as err:
+            if len(inputs) == 1:
+                raise
+            log(f"skipping: {err}")
+            skipped.append((scan.subject.image_path, str(err)))
+    if not results:
+        raise UserError("no scan could be super-resolved; see the messages above")
+    report.write(os.path.join(outputs.folder, outputs_lib.REPORT_NAME), report.super_resolution_page(
+        cfg, checkpoint_dir, checkpoint, results, skipped, outputs.folder))
+    return results, skipped
 
 
 def partial_failure(written, skipped):

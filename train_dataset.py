@@ -25,12 +25,15 @@ import os
 import re
 
 import numpy as np
-import tensorflow as tf
 
 import degradation
 import factors
 import nifti_io
+import quiet
 import utils
+
+# The command line reads this module's defaults before TensorFlow loads.
+tf = quiet.Deferred("tensorflow")
 
 VOLUME_SHAPE = (224, 224, 152)
 PATCH_SHAPE = (128, 128, 92)

@@ -18,6 +18,7 @@ import tensorflow as tf
 import checkpoints
 import config
 import networks
+import quiet
 import replica_steps
 from checkpoints import read_int
 from errors import RunStopped
@@ -68,6 +69,7 @@ class SRGANTrainer:
         workers: int, processes training together (the training loop makes
             them agree on checkpoints and stop requests).
         log: callable for notes (a resume from an earlier version's checkpoint).
+        quiet_first_step: bool, hide each compiled step's first-call log lines (``quiet.FirstCallQuiet``).
     """
 
     LOSS_NAMES = ("d_loss", "g_loss", "mse", "gdl", "adv")
@@ -80,7 +82,7 @@ class SRGANTrainer:
 
     def __init__(self, generator, discriminator, learning_rate=1e-4, seed=0, run_eagerly=False,
                  loss_scale=False, checkpoint_dir=None, max_to_keep=3, pretrain_steps=0,
-                 strategy=None, is_chief=True, xla=False, workers=1, log=print):
+                 strategy=None, is_chief=True, xla=False, workers=1, log=print, quiet_first_step=False):
         self.log = log
         self.generator = generator
         self.discriminator = discriminator
@@ -115,7 +117,8 @@ class SRGANTrainer:
             # The step has no Python control flow on tensors (its branches are
             # tf.cond in Keras and the losses), so AutoGraph would only rewrite
             # it: without it the graph is the same and traces ~10 % faster.
-            compile_ = lambda fn: tf.function(fn, jit_compile=bool(xla), autograph=False)  # noqa: E731
+            compile_ = lambda fn: quiet.FirstCallQuiet(  # noqa: E731
+                tf.function(fn, jit_compile=bool(xla), autograph=False), quiet_first_step)
         self._compiled = compile_(lambda lr, hr: self._step(replica_steps.gan_step, lr, hr))
         self._compiled_pretrain = compile_(lambda lr, hr: self._step(replica_steps.pretrain_step, lr, hr))
         self._end_epoch = tf.function(self._end_epoch_fn, autograph=False)

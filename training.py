@@ -383,7 +383,7 @@ def make_trainer(cfg, placement, log=print):
                         checkpoint_dir=cfg.checkpoint_dir, max_to_keep=cfg.keep_checkpoints,
                         pretrain_steps=cfg.pretrain_steps, strategy=placement.strategy,
                         is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers,
-                        log=log)
+                        log=log, quiet_first_step=not cfg.verbose)
 
 
 def train_locked(cfg, placement, same_folder, say, log):

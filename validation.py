@@ -34,7 +34,11 @@ from errors import EXIT_PARTIAL, RunStopped
 VALIDATION_NAME = "validation.csv"
 BEST_FOLDER = "best"
 # What validation.csv holds per validation: when, the scores, and whether it became the best.
-COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "psnr_tricubic_fair", "subjects", "best", "seconds")
+# bias_fair: the mean signed error inside the mask, in % of the reference's range (metrics.bias_metrics).
+COLUMNS = ("step", "epoch", "psnr_fair", "ssim_fair", "bias_fair", "psnr_tricubic_fair", "subjects", "best",
+           "seconds")
+# validation.csv of runs of earlier versions (resumed in their own columns).
+EARLIER_COLUMNS = tuple(c for c in COLUMNS if c != "bias_fair")
 # Beside best/ckpt-N.index: the validation record of that checkpoint.
 SCORE_SUFFIX = ".validation.json"
 
@@ -75,8 +79,9 @@ class Validator:
             generator: a ``keras.Model`` float32 (b, x, y, z, 1) -> (b, fx·x, fy·y, fz·z, 1).
 
         Returns:
-            dict: ``psnr_fair``, ``ssim_fair`` (SR), ``psnr_tricubic_fair``
-            (means over the subjects with a non-empty mask; NaN when none),
+            dict: ``psnr_fair``, ``ssim_fair``, ``bias_fair`` (SR; the bias in
+            % of each reference's range), ``psnr_tricubic_fair`` (means over
+            the subjects with a non-empty mask; NaN when none),
             ``subjects`` (how many were scored) and ``unreadable`` (the names
             of the subjects that could not be read at this pass).
 
@@ -93,14 +98,14 @@ class Validator:
                 rows.append(row)
         finite = [r for r in rows if np.isfinite(r[0])]
         if not finite:
-            return {"psnr_fair": math.nan, "ssim_fair": math.nan, "psnr_tricubic_fair": math.nan,
-                    "subjects": 0, "unreadable": unreadable}
-        psnr, ssim, tricubic = (float(v) for v in np.mean(finite, axis=0))
-        return {"psnr_fair": psnr, "ssim_fair": ssim, "psnr_tricubic_fair": tricubic,
+            return {"psnr_fair": math.nan, "ssim_fair": math.nan, "bias_fair": math.nan,
+                    "psnr_tricubic_fair": math.nan, "subjects": 0, "unreadable": unreadable}
+        psnr, ssim, tricubic, bias = (float(v) for v in np.mean(finite, axis=0))
+        return {"psnr_fair": psnr, "ssim_fair": ssim, "bias_fair": bias, "psnr_tricubic_fair": tricubic,
                 "subjects": len(finite), "unreadable": unreadable}
 
     def score_subject(self, subject, predict):
-        """(psnr, ssim, tricubic psnr) of one subject, fair; None when it cannot be read."""
+        """(psnr, ssim, tricubic psnr, bias in % of the range) of one subject, fair; None when it cannot be read."""
         cfg, f = self.cfg, self.cfg.upsampling_factor
         try:
             ref = evaluation.load_reference(subject, cfg, self.log)
@@ -114,12 +119,13 @@ class Validator:
         estimate = inference.super_resolve_variants(predict, ref.lr_n, f, cfg.patch_shape, cfg.patch_margin,
                                                     cfg.batch_size, (self.variant,), None,
                                                     cfg.slice_profile)[self.variant]
-        psnr, ssim = metrics_lib.fair_metrics(ref.hr, utils.denormalize(estimate, ref.nf), ref.mask)
+        sr = utils.denormalize(estimate, ref.nf)
+        psnr, ssim = metrics_lib.fair_metrics(ref.hr, sr, ref.mask)
         if subject.name not in self.tricubic:
             tricubic = utils.upsample_baseline(utils.denormalize(ref.lr_n, ref.nf), f, 3, ref.hr.shape,
                                                cfg.slice_profile)
             self.tricubic[subject.name] = metrics_lib.fair_metrics(ref.hr, tricubic, ref.mask)[0]
-        return psnr, ssim, self.tricubic[subject.name]
+        return psnr, ssim, self.tricubic[subject.name], metrics_lib.bias_metrics(ref.hr, sr, ref.mask)[1]
 
 
 def best_record(folder):
@@ -246,6 +252,11 @@ class Validation:
             return True
         return step % self.validate_steps == 0 if self.validate_steps else epoch_end
 
+    def columns(self):
+        """The columns of this run's validation.csv: ``COLUMNS``, or an earlier version's (no bias)."""
+        fieldnames, _ = durable.read_csv_rows(self.csv_path)
+        return EARLIER_COLUMNS if fieldnames is not None and tuple(fieldnames) == EARLIER_COLUMNS else COLUMNS
+
     def validated_steps(self):
         """set of the steps validation.csv holds."""
         _, rows = durable.read_csv_rows(self.csv_path)
@@ -294,8 +305,9 @@ class Validation:
         try:
             if improved:
                 self.best.replace(path, record)
-            durable.append_csv_row(self.csv_path, COLUMNS, {
-                **{k: record[k] for k in COLUMNS if k in record}, "best": int(improved or held),
+            columns = self.columns()
+            durable.append_csv_row(self.csv_path, columns, {
+                **{k: record[k] for k in columns if k in record}, "best": int(improved or held),
                 "seconds": seconds})
         except durable.OutputError as err:
             raise RunStopped(f"cannot record the validation of step {step}: {err}. The checkpoint {path} "
@@ -331,8 +343,9 @@ class Validation:
         if problem and not record["subjects"]:
             text = f"{where} failed: {problem}; no subject was scored ({seconds:.1f} s)"
         else:
-            text = (f"{where}: PSNR {record['psnr_fair']:.2f} dB, SSIM {record['ssim_fair']:.4f} (tricubic "
-                    f"{record['psnr_tricubic_fair']:.2f} dB), {record['subjects']} subject(s), {seconds:.1f} s")
+            text = (f"{where}: PSNR {record['psnr_fair']:.2f} dB, SSIM {record['ssim_fair']:.4f}, bias "
+                    f"{record.get('bias_fair', math.nan):+.2f} % (tricubic {record['psnr_tricubic_fair']:.2f} dB), "
+                    f"{record['subjects']} subject(s), {seconds:.1f} s")
             if problem:
                 text += f"; incomplete: {problem}, so it is not compared with the best"
         if improved:
@@ -348,8 +361,8 @@ class Validation:
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "validation"))
         with self._writer.as_default(step=step):
-            for key in ("psnr_fair", "ssim_fair", "psnr_tricubic_fair"):
-                if np.isfinite(scores[key]):
+            for key in ("psnr_fair", "ssim_fair", "bias_fair", "psnr_tricubic_fair"):
+                if np.isfinite(scores.get(key, math.nan)):
                     tf.summary.scalar(f"validation/{key}", scores[key])
         self._writer.flush()
 

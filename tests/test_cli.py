@@ -102,11 +102,29 @@ def test_bfloat16_training_is_refused_without_a_gpu(tmp_path, monkeypatch, capsy
     assert "bfloat16 needs a GPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, verbose", [([], False), (["-verbose"], True), (["-verbose", "True"], True),
-                                           (["--verbose=1"], True), (["-verbose", "no"], False),
-                                           (["-verbose", "-demo"], True), (["-demo", "True"], False)])
-def test_verbose_is_read_before_tensorflow_loads(argv, verbose):
-    assert quiet.verbose_requested(argv) is verbose
+def test_help_version_and_mistyped_flags_answer_without_loading_tensorflow():
+    # TensorFlow takes ~9 s to load on two cores: the flags are parsed and checked first.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import model\n"
+            "for argv in (['-h'], ['-version'], ['-bogus'], ['-upsampling_factor', 'two']):\n"
+            "    try:\n        print('exit', model.main(argv))\n"
+            "    except SystemExit as stop:\n        print('exit', stop.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")
+    done = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if line.startswith("exit ")] == ["exit 0", "exit 0", "exit 2", "exit 2"]
+    assert lines[-1] == "[]", done.stdout[-500:] + done.stderr[-2000:]
+    assert "unrecognized arguments: -bogus" in done.stderr and "-upsampling_factor" in done.stderr
+
+
+def test_the_first_call_of_a_training_step_is_quiet_unless_verbose(capfd):
+    # TensorFlow's graph optimiser logs at a compiled step's first call (quiet.FirstCallQuiet says what).
+    def noisy():
+        os.write(2, b"remapper failed\n")
+        return 1
+    for hidden, expected in ((True, "remapper failed\n"), (False, "remapper failed\n" * 2)):
+        step = quiet.FirstCallQuiet(noisy, hidden)
+        assert step() == 1 and step() == 1
+        assert capfd.readouterr().err == expected
 
 
 def _model_py(*argv, cwd, **kwargs):

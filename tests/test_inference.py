@@ -153,7 +153,8 @@ def test_bids_evaluation_writes_valid_derivatives(bids_run, tmp_path, capsys):
     # sub-02's image is zero outside its desc-brain mask: skull-stripped, and so are its outputs.
     for stem in ("rec-SRx2_desc-brain", "rec-LRx2_desc-brain", "desc-reference"):
         assert json.loads((anat / f"sub-02_{stem}_T1w.json").read_text())["SkullStripped"] is True
-    assert (out / ".bidsignore").read_text().splitlines() == ["metrics.csv", "metrics.json", "**/figures"]
+    assert (out / ".bidsignore").read_text().splitlines() == ["metrics.csv", "metrics.json", "report.html",
+                                                              "**/figures"]
     assert "SkullStripped" in (out / "README.md").read_text()
 
 
@@ -210,9 +211,13 @@ def test_derivatives_pass_the_bids_validator(bids_run, tmp_path):
                      "-output_layout", "bids") == 0
     assert len(list(out.rglob("*_rec-SRx2_desc-brain_T1w.nii.gz"))) == 3
     assert (out / "sub-01" / "ses-1" / "figures").is_dir()
+    # The report and its figures are in the folder the validator reads (and ignores by .bidsignore).
+    assert (out / "report.html").is_file()
+    assert len(list(out.rglob("figures/*_rec-SRx2_desc-brain_report.png"))) == 3
     sr = tmp_path / "sr"
     assert model.main(["-super_resolve", str(raw), "-checkpoint_dir_restore", str(bids_run["ckpt"]),
                        "-path_volumes", str(sr), "-output_layout", "bids"]) == 0
+    assert (sr / "report.html").is_file()
     assert _validator_errors(out) == []
     assert _validator_errors(sr) == []
     assert json.loads((out / "dataset_description.json").read_text())["DatasetLinks"] == {"raw": "../.."}
@@ -245,7 +250,7 @@ def test_an_earlier_derivatives_folder_gets_portable_links(tmp_path):
     assert description["SourceDatasets"] == [{"URL": "bids:raw:"}, {"DOI": "doi:10.1/x"}]
     assert outputs.source(scan) == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
     assert (out / ".bidsignore").read_text().splitlines() == ["metrics.csv", "**/figures/", "metrics.json",
-                                                              "**/figures"]
+                                                              "report.html", "**/figures"]
     assert outputs.link_target(uri) == str(root.resolve())
     assert outputs.link_target("https://example.org/ds") is None
 
@@ -728,6 +733,7 @@ def test_an_empty_mask_is_nan_and_a_negative_image_is_skipped(bids_run, tmp_path
             "-path_volumes", str(tmp_path / "sr")]
     assert model.main(argv) == 2
     assert f"{negative}: maximum intensity -1 <= 0" in capsys.readouterr().err
+    assert not (tmp_path / "sr").exists()  # no empty output folder left behind
 
 
 def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsys):
@@ -751,7 +757,13 @@ def test_super_resolve_takes_several_files_and_folders(bids_run, tmp_path, capsy
     assert "; 2 skipped (1 of them when their folder or list was read)" in captured.out
     assert "2 of 5 inputs were skipped" in captured.err and "e.nii.gz" in captured.err
     assert sorted(set(os.listdir(out)) - {durable.LOCK_NAME}) == ["a_sr.json", "a_sr.nii.gz", "b_sr.json",
-                                                                  "b_sr.nii.gz", "c_sr.json", "c_sr.nii.gz"]
+                                                                  "b_sr.nii.gz", "c_sr.json", "c_sr.nii.gz",
+                                                                  "report.html"]
+    # The report: each written scan with its output and figure, the skipped one with its reason.
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 3
+    assert all(f'href="{name}_sr.nii.gz"' in page for name in "abc") and "maximum intensity -1" in page
+    assert captured.out.splitlines()[-1] == f"report: {out / 'report.html'}"
     assert "skipping" in captured.out and "d.nii.gz: maximum intensity -1" in captured.out
     assert "super-resolve" in captured.err  # the progress bar
     # Two inputs with the same name would overwrite each other: refused before any work.

@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import export
 import model
 import model_file
+import run_records
 import networks  # noqa: F401 (registers the custom layers, as a user's script would)
 
 
@@ -28,7 +30,7 @@ def test_export_writes_one_self_describing_file(run, exported, capsys):
     for key in ("upsampling_factor", "upsampling_mode", "sigma", "patch_shape", "patch_margin",
                 "volume_shape", "residual_blocks", "feature_size"):
         assert metadata["settings"][key] == saved[key], key
-    assert metadata["checkpoint"]["step"] == 16 and len(metadata["checkpoint"]["sha256"]) == 16
+    assert metadata["checkpoint"]["step"] == 16 and len(metadata["checkpoint"]["sha256"]) == 64
     assert metadata["training"]["train_subjects"] == 4 and metadata["training"]["epochs"] == 1
     assert "x2 super-resolution" in metadata["model_card"] and "normalisation" in metadata
     assert "trained: 1 of 1 epochs (step 16), 4 training subjects" in metadata["model_card"]
@@ -62,6 +64,9 @@ def test_the_file_gives_the_checkpoints_volumes(run, exported, tmp_path, command
         assert model.main(flags + [source, str(path), "-path_volumes", str(folder)]) == 0
         (sr,) = [p for p in folder.iterdir() if p.name.endswith("_sr.nii.gz")]
         outputs[source] = nib.load(str(sr)).get_fdata()
+        # The report of a model file's run shows its model card.
+        card = model_file.read_metadata(str(exported))["model_card"].splitlines()[0]
+        assert (card in (folder / "report.html").read_text()) is (source == "-model")
     np.testing.assert_array_equal(outputs["-model"], outputs["-checkpoint_dir_restore"])
 
 
@@ -107,13 +112,41 @@ def test_export_and_model_flag_mistakes(run, argv, fragment, tmp_path, monkeypat
     assert fragment in capsys.readouterr().err
 
 
+def _metrics_folder(folder, digest, psnr):
+    """An evaluation folder: a one-subject metrics.csv of the checkpoint ``digest``, its metrics.json."""
+    folder.mkdir()
+    keys = ("psnr_fair", "ssim_fair", "psnr_tricubic_fair", "ssim_tricubic_fair")
+    (folder / "metrics.csv").write_text("subject," + ",".join(keys) + f"\ns1,{psnr},0.9,20.0,0.8\n")
+    (folder / "metrics.json").write_text(json.dumps({"checkpoint_sha256": digest}))
+    return folder
+
+
+def test_the_card_finds_the_recorded_evaluation_first_then_the_default_folder(tmp_path):
+    digest = "0123456789abcdef" * 4
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    default = _metrics_folder(tmp_path / "volumes", digest[:16], 31.0)  # an earlier version's short digest
+    assert export.checkpoint_evaluation(str(ckpt), str(default), digest)["psnr_fair"] == 31.0
+    recorded = _metrics_folder(tmp_path / "recorded", digest, 32.0)
+    run_records.write_evaluation_record(str(ckpt), str(recorded / "metrics.csv"), str(recorded / "report.html"),
+                                        digest)
+    assert export.checkpoint_evaluation(str(ckpt), str(default), digest)["psnr_fair"] == 32.0
+    # Another checkpoint's evaluation is not this one's.
+    assert export.checkpoint_evaluation(str(ckpt), str(default), "f" * 64) is None
+
+
 def test_the_card_reports_the_last_evaluation_of_that_checkpoint(run, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(run["ckpt"], ckpt)
+    # Other tests' evaluations of the shared run record themselves there: this copy starts without one.
+    (ckpt / run_records.EVALUATION_NAME).unlink(missing_ok=True)
     path = tmp_path / "m.keras"
     assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(ckpt)]) == 0
     assert model_file.read_metadata(str(path))["evaluation"] is None
-    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(ckpt)]) == 0  # into ckpt/volumes
+    # Evaluated elsewhere (as the demo does, into demo/volumes): the folder's record finds it.
+    elsewhere = tmp_path / "elsewhere"
+    assert model.main(["-evaluate", "True", "-checkpoint_dir_restore", str(ckpt), "-path_volumes", str(elsewhere)]) == 0
+    assert json.loads((ckpt / run_records.EVALUATION_NAME).read_text())["metrics"] == str(elsewhere / "metrics.csv")
     assert model.main(["-export", str(path), "-checkpoint_dir_restore", str(ckpt)]) == 0
     scores = model_file.read_metadata(str(path))["evaluation"]
     assert scores["subjects"] == 1 and np.isfinite(scores["psnr_fair"]) and np.isfinite(scores["ssim_tricubic_fair"])

@@ -287,7 +287,7 @@ def test_run_refuses_a_folder_that_holds_a_run_or_other_data(tmp_path):
 
 def test_run_end_to_end_writes_table_curve_and_plot(tmp_path):
     """A tiny run through the real trainer and the real evaluation command (~20 s)."""
-    pytest.importorskip("matplotlib")  # requirements-bench.txt: the learning-curve PNG
+    pytest.importorskip("matplotlib")  # requirements.txt (report.html) and the learning-curve PNG
     template = tmp_path / "template.nii.gz"
     _write_template(template)
     out = tmp_path / "exp"

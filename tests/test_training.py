@@ -11,6 +11,7 @@ from helpers import TINY, checkpoint_state
 
 import model
 import phantoms
+import run_records
 from trainer import SRGANTrainer
 
 
@@ -28,6 +29,10 @@ def test_training_writes_checkpoint_configuration_split_and_previews(run):
     lr_preview = nib.load(str(run["root"] / "pred" / [p for p in previews if p.endswith("_lr.nii.gz")][0]))
     assert lr_preview.shape == (10, 10, 8) and lr_preview.header.get_zooms()[:3] == (2.0, 2.0, 2.0)
     assert any(n.startswith("events") for n in os.listdir(ckpt / "logs"))
+    # The epoch's mean losses, for report.html: one row per epoch.
+    (row,) = run_records.read_numbers(ckpt / run_records.LOSSES_NAME, "epoch")
+    assert (row["epoch"], row["step"]) == (1, 16) and row["seconds"] > 0
+    assert {k: row[k] for k in run["losses"]} == pytest.approx(run["losses"], abs=1e-5)
 
 
 def test_training_again_into_the_same_folder_refuses_to_overwrite(run, capsys):
@@ -108,6 +113,9 @@ def test_ctrl_c_saves_and_a_resume_finishes_the_epoch_with_its_whole_losses(run,
     # ... and the epoch's losses over all 16 batches, not the 11 since the resume:
     # the same numbers as the uninterrupted epoch of the shared run.
     assert result["losses"] == pytest.approx(run["losses"], rel=1e-5)
+    # losses.csv: the interrupted epoch once, with its whole losses.
+    (row,) = run_records.read_numbers(ckpt / run_records.LOSSES_NAME, "epoch")
+    assert row["step"] == 16 and {k: row[k] for k in run["losses"]} == pytest.approx(run["losses"], abs=1e-4)
 
 
 def test_a_resume_whose_data_moved_says_the_exact_command(run, tmp_path, capsys):
