@@ -7,9 +7,13 @@ high-resolution grid is ``factors.UpsamplingFactor.lr_origin``'s.
 """
 
 import numpy as np
-import tensorflow as tf
 
 import factors
+import quiet
+
+# Imported at the first degradation: the command line reads this module's
+# importers before it knows there is work for TensorFlow.
+tf = quiet.Deferred("tensorflow")
 
 # scipy.ndimage.gaussian_filter's default: the kernel reaches 4 sigma.
 _TRUNCATE = 4.0

@@ -214,15 +214,24 @@ class UpsamplingFactor:
                 f"({factor_flag} {self.flag_text}); use {lo} or {hi}")
 
     def lr_origin(self, profile):
-        """Where LR voxel 0 lies along each axis, in HR voxels: 0 (gaussian), (f − 1)/2 (box).
+        """Where LR voxel 0 lies along each axis, in HR voxels (:func:`lr_origin`)."""
+        return lr_origin(self.axes, profile)
 
-        LR voxel ``k`` of an axis lies at HR voxel ``f·k + origin``.
 
-        Returns:
-            tuple of 3 floats.
+def lr_origin(axes, profile):
+    """Where LR voxel 0 lies along each axis, in HR voxels: 0 (gaussian), (f − 1)/2 (box).
 
-        Raises:
-            ValueError: an unknown profile.
-        """
-        check_slice_profile(profile)
-        return tuple((f - 1) / 2.0 if profile == "box" else 0.0 for f in self.axes)
+    LR voxel ``k`` of an axis of factor ``f`` lies at HR voxel ``f·k + origin``.
+
+    Args:
+        axes: the factor of each axis, ints >= 1 (1: the axis is not resampled).
+        profile: one of ``SLICE_PROFILES``.
+
+    Returns:
+        tuple of floats, one per axis.
+
+    Raises:
+        ValueError: an unknown profile.
+    """
+    check_slice_profile(profile)
+    return tuple((f - 1) / 2.0 if profile == "box" else 0.0 for f in axes)

@@ -58,8 +58,9 @@ class Measure:
 
 # What the tables show; a metric metrics.csv gains is shown by adding it here.
 MEASURES = (Measure("psnr", "PSNR (dB)", 2), Measure("ssim", "SSIM", 4))
-# Columns starting with this prefix (a mean signed error per method) are shown when present.
-BIAS = Measure("bias", "bias (mean signed error)", 2, None)
+# Columns starting with this prefix (the mean signed error per method: ``bias_fair`` in % of the
+# reference's range, shown in the fair table) are shown when present.
+BIAS = Measure("bias", "bias (% of range)", 2, None)
 
 
 class Html(str):

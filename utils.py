@@ -173,7 +173,7 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None, slice_profil
 
     Args:
         lr: float array (x, y, z).
-        upsampling_factor: int, three ints or a ``factors.UpsamplingFactor``:
+        upsampling_factor: int >= 1, three ints >= 1 or a ``factors.UpsamplingFactor``:
             each axis is interpolated by its own factor (a factor 1 copies that axis).
         order: 0 nearest, 1 trilinear, 3 tricubic (B-spline).
         out_shape: (X, Y, Z) of the result, default the factors times ``lr.shape``.
@@ -184,10 +184,11 @@ def upsample_baseline(lr, upsampling_factor, order, out_shape=None, slice_profil
     """
     from scipy import ndimage
 
-    factor = factors.UpsamplingFactor.of(upsampling_factor)
+    axes = (upsampling_factor.axes if isinstance(upsampling_factor, factors.UpsamplingFactor)
+            else per_axis(upsampling_factor, "upsampling_factor"))  # 1,1,1 copies the volume
     lr = np.asarray(lr, dtype=np.float32)
-    scale = np.asarray(factor.axes, dtype=np.float64)
-    origin = np.asarray(factor.lr_origin(slice_profile), dtype=np.float64)
+    scale = np.asarray(axes, dtype=np.float64)
+    origin = np.asarray(factors.lr_origin(axes, slice_profile), dtype=np.float64)
     out_shape = tuple(out_shape) if out_shape is not None else tuple(int(n * f) for n, f in zip(lr.shape, scale))
     return ndimage.affine_transform(lr, 1.0 / scale, offset=-origin / scale, output_shape=out_shape,
                                     order=order, mode="nearest", prefilter=order > 1)

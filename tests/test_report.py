@@ -102,15 +102,17 @@ def test_a_resumed_evaluations_report_covers_every_subject(resumed):
 
 def test_the_reports_numbers_are_metrics_csvs(resumed):
     table = pd.read_csv(resumed["out"] / "metrics.csv")
-    decimals = {m.prefix: m.decimals for m in report.MEASURES}
+    decimals = {m.prefix: m.decimals for m in report.MEASURES + (report.BIAS,)}
     rows = table.set_index("subject")
     summaries = [c for c in resumed["page"].cells if c[0] is None or c[0] == "By the original's rule"]
-    assert {name for _, name, _ in summaries} == set(metrics.METRIC_COLUMNS[1:])
+    # Every column but the bias in intensities (the page shows it in % of the range, bias*_fair).
+    assert {name for _, name, _ in summaries} == {c for c in metrics.METRIC_COLUMNS[1:]
+                                                   if not (c.startswith("bias") and not c.endswith("_fair"))}
     for _, name, text in summaries:
         d = decimals[name.split("_")[0]]
         assert text == f"{table[name].mean():.{d}f} ± {table[name].std(ddof=1):.{d}f}", name
     per_subject = [c for c in resumed["page"].cells if c not in summaries]
-    assert len(per_subject) == 2 * 16
+    assert len(per_subject) == 2 * 20  # 4 methods x (PSNR, SSIM: fair and original; bias: fair)
     for subject, name, text in per_subject:
         assert text == f"{rows.loc[subject, name]:.{decimals[name.split('_')[0]]}f}", (subject, name)
 
@@ -167,14 +169,15 @@ def test_the_report_renders_in_a_real_browser(resumed):
 # ----------------------------------------------------------------------------
 
 def test_a_bias_column_is_shown_by_its_name():
-    columns = ["subject", *metrics.metric_columns()[1:], "bias", "bias_tricubic", "bias_trilinear", "bias_nearest"]
+    columns = list(metrics.metric_columns())
     rows = [{c: (f"s{i}" if c == "subject" else float(i + j)) for j, c in enumerate(columns)} for i in range(3)]
     page = Page(report.summary_table(rows, (inference.Variant(),), columns, fair=True))
     shown = {name: text for _, name, text in page.cells}
-    assert shown["bias_tricubic"] == f"{np.mean([r['bias_tricubic'] for r in rows]):.2f} ± 1.00"
-    assert "bias (mean signed error)" in report.summary_table(rows, (inference.Variant(),), columns, True)
-    # Without such columns the table is the PSNR/SSIM one.
-    assert "bias" not in report.summary_table(rows, (inference.Variant(),), columns[:-4], True)
+    assert shown["bias_tricubic_fair"] == f"{np.mean([r['bias_tricubic_fair'] for r in rows]):.2f} ± 1.00"
+    assert "bias (% of range)" in report.summary_table(rows, (inference.Variant(),), columns, True)
+    # Without such columns (an earlier version's metrics.csv) the table is the PSNR/SSIM one.
+    earlier = list(metrics.without_bias(columns))
+    assert "bias" not in report.summary_table(rows, (inference.Variant(),), earlier, True)
 
 
 def test_the_nearest_planes_of_a_scan_are_those_of_its_upsampled_volume():
