@@ -236,9 +236,10 @@ class Settings:
                               metavar="N")
     learning_rate: float = setting(1e-4, "initial Adam learning rate, decayed as lr/(1+0.5*step/4920)",
                                    RUN, positive_float, metavar="LR")
-    pretrain_steps: int = setting(0, "first N steps train the generator alone on the content loss (sum "
-                                  "of squared errors + gradient difference, no adversarial term, "
-                                  "discriminator untouched); 0 = the original recipe", RUN,
+    pretrain_steps: int = setting(0, "first N steps train the generator on the content loss alone (sum "
+                                  "of squared errors + gradient difference, no adversarial term) while "
+                                  "the discriminator warms up; the GAN steps after them keep the "
+                                  "generator's batch-norm statistics frozen; 0 = the original recipe", RUN,
                                   non_negative_int, metavar="N")
     checkpoint_minutes: float = setting(30.0, "also checkpoint inside an epoch every this many minutes "
                                         "of training (0: off); every epoch ends with one anyway", RUN,

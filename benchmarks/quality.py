@@ -32,8 +32,10 @@ Usage:
     python benchmarks/quality.py build --out DIR [--subjects 12] [--seed 0] [--shape X,Y,Z]
     python benchmarks/quality.py run --out DIR --quick                      # minutes on 2 cores
     python benchmarks/quality.py run --out DIR --factor 2 --mode subpixel --steps 1500 \
-        [--geometry quick|crop96|default] [--volume-shape X,Y,Z --patch-shape X,Y,Z --margin M] \
+        [--geometry quick|crop96|crop96x72|crop96x70|default] [--volume-shape X,Y,Z --patch-shape X,Y,Z --margin M] \
         [--learning-rate 1e-4] [--pretrain-steps 0] [--feature-size 32] [--residual-blocks 6] [--seed 0]
+    python benchmarks/quality.py run --out DIR --factor 1,1,3 --slice-profile box --geometry crop96x72 \
+        --seeds 0,1,2          # one run per seed in DIR/seed-S, then mean +- sd over seeds x subjects
 """
 
 import argparse
@@ -1392,7 +1394,7 @@ def make_parser():
     r.add_argument("--margin", type=int, default=None, help="patch margin")
     r.add_argument("--learning-rate", type=float, default=1e-4, help="initial Adam learning rate")
     r.add_argument("--pretrain-steps", type=int, default=0,
-                   help="first N steps: generator alone on the content loss (the model's -pretrain_steps)")
+                   help="first N steps: generator on the content loss alone, D warming up (the model's -pretrain_steps)")
     r.add_argument("--feature-size", type=int, default=32)
     r.add_argument("--residual-blocks", type=int, default=6)
     r.add_argument("--batch-size", type=int, default=2)

@@ -62,7 +62,7 @@ def test_train_step_returns_scalars_agrees_with_the_eager_step_keeps_its_history
 # whose one-device trainer is the same float16 trainer.
 
 
-def test_pretrain_steps_train_the_generator_alone_then_the_gan():
+def test_pretrain_steps_train_the_generator_on_content_alone_and_warm_up_d_then_the_gan():
     g = networks.build_generator(2, residual_blocks=1, feature_size=4)
     d = networks.build_discriminator((8, 8, 6, 1))
     trainer = SRGANTrainer(g, d, seed=1, pretrain_steps=2)
@@ -73,17 +73,22 @@ def test_pretrain_steps_train_the_generator_alone_then_the_gan():
     g_stats = statistics(g)
     for _ in range(2):
         out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
-        assert out["d_loss"] == 0.0 and out["adv"] == 0.0
+        # No adversarial term for G; D learns meanwhile, so the GAN starts with a calibrated D.
+        assert out["adv"] == 0.0 and out["d_loss"] > 0
         assert out["g_loss"] == pytest.approx(out["mse"] + out["gdl"], rel=1e-6)
-    assert all(np.array_equal(a, b.numpy()) for a, b in zip(d_before, d.trainable_weights))
-    assert int(trainer.g_optimizer.iterations) == 2 and int(trainer.d_optimizer.iterations) == 0
+        assert out["learning_rate"] == pytest.approx(float(trainer.schedule(trainer.step - 1)))
+    assert not all(np.array_equal(a, b.numpy()) for a, b in zip(d_before, d.trainable_weights))
+    assert int(trainer.g_optimizer.iterations) == 2 and int(trainer.d_optimizer.iterations) == 2
     # Pre-training normalises with batch statistics and updates the moving averages.
     assert not all(np.array_equal(a, b) for a, b in zip(g_stats, statistics(g)))
     g_stats, d_stats = statistics(g), statistics(d)
     g_before = [w.numpy().copy() for w in g.trainable_weights]
     out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
     assert out["d_loss"] > 0 and out["adv"] > 0  # the GAN from step 3 on
-    assert int(trainer.d_optimizer.iterations) == 1 and int(trainer.step) == 3
+    # ... at a tenth of the generator's learning rate; D keeps the schedule's.
+    assert out["learning_rate"] == pytest.approx(0.1 * float(trainer.schedule(2)), rel=1e-6)
+    assert float(trainer.d_optimizer.learning_rate) == pytest.approx(float(trainer.schedule(3)), rel=1e-6)
+    assert int(trainer.d_optimizer.iterations) == 3 and int(trainer.step) == 3
     # ... which trains the generator as evaluation runs it: its statistics frozen, its weights not.
     assert trainer.freeze_generator_statistics
     assert all(np.array_equal(a, b) for a, b in zip(g_stats, statistics(g)))
@@ -100,4 +105,5 @@ def test_without_pretraining_the_gan_keeps_the_originals_batch_statistics():
     before = [w.numpy().copy() for w in g.non_trainable_weights]
     trainer.train_step(np.asarray(degradation.degrade(hr, 2)), hr)
     assert not trainer.freeze_generator_statistics
+    assert trainer.learning_rate == pytest.approx(float(trainer.schedule(1)))  # the original's schedule
     assert not all(np.array_equal(a, b.numpy()) for a, b in zip(before, g.non_trainable_weights))
