@@ -129,16 +129,10 @@ class SRGANTrainer:
                                                       max_to_keep=max_to_keep, checkpoint_name="ckpt")
         self.run_eagerly = run_eagerly
         self.pretrain_steps = int(pretrain_steps)
-        # After content-only pre-training, the GAN phase trains the generator
-        # with its batch-norm statistics frozen (inference mode, as evaluation
-        # runs it). With batches of 2 patches and a learning rate of 1e-3 the
-        # batch statistics a training step normalises with and the moving
-        # averages evaluation uses drift apart: the evaluated generator then
-        # carries an intensity offset of a few % of the range that changes sign
-        # from one checkpoint to the next (README, "A short run that wins on
-        # every seed"). Without batch statistics nothing bounds the
-        # activations, hence the GAN phase's lower rate (GanPhaseSchedule).
-        # The original's recipe (no pre-training) is unchanged.
+        # After content-only pre-training the GAN phase trains the generator as
+        # evaluation runs it (moving statistics; at lr 1e-3 with batches of 2 the
+        # batch statistics drifted from them: README, "A short run that wins on
+        # every seed"), at a lower rate (GanPhaseSchedule). 0: the original's.
         self.freeze_generator_statistics = self.pretrain_steps > 0
         self._host_step = None
         if run_eagerly:
