@@ -381,7 +381,8 @@ def make_trainer(cfg, placement, log=print):
     return SRGANTrainer(generator, discriminator, cfg.learning_rate, seed=cfg.seed,
                         run_eagerly=cfg.run_eagerly, loss_scale=cfg.mixed_precision == "float16",
                         checkpoint_dir=cfg.checkpoint_dir, max_to_keep=cfg.keep_checkpoints,
-                        pretrain_steps=cfg.pretrain_steps, strategy=placement.strategy,
+                        pretrain_steps=cfg.pretrain_steps, gan_lr_scale=cfg.gan_lr_scale,
+                        strategy=placement.strategy,
                         is_chief=placement.is_chief, xla=cfg.xla, workers=placement.workers,
                         log=log, quiet_first_step=not cfg.verbose)
 

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import config  # noqa: E402
 import durable  # noqa: E402
 import layouts  # noqa: E402
 import nifti_io  # noqa: E402
@@ -419,7 +420,7 @@ def run_settings(args):
     Returns:
         dict with ``out, data, template, subjects, train_fraction, factor,
         mode, steps, eval_every, geometry`` (name, or "custom"), ``data_shape,
-        volume_shape, patch_shape, margin, learning_rate, pretrain_steps,
+        volume_shape, patch_shape, margin, learning_rate, pretrain_steps, gan_lr_scale,
         feature_size, residual_blocks, seed, batch_size, quick``.
 
     Raises:
@@ -443,6 +444,8 @@ def run_settings(args):
              data_seed=(args.data_seed if args.data_seed is not None
                         else 0 if getattr(args, "seeds", None) else args.seed),
              pretrain_steps=args.pretrain_steps, feature_size=args.feature_size,
+             gan_lr_scale=(args.gan_lr_scale if args.gan_lr_scale is not None
+                           else config.defaults()["gan_lr_scale"]),
              residual_blocks=args.residual_blocks, seed=args.seed, batch_size=args.batch_size,
              quick=bool(args.quick))
     if s["steps"] < 1:
@@ -459,6 +462,8 @@ def run_settings(args):
         raise ValueError(f"--validation-fraction {s['validation_fraction']} must be in [0, 1)")
     if s["pretrain_steps"] < 0:
         raise ValueError(f"--pretrain-steps {s['pretrain_steps']} must be >= 0")
+    if not 0 < s["gan_lr_scale"] <= 1:
+        raise ValueError(f"--gan-lr-scale {s['gan_lr_scale']} must be in (0, 1]")
     factor = UpsamplingFactor.of(s["factor"], "--factor")
     problem = (factor.shape_problem("--volume-shape", s["volume_shape"], "--factor")
                or factor.shape_problem("--patch-shape", s["patch_shape"], "--factor")
@@ -518,7 +523,8 @@ def model_argv(s, data, checkpoint_dir, epochs):
             "-subpixel_NN", str(s["mode"] == "subpixel_NN"), "-nn", str(s["mode"] == "nn"),
             "-volume_shape", shape(s["volume_shape"]), "-patch_shape", shape(s["patch_shape"]),
             "-patch_margin", str(s["margin"]), "-learning_rate", repr(s["learning_rate"]),
-            "-pretrain_steps", str(s["pretrain_steps"]), "-seed", str(s["seed"]),
+            "-pretrain_steps", str(s["pretrain_steps"]), "-gan_lr_scale", repr(s["gan_lr_scale"]),
+            "-seed", str(s["seed"]),
             "-train_fraction", repr(s["train_fraction"]), "-batch_size", str(s["batch_size"]),
             "-validation_fraction", repr(s["validation_fraction"]), "-validate_steps", str(s["eval_every"]),
             "-epochs", str(epochs)]
@@ -690,7 +696,8 @@ def train_with_curve(cfg, s, train_subjects, evaluator, log=print, validation_su
     keras.utils.set_random_seed(cfg.seed)
     generator, discriminator = trainer_lib.build_networks(cfg)
     trainer = trainer_lib.SRGANTrainer(generator, discriminator, cfg.learning_rate, seed=cfg.seed,
-                                     checkpoint_dir=cfg.checkpoint_dir, pretrain_steps=cfg.pretrain_steps)
+                                     checkpoint_dir=cfg.checkpoint_dir, pretrain_steps=cfg.pretrain_steps,
+                                     gan_lr_scale=cfg.gan_lr_scale)
     stream = training.TrainingStream(train_subjects, cfg, log=log)
     validation = None
     if validation_subjects:
@@ -860,7 +867,8 @@ def header_lines(s, info):
         f"patches {x(s['patch_shape'])}, margin {s['margin']} ({info['patches_per_volume']} per volume)",
         f"training: {s['steps']} steps of batch {s['batch_size']} ({info['epochs']:.2f} epochs of "
         f"{info['batches_per_epoch']} batches), learning rate {s['learning_rate']:g} "
-        f"(inverse-time decay), pretrain steps {s['pretrain_steps']}, seed {s['seed']}",
+        f"(inverse-time decay), pretrain steps {s['pretrain_steps']}, GAN-phase generator rate "
+        f"×{gan_lr_scale_of(s)}, seed {s['seed']}",
         f"subjects: {info['train']} train / {info.get('validation', 0)} validation / {info['test']} test "
         f"({info['data']})",
         f"wall time: {info['wall_seconds'] / 60:.1f} min (training {info['train_seconds'] / 60:.1f}, "
@@ -1221,7 +1229,8 @@ def seeds_table(s, summary):
     n_seeds = len(summary["seeds"])
     lines = [f"# 3D SRGAN vs tricubic over {n_seeds} seeds ({', '.join(map(str, summary['seeds']))})", "",
              f"- x{UpsamplingFactor.of(s['factor']).text} ({s['slice_profile']} slice profile), {s['mode']}, "
-             f"lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, {s['steps']} steps, "
+             f"lr {s['learning_rate']:g}, pretrain {s['pretrain_steps']}, GAN-phase rate ×{gan_lr_scale_of(s)}, "
+             f"{s['steps']} steps, "
              f"geometry {s['geometry']}, data seed {s['data_seed']}",
              "- fair metrics (one data range), mean ± sd over every seed × test subject pair; bias in % "
              "of the reference's range", "",
@@ -1249,12 +1258,17 @@ def seeds_table(s, summary):
 # --------------------------------------------------------------------------- #
 
 
+def gan_lr_scale_of(settings):
+    """The -gan_lr_scale of a run's settings (runs recorded before it existed ran at the legacy value)."""
+    return settings.get("gan_lr_scale", config.LEGACY_VALUES["gan_lr_scale"])
+
+
 def _run_label(settings):
     box = " box" if settings.get("slice_profile") == "box" else ""
     label = f"x{UpsamplingFactor.of(settings['factor']).text}{box} {settings['mode']}, lr {settings['learning_rate']:g}"
     if settings["pretrain_steps"]:
         label += (", no adversarial term" if settings["pretrain_steps"] >= settings["steps"]
-                  else f", {settings['pretrain_steps']} pretrain steps")
+                  else f", {settings['pretrain_steps']} pretrain steps, GAN rate ×{gan_lr_scale_of(settings)}")
     return label
 
 
@@ -1395,6 +1409,9 @@ def make_parser():
     r.add_argument("--learning-rate", type=float, default=1e-4, help="initial Adam learning rate")
     r.add_argument("--pretrain-steps", type=int, default=0,
                    help="first N steps: generator on the content loss alone, D warming up (the model's -pretrain_steps)")
+    r.add_argument("--gan-lr-scale", type=float, default=None,
+                   help="the generator's rate in the GAN steps as a share of the schedule's (the model's "
+                        f"-gan_lr_scale, default {config.defaults()['gan_lr_scale']})")
     r.add_argument("--feature-size", type=int, default=32)
     r.add_argument("--residual-blocks", type=int, default=6)
     r.add_argument("--batch-size", type=int, default=2)

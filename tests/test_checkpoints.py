@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import config
 import degradation
 import errors
 import model
@@ -267,6 +268,8 @@ def test_checkpoint_of_an_earlier_version_restores_exactly(commit, tmp_path):
     trainer = training.make_trainer(cfg.replace(checkpoint_dir=str(tmp_path / "again")),
                                     placement.Placement(), log=log.append)
     assert trainer.restore(str(folder)) == str(folder / "ckpt-36")
+    # Its config.json predates -gan_lr_scale: it goes on at the rate it would have had.
+    assert cfg.gan_lr_scale == config.LEGACY_VALUES["gan_lr_scale"] == trainer.g_schedule.scale
     old = _tensors(str(folder / "ckpt-36"))
     new = _tensors(trainer.save())
     shared = set(old) & set(new)

@@ -40,6 +40,8 @@ def test_bare_boolean_flag_means_true():
     (["-upsampling_factor", "two"], "-upsampling_factor"),
     (["-patch_shape", "16,16"], "-patch_shape"),
     (["-feature_size", "0"], "-feature_size"),
+    (["-gan_lr_scale", "0"], "a positive number up to 1"),
+    (["-gan_lr_scale", "1.5"], "-gan_lr_scale"),
 ])
 def test_bad_flag_values_name_the_flag(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -66,12 +66,21 @@ SAVED = {"upsampling_factor": 2, "residual_blocks": 1, "feature_size": 4, "upsam
     ({}, "train", "mixed_precision", "none"),              # a resumed run keeps its precision
     ({"mixed_precision": "float16"}, "evaluate", "mixed_precision", "float16"),  # evaluation may choose
     ({"upsampling_mode": "nn"}, "evaluate", "upsampling_mode", "nn"),  # agreeing flags are fine
+    ({}, "train", "gan_lr_scale", 0.1),                    # a config.json without it ran at 0.1 ...
+    ({"gan_lr_scale": 0.5}, "train", "gan_lr_scale", 0.5),  # ... unless given
 ])
 def test_saved_settings_are_adopted_by_the_table(given, action, key, expected):
     values = config.defaults()
     values.update(given)
     adopt_saved_settings(values, SAVED, given, action, "ckpt")
     assert values[key] == expected
+
+
+def test_a_saved_gan_lr_scale_is_resumed_and_a_fresh_run_takes_the_default():
+    values = config.defaults()
+    adopt_saved_settings(values, dict(SAVED, gan_lr_scale=0.3), {}, "train", "ckpt")
+    assert values["gan_lr_scale"] == 0.3
+    assert config.defaults()["gan_lr_scale"] != config.LEGACY_VALUES["gan_lr_scale"]
 
 
 @pytest.mark.parametrize("given, action, fragment", [

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import config
 import layouts
 import nifti_io
 
@@ -236,12 +237,22 @@ def test_run_settings_quick_presets_and_explicit_flags():
     assert quality.run_settings(_run_args("--geometry", "default"))["data_shape"] is None
 
 
+def test_run_settings_pass_the_gan_phase_rate_to_the_model():
+    assert quality.run_settings(_run_args())["gan_lr_scale"] == config.defaults()["gan_lr_scale"]
+    s = quality.run_settings(_run_args("--gan-lr-scale", "0.5"))
+    argv = quality.model_argv(s, "data", "ckpt", 3)
+    assert argv[argv.index("-gan_lr_scale") + 1] == "0.5"
+    # A run recorded before the setting existed trained at the legacy rate.
+    assert quality.gan_lr_scale_of({}) == config.LEGACY_VALUES["gan_lr_scale"] != s["gan_lr_scale"]
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--steps", "0"], "--steps"),
     (["--eval-every", "0"], "--eval-every"),
     (["--subjects", "1"], "--subjects"),
     (["--train-fraction", "1"], "--train-fraction"),
     (["--pretrain-steps", "-1"], "--pretrain-steps"),
+    (["--gan-lr-scale", "0"], "--gan-lr-scale 0.0 must be in"),
     (["--factor", "4", "--patch-shape", "30,32,32"], "--patch-shape 30,32,32: x = 30 is not divisible by the factor 4"),
     (["--factor", "4", "--margin", "6"], "--margin"),
 ])

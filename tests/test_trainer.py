@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import config
 import degradation
 import networks
 import train_dataset as td
-from trainer import SRGANTrainer
+from trainer import GAN_PHASE_LEARNING_RATE_SCALE, SRGANTrainer
 
 
 def _tiny_trainer(run_eagerly=False):
@@ -62,10 +63,14 @@ def test_train_step_returns_scalars_agrees_with_the_eager_step_keeps_its_history
 # whose one-device trainer is the same float16 trainer.
 
 
+def test_the_trainer_and_the_command_line_default_to_the_same_gan_phase_rate():
+    assert config.Settings().gan_lr_scale == GAN_PHASE_LEARNING_RATE_SCALE
+
+
 def test_pretrain_steps_train_the_generator_on_content_alone_and_warm_up_d_then_the_gan():
     g = networks.build_generator(2, residual_blocks=1, feature_size=4)
     d = networks.build_discriminator((8, 8, 6, 1))
-    trainer = SRGANTrainer(g, d, seed=1, pretrain_steps=2)
+    trainer = SRGANTrainer(g, d, seed=1, pretrain_steps=2, gan_lr_scale=0.25)
     hr = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 6, 1)).astype(np.float32)
     lr = np.asarray(degradation.degrade(hr, 2))
     d_before = [w.numpy().copy() for w in d.trainable_weights]
@@ -85,8 +90,8 @@ def test_pretrain_steps_train_the_generator_on_content_alone_and_warm_up_d_then_
     g_before = [w.numpy().copy() for w in g.trainable_weights]
     out = {k: float(v) for k, v in trainer.train_step(lr, hr).items()}
     assert out["d_loss"] > 0 and out["adv"] > 0  # the GAN from step 3 on
-    # ... at a tenth of the generator's learning rate; D keeps the schedule's.
-    assert out["learning_rate"] == pytest.approx(0.1 * float(trainer.schedule(2)), rel=1e-6)
+    # ... at gan_lr_scale of the generator's learning rate; D keeps the schedule's.
+    assert out["learning_rate"] == pytest.approx(0.25 * float(trainer.schedule(2)), rel=1e-6)
     assert float(trainer.d_optimizer.learning_rate) == pytest.approx(float(trainer.schedule(3)), rel=1e-6)
     assert int(trainer.d_optimizer.iterations) == 3 and int(trainer.step) == 3
     # ... which trains the generator as evaluation runs it: its statistics frozen, its weights not.
