@@ -312,8 +312,6 @@ DEMO = {
     "epochs": 20,
     "learning_rate": 1e-3,
     "pretrain_steps": 320,
-    # The demo's table was measured with the GAN phase at a tenth of the rate.
-    "gan_lr_scale": 0.1,
 }
 
 
