@@ -50,7 +50,9 @@ def _blur_decimate_axis(x, axis, weights, radius, factor):
     strides = [1, 1, 1, 1, 1]
     strides[axis] = factor
     y = tf.nn.conv3d(x, tf.constant(weights.reshape(kernel_shape)), strides, "VALID")
-    return tf.gather(y, tf.range(-(-n // factor)), axis=axis)
+    size = [-1, -1, -1, -1, -1]
+    size[axis] = -(-n // factor)
+    return tf.slice(y, [0, 0, 0, 0, 0], tf.stack(size))
 
 
 def _box_decimate_axis(x, axis, factor):
