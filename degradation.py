@@ -38,11 +38,11 @@ def _reflect(index, n):
 def _blur_decimate_axis(x, axis, weights, radius, factor):
     """Blurs float32 (b, x, y, z, 1) along spatial ``axis`` (1..3) and keeps every ``factor``-th voxel."""
     # Reflect-pad one spatial axis, then a 1-D convolution strided by the
-    # factor: blur and x[::f] in one op, computing only the kept voxels.
-    # The padded axis holds ``factor`` voxels more than the ceil(n/f) kept ones
-    # need, and the extra output voxel is dropped: oneDNN's strided 1-D
-    # convolution along the last spatial axis returns garbage when its output
-    # there is one voxel long (TensorFlow 2.21 on x86, e.g. an LR z of 1).
+    # factor: blur and x[::f] in one op, computing the kept voxels and one
+    # more. That extra output voxel (``factor`` more padded voxels), dropped
+    # after, is there because oneDNN's strided 1-D convolution along the last
+    # spatial axis returns garbage when its output there is one voxel long
+    # (TensorFlow 2.21 on x86, e.g. an LR z of 1).
     n = tf.shape(x)[axis]
     x = tf.gather(x, _reflect(tf.range(-radius, n + radius + factor), n), axis=axis)
     kernel_shape = [1, 1, 1, 1, 1]
